@@ -1,0 +1,73 @@
+"""The ``cltoolbox`` command. Imports stay inside the commands so that ``--help`` never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cltoolbox",
+        description="Continual-learning experiments: run YAML configs into run folders with exact metrics.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an experiment YAML (every strategy x seed)")
+    r.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    r.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    r.add_argument("--out", help="root folder for run folders (default: the config's `out`, else runs/)")
+    r.add_argument("--seeds", type=int, nargs="+", help="seeds to run (replaces the config's `seeds`)")
+    r.add_argument("--resume", action="store_true", help="continue unfinished runs, skip finished ones")
+    r.add_argument("--overwrite", action="store_true", help="replace existing runs")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary table")
+
+    ls = sub.add_parser("list", help="list registered strategies, scenarios, datasets or models")
+    ls.add_argument("kind", choices=["strategies", "scenarios", "datasets", "models"])
+    return p
+
+
+def _list(kind: str) -> None:
+    from cltoolbox.registry import REGISTRIES
+
+    for entry in REGISTRIES[kind].entries():
+        print(f"{entry.name:<20} {entry.description}")
+        for param in entry.params.values():
+            print(f"{'':<22}{param.describe()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (`run cfg.yaml --seeds 0 train.lr=0.05`); argparse leaves those over
+    bad = [e for e in extra if args.command != "run" or e.startswith("-") or "=" not in e]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    from cltoolbox.errors import CLToolboxError
+
+    try:
+        if args.command == "run":
+            from cltoolbox.runner import run
+
+            run(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, resume=args.resume,
+                overwrite=args.overwrite, quiet=args.quiet)
+        elif args.command == "list":
+            _list(args.kind)
+    except CLToolboxError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: finished experiences are checkpointed; rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

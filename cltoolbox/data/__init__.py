@@ -1,0 +1,12 @@
+"""Dataset sources: embedded offline sets, torchvision sets from a local root, generated sets."""
+
+from cltoolbox.data.base import TensorData
+
+__all__ = ["TensorData", "load_dataset"]
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False) -> TensorData:
+    """Load a registered dataset by name (see ``cltoolbox list datasets``)."""
+    from cltoolbox.registry import DATASETS
+
+    return DATASETS.get(name, "scenario.dataset").factory(root=root, download=download)

@@ -1,0 +1,235 @@
+"""Standard image benchmarks (MNIST family, CIFAR, SVHN) loaded whole into ``TensorData``.
+
+Files use torchvision's on-disk layout under ``root``; ``root=None`` means ``DEFAULT_ROOT``
+(``~/.cache/cltoolbox/data``). Nothing is downloaded unless ``download=True``.
+
+Images come from the dataset's stored uint8 arrays (``.data``), never per-sample ``__getitem__``,
+which would build a PIL image per sample and is orders of magnitude slower.
+
+MD5 policy: torchvision's CIFAR and SVHN classes refuse to load unless each file matches the md5
+of the official release, so with ``download=False`` those two are read by the small readers
+below (same pickle / .mat format, presence check only). That keeps local copies usable without
+hashing ~200 MB on every load, and lets tests use tiny files in the real format. With
+``download=True`` torchvision's classes are used as-is: they fetch, verify md5 and parse.
+The MNIST family has no md5 check on the raw files, so torchvision reads those directly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+
+from cltoolbox.data.base import TensorData
+from cltoolbox.errors import ConfigError, DataMissingError
+
+DEFAULT_ROOT = "~/.cache/cltoolbox/data"
+
+TORCHVISION_DATASETS: dict[str, str] = {
+    "mnist": "MNIST 60k/10k 28x28 grey digits, 10 classes, torchvision, local root",
+    "fashion_mnist": "Fashion-MNIST 60k/10k 28x28 grey clothing, 10 classes, torchvision, local root",
+    "kmnist": "Kuzushiji-MNIST 60k/10k 28x28 grey cursive Japanese, 10 classes, torchvision, local root",
+    "cifar10": "CIFAR-10 50k/10k 32x32 RGB, 10 classes, torchvision, local root",
+    "cifar100": "CIFAR-100 50k/10k 32x32 RGB, 100 fine classes, torchvision, local root",
+    "svhn": "SVHN 73k/26k 32x32 RGB house-number digits (no 'extra'), 10 classes, torchvision, local root",
+}
+
+# Standard per-channel mean/std of each training set (on [0, 1] pixels).
+_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "kmnist": ((0.1918,), (0.3483,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+_MNIST_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# name -> (torchvision class, folder under root, train files, test files, label key)
+_CIFAR = {
+    "cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+    ),
+    "cifar100": ("CIFAR100", "cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+_SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+
+
+def load_torchvision(name: str, root: str | None, download: bool = False) -> TensorData:
+    """Load a whole torchvision benchmark as normalised float32 NCHW tensors and int64 labels.
+
+    ``root`` is the folder holding torchvision's layout (e.g. ``<root>/MNIST/raw``,
+    ``<root>/cifar-10-batches-py``, ``<root>/train_32x32.mat``); ``None`` means ``DEFAULT_ROOT``.
+    Raises ``DataMissingError`` (one line, naming root and fix) when files are absent or a
+    download fails, and ``ConfigError`` for an unknown name.
+    """
+    if name not in TORCHVISION_DATASETS:
+        raise ConfigError(
+            f"unknown torchvision dataset {name!r}; choose one of {', '.join(TORCHVISION_DATASETS)}"
+        )
+    root = os.path.abspath(os.path.expanduser(root if root is not None else DEFAULT_ROOT))
+
+    if name in _MNIST_CLASS:
+        (x_tr, y_tr), (x_te, y_te) = _load_mnist_family(name, root, download)
+        x_tr, x_te = x_tr.unsqueeze(1), x_te.unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+        n_classes = 10
+    elif name in _CIFAR:
+        (x_tr, y_tr), (x_te, y_te) = _load_cifar(name, root, download)
+        x_tr, x_te = x_tr.permute(0, 3, 1, 2), x_te.permute(0, 3, 1, 2)  # stored HWC -> CHW
+        n_classes = 10 if name == "cifar10" else 100
+    else:
+        (x_tr, y_tr), (x_te, y_te) = _load_svhn(root, download)  # already NCHW
+        n_classes = 10
+
+    mean, std = _STATS[name]
+    return TensorData(
+        name=name,
+        x_train=_normalise(x_tr, mean, std),
+        y_train=y_tr.to(torch.int64),
+        x_test=_normalise(x_te, mean, std),
+        y_test=y_te.to(torch.int64),
+        n_classes=n_classes,
+    )
+
+
+def _normalise(x_uint8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    # One contiguous float copy (permuted CIFAR input included), then in-place ops: CIFAR train is
+    # ~600 MB as float32, so avoid temporaries.
+    x = x_uint8.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    shape = (1, len(mean), 1, 1)
+    return x.sub_(torch.tensor(mean).view(shape)).div_(torch.tensor(std).view(shape))
+
+
+def _missing(name: str, root: str, example: str) -> DataMissingError:
+    return DataMissingError(
+        f"dataset {name!r}: files not found under root {root!r} (expected torchvision's layout, e.g. {example}); "
+        "set scenario.root to the folder that holds them, or set scenario.download: true to fetch them"
+    )
+
+
+def _unreadable(name: str, root: str, path: str, err: BaseException) -> DataMissingError:
+    return DataMissingError(
+        f"dataset {name!r}: file {path!r} under root {root!r} is unreadable ({_first_line(err)}); "
+        "replace it with the original file, or delete it and set scenario.download: true to fetch it again"
+    )
+
+
+def _download_failed(name: str, root: str, err: BaseException) -> DataMissingError:
+    return DataMissingError(
+        f"dataset {name!r}: download into root {root!r} failed ({_first_line(err)}); "
+        "check network access, or place the files there yourself and set scenario.download: false"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _via_torchvision(
+    name: str, root: str, download: bool, missing_example: str, cls: Any, **kwargs: Any
+) -> Any:
+    """Build a torchvision dataset, turning its not-found / network errors into one-line errors."""
+    try:
+        return cls(root, download=download, **kwargs)
+    except (RuntimeError, OSError) as err:  # "Dataset not found" is a RuntimeError, URLError an OSError
+        if download:
+            raise _download_failed(name, root, err) from err
+        raise _missing(name, root, missing_example) from err
+
+
+def _load_mnist_family(name: str, root: str, download: bool):
+    from torchvision import datasets  # slow import: only when a torchvision set is used
+
+    raw = os.path.join(root, _MNIST_CLASS[name], "raw")
+    # Name the first absent raw file in the message (torchvision's own error does not say which).
+    absent = [os.path.join(raw, f) for f in _MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
+    example = absent[0] if absent else raw
+    cls = getattr(datasets, _MNIST_CLASS[name])
+    out = []
+    for train in (True, False):
+        ds = _via_torchvision(name, root, download, example, cls, train=train)
+        out.append((ds.data, torch.as_tensor(ds.targets)))
+    return out
+
+
+def _load_cifar(name: str, root: str, download: bool):
+    cls_name, folder, train_files, test_files, label_key = _CIFAR[name]
+    base = os.path.join(root, folder)
+    if download:
+        from torchvision import datasets
+
+        cls = getattr(datasets, cls_name)
+        out = []
+        for train in (True, False):
+            ds = _via_torchvision(name, root, True, base, cls, train=train)
+            out.append((torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.targets)))
+        return out
+
+    for fname in train_files + test_files:
+        if not os.path.isfile(os.path.join(base, fname)):
+            raise _missing(name, root, os.path.join(base, fname))
+    return [_read_cifar_batches(name, root, base, files, label_key) for files in (train_files, test_files)]
+
+
+def _read_cifar_batches(name: str, root: str, base: str, files: list[str], label_key: str):
+    """Read CIFAR python pickles exactly as torchvision does: dict with 'data' (N, 3072) uint8 rows
+    in CHW order and a label list; returns (N, 32, 32, 3) HWC like torchvision's ``.data``."""
+    data, labels = [], []
+    for fname in files:
+        path = os.path.join(base, fname)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")  # the official files are Python 2 pickles
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry[label_key])
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
+            raise _unreadable(name, root, path, err) from err
+    x = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
+    return torch.from_numpy(x), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _load_svhn(root: str, download: bool):
+    if download:
+        from torchvision import datasets
+
+        out = []
+        for split, fname in _SVHN_FILES.items():
+            ds = _via_torchvision("svhn", root, True, os.path.join(root, fname), datasets.SVHN, split=split)
+            out.append((torch.from_numpy(np.ascontiguousarray(ds.data)), torch.from_numpy(ds.labels)))
+        return out
+
+    import scipy.io
+
+    for fname in _SVHN_FILES.values():
+        if not os.path.isfile(os.path.join(root, fname)):
+            raise _missing("svhn", root, os.path.join(root, fname))
+    out = []
+    for fname in _SVHN_FILES.values():
+        path = os.path.join(root, fname)
+        try:
+            mat = scipy.io.loadmat(path)
+            x = np.asarray(mat["X"], dtype=np.uint8)  # (32, 32, 3, N) = H, W, C, N
+            y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise _unreadable("svhn", root, path, err) from err
+        if x.ndim != 4 or x.shape[3] != y.shape[0]:
+            raise _unreadable(
+                "svhn", root, path, ValueError(f"X shape {x.shape} does not match y length {len(y)}")
+            )
+        y[y == 10] = 0  # SVHN stores digit 0 as label 10 (torchvision remaps the same way)
+        out.append((torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)))
+    return out

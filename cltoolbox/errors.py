@@ -1,0 +1,21 @@
+"""Errors that the CLI turns into one-line messages with exit code 2."""
+
+
+class CLToolboxError(Exception):
+    """Base class for user-facing errors: the message names the field and the fix."""
+
+
+class ConfigError(CLToolboxError):
+    """An invalid experiment config (unknown key, wrong type, impossible value)."""
+
+
+class DataMissingError(CLToolboxError):
+    """Dataset files are not on disk at the configured root."""
+
+
+class RunExistsError(CLToolboxError):
+    """A finished run folder already exists and would be overwritten."""
+
+
+class DivergenceError(CLToolboxError):
+    """Training produced a NaN or infinite loss."""

@@ -1,0 +1,229 @@
+"""The common training loop: one ``Learner`` drives every strategy through the hooks of plugin.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cltoolbox.errors import DivergenceError
+from cltoolbox.plugin import HOOKS, Batch, Plugin, implementers
+from cltoolbox.stream import Experience, Stream
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters (the ``train:`` section of a config)."""
+
+    epochs: int = 1
+    batch_size: int = 10
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: Literal["none", "cosine", "multistep"] = "none"
+    milestones: list[int] = field(default_factory=list)  # epochs, for scheduler: multistep
+    gamma: float = 0.1
+    eval_batch_size: int = 1024
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from cltoolbox.errors import ConfigError
+
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class Learner:
+    """Trains ``model`` on a stream with ``plugins``; evaluation and checkpoints are driven by ``fit``.
+
+    Attributes plugins may use: ``model``, ``optimizer``, ``device``, ``config``, ``stream``,
+    ``experience`` (current), ``epoch``, ``step`` (global), ``generator`` (seeded, for sampling),
+    ``task_mask`` (bool n_tasks x n_classes, on device), and ``train_data`` to run the standard epoch loop
+    on any tensors (GDumb, joint, cumulative).
+    """
+
+    def __init__(self, model: nn.Module, plugins: list[Plugin], config: TrainConfig, seed: int = 0) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.plugins = list(plugins)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # data order and plugin sampling
+        self.hooks: dict[str, list[Plugin]] = {h: implementers(self.plugins, h) for h in HOOKS}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.stream: Stream | None = None
+        self.experience: Experience | None = None
+        self.task_mask: torch.Tensor | None = None
+        self.multi_head = False
+        self.epoch = 0
+        self.step = 0
+        self.train_log: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _make_scheduler(self, steps_per_epoch: int, epochs: int):
+        c = self.config
+        if c.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, epochs))
+        if c.scheduler == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, c.milestones, c.gamma)
+        return None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Training logits; multi-head streams mask each row to its task's classes."""
+        logits = self.model(x)
+        if self.multi_head:
+            logits = logits.masked_fill(~self.task_mask[t], -1e9)
+        return logits
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train_data(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, epochs: int | None = None) -> None:
+        """The standard epoch loop over tensors (already on the device), with every batch hook."""
+        epochs = self.config.epochs if epochs is None else epochs
+        bs = self.config.batch_size
+        n = int(y.shape[0])
+        exp = self.experience
+        self.optimizer = self.make_optimizer()
+        scheduler = self._make_scheduler((n + bs - 1) // bs, epochs)
+        h = self.hooks
+        model, opt = self.model, self.optimizer
+        model.train()
+        for epoch in range(epochs):
+            self.epoch = epoch
+            for p in h["before_epoch"]:
+                p.before_epoch(self, exp, epoch)
+            start, loss_sum, n_batches = time.perf_counter(), torch.zeros((), device=self.device), 0
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+            for s in range(0, n, bs):
+                idx = order[s : s + bs]
+                batch = Batch(x[idx], y[idx], t[idx])
+                for p in h["transform_batch"]:
+                    batch = p.transform_batch(self, batch)
+                logits = self.forward(batch.x, batch.t)
+                loss = F.cross_entropy(logits, batch.y)
+                for p in h["loss"]:
+                    loss = loss + p.loss(self, batch, logits)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for p in h["after_backward"]:
+                    p.after_backward(self, batch)
+                opt.step()
+                self.step += 1
+                for p in h["after_step"]:
+                    p.after_step(self, batch)
+                loss_sum += loss.detach()
+                n_batches += 1
+            mean_loss = float(loss_sum) / max(1, n_batches)
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                raise DivergenceError(
+                    f"training loss became {mean_loss} at experience {exp.index if exp else '?'}, epoch {epoch}; "
+                    "lower train.lr or check the data"
+                )
+            elapsed = time.perf_counter() - start
+            self.train_log.append({
+                "experience": exp.index if exp is not None else -1, "epoch": epoch, "step": self.step,
+                "loss": mean_loss, "lr": opt.param_groups[0]["lr"], "samples_per_s": n / max(elapsed, 1e-9),
+            })
+            for p in h["after_epoch"]:
+                p.after_epoch(self, exp, epoch)
+            if scheduler is not None:
+                scheduler.step()
+
+    def train_experience(self, exp: Experience) -> None:
+        """All hooks of one experience, up to and including after_experience."""
+        self.experience = exp
+        start = time.perf_counter()
+        for p in self.hooks["before_experience"]:
+            p.before_experience(self, exp)
+        if not any(p.train_experience(self, exp) for p in self.hooks["train_experience"]):
+            task = torch.full_like(exp.y_train, exp.task_id)
+            self.train_data(exp.x_train, exp.y_train, task)
+        for p in self.hooks["after_experience"]:
+            p.after_experience(self, exp)
+        self.train_seconds += time.perf_counter() - start
+
+    def fit(
+        self,
+        stream: Stream,
+        start: int = 0,
+        on_experience_end: Callable[[Learner, Experience], None] | None = None,
+    ) -> None:
+        """Train on ``stream.experiences[start:]``; ``on_experience_end`` runs after each (evaluation,
+        checkpoint). ``start > 0`` resumes after restoring a checkpoint."""
+        if self.stream is not stream:
+            self.begin(stream)
+        for exp in stream.experiences[start:]:
+            self.train_experience(exp)
+            if on_experience_end is not None:
+                on_experience_end(self, exp)
+        for p in self.hooks["after_fit"]:
+            p.after_fit(self, stream)
+
+    def begin(self, stream: Stream) -> None:
+        self.stream = stream
+        self.multi_head = stream.task_labels
+        self.task_mask = stream.task_class_mask().to(self.device)
+        for p in self.hooks["before_fit"]:
+            p.before_fit(self, stream)
+
+    # -- inference -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Class-IL logits over all classes, in large batches; plugins may override (``predict``)."""
+        self.model.eval()
+        out = []
+        for s in range(0, x.shape[0], self.config.eval_batch_size):
+            xb, tb = x[s : s + self.config.eval_batch_size], task_ids[s : s + self.config.eval_batch_size]
+            pred = None
+            for p in self.hooks["predict"]:
+                pred = p.predict(self, xb, tb)
+                if pred is not None:
+                    break
+            out.append(self.model(xb) if pred is None else pred)
+        self.model.train()
+        return torch.cat(out) if out else torch.empty(0, self.stream.n_classes, device=self.device)
+
+    # -- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "plugins": [p.state_dict() for p in self.plugins],
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "train_log": self.train_log,
+            "train_seconds": self.train_seconds,
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        for p, s in zip(self.plugins, state["plugins"], strict=True):
+            p.load_state_dict(s)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self.train_log = list(state["train_log"])
+        self.train_seconds = float(state["train_seconds"])

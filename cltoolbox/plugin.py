@@ -1,0 +1,125 @@
+"""The plugin (hook) contract of the training loop.
+
+A strategy is a list of plugins. A plugin subclasses :class:`Plugin` and overrides only the hooks it
+needs; the loop calls a hook only on the plugins that override it, so unused hooks cost nothing.
+
+Hook order (``Learner.fit``), tested in ``tests/test_conformance.py``::
+
+    before_fit(learner, stream)
+    for each experience:
+        before_experience(learner, exp)
+        train_experience(learner, exp) -> bool     # first plugin returning True replaces the epochs below
+        for each epoch:
+            before_epoch(learner, exp, epoch)
+            for each batch:
+                batch = transform_batch(learner, batch)          # chained: replay extends the batch
+                logits = model(batch.x)   (masked to the task's classes when the stream gives task ids)
+                loss = CE(logits, batch.y) + sum(loss(learner, batch, logits))
+                backward
+                after_backward(learner, batch)                    # gradient surgery, importance paths
+                optimizer step
+                after_step(learner, batch)                        # memory updates
+            after_epoch(learner, exp, epoch)
+        after_experience(learner, exp)
+        [evaluation of every test experience, uses predict(learner, x, task_ids) -> logits | None]
+        [checkpoint]
+    after_fit(learner, stream)
+
+``state_dict``/``load_state_dict`` must hold only tensors, numbers, strings, lists and dicts (checkpoints
+are loaded with ``weights_only=True``). ``memory_usage`` reports stored items and bytes for metrics.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from cltoolbox.loop import Learner
+    from cltoolbox.stream import Experience, Stream
+
+HOOKS = (
+    "before_fit",
+    "before_experience",
+    "train_experience",
+    "before_epoch",
+    "transform_batch",
+    "loss",
+    "after_backward",
+    "after_step",
+    "after_epoch",
+    "after_experience",
+    "predict",
+    "after_fit",
+)
+
+
+@dataclass
+class Batch:
+    """A training batch: inputs, labels and task ids (all on the training device)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def cat(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> Batch:
+        return Batch(torch.cat((self.x, x)), torch.cat((self.y, y)), torch.cat((self.t, t)))
+
+
+class Plugin:
+    """Base class of every strategy plugin. Override hooks; the defaults do nothing."""
+
+    def before_fit(self, learner: Learner, stream: Stream) -> None: ...
+
+    def before_experience(self, learner: Learner, exp: Experience) -> None: ...
+
+    def train_experience(self, learner: Learner, exp: Experience) -> bool:
+        """Return True when this plugin trained the experience itself (the epoch loop is skipped)."""
+        return False
+
+    def before_epoch(self, learner: Learner, exp: Experience, epoch: int) -> None: ...
+
+    def transform_batch(self, learner: Learner, batch: Batch) -> Batch:
+        return batch
+
+    def loss(self, learner: Learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | float:
+        """An extra loss term added to the cross-entropy."""
+        return 0.0
+
+    def after_backward(self, learner: Learner, batch: Batch) -> None: ...
+
+    def after_step(self, learner: Learner, batch: Batch) -> None: ...
+
+    def after_epoch(self, learner: Learner, exp: Experience, epoch: int) -> None: ...
+
+    def after_experience(self, learner: Learner, exp: Experience) -> None: ...
+
+    def predict(self, learner: Learner, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """Logits over all classes for ``x``, or None to use the model's."""
+        return None
+
+    def after_fit(self, learner: Learner, stream: Stream) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def memory_usage(self) -> tuple[int, int]:
+        """(items, bytes) of data or models this plugin stores besides the trained model."""
+        return 0, 0
+
+
+def implementers(plugins: list[Plugin], hook: str) -> list[Plugin]:
+    """The plugins that override ``hook``: the loop dispatches only to these."""
+    base = getattr(Plugin, hook)
+    return [p for p in plugins if getattr(type(p), hook) is not base]
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -1,0 +1,98 @@
+"""Name -> plugin registries for strategies, scenarios, datasets and models.
+
+Built-ins register themselves with the decorators below when their package is imported; third-party
+packages register through the entry-point groups ``cltoolbox.strategies``, ``cltoolbox.scenarios``,
+``cltoolbox.datasets`` and ``cltoolbox.models`` (each entry point names the callable). Both are loaded
+on first lookup, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from cltoolbox.errors import ConfigError
+from cltoolbox.params import Param, closest, signature_params
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    factory: Callable
+    params: dict[str, Param]
+
+    @property
+    def description(self) -> str:
+        doc = (self.factory.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class Registry:
+    """A named collection of factories; ``skip`` leading positional arguments are supplied by the system."""
+
+    def __init__(self, kind: str, builtin_module: str, skip: int) -> None:
+        self.kind = kind
+        self._builtin_module = builtin_module
+        self._skip = skip
+        self._entries: dict[str, Entry] = {}
+        self._loaded = False
+
+    def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: ``@STRATEGIES.register("my_method")``."""
+
+        def deco(factory: Callable) -> Callable:
+            key = name or factory.__name__.lower()
+            self._entries[key] = Entry(key, factory, signature_params(factory, self._skip))
+            return factory
+
+        return deco
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module(self._builtin_module)
+        for ep in metadata.entry_points(group=f"cltoolbox.{self.kind}"):
+            if ep.name not in self._entries:
+                self.register(ep.name)(ep.load())
+
+    def get(self, name: str, field: str | None = None) -> Entry:
+        self._load()
+        if name not in self._entries:
+            where = field or self.kind
+            raise ConfigError(
+                f"{where}: unknown {self.kind[:-1]} '{name}'{closest(name, self._entries)}; "
+                f"run `cltoolbox list {self.kind}` to see the {len(self._entries)} available"
+            )
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._entries
+
+
+STRATEGIES = Registry("strategies", "cltoolbox.strategies", skip=0)
+SCENARIOS = Registry("scenarios", "cltoolbox.scenarios", skip=2)  # (data, seed, **params)
+DATASETS = Registry("datasets", "cltoolbox.data.sources", skip=0)  # (root, download)
+MODELS = Registry("models", "cltoolbox.models", skip=2)  # (input_shape, n_classes, **params)
+
+register_strategy = STRATEGIES.register
+register_scenario = SCENARIOS.register
+register_dataset = DATASETS.register
+register_model = MODELS.register
+
+REGISTRIES: dict[str, Registry] = {r.kind: r for r in (STRATEGIES, SCENARIOS, DATASETS, MODELS)}
+
+
+def build(registry: Registry, name: str, *args: Any, **params: Any) -> Any:
+    return registry.get(name).factory(*args, **params)

@@ -1,0 +1,123 @@
+"""Run folders: the atomic writer used during a run and the pandas loaders used afterwards.
+
+Layout of one run folder (see README "Run folder"):
+    config.yaml, env.json, accuracy.csv, per_class.csv, matrices/{accuracy,forgetting,transfer}_<setting>.csv,
+    metrics.json, train_log.csv, checkpoint/state.pt, DONE (written last).
+Every file is written to a temporary name, flushed, fsynced and renamed, so a killed run never leaves a
+half-written file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ACCURACY_FIELDS = ["trained_exp", "eval_exp", "setting", "accuracy", "loss", "n_samples"]
+PER_CLASS_FIELDS = ["trained_exp", "eval_exp", "setting", "class", "n_samples", "n_correct"]
+TRAIN_LOG_FIELDS = ["experience", "epoch", "step", "loss", "lr", "samples_per_s"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf become null: JSON has no NaN and undefined metrics must stay distinguishable from 0."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[dict], fields: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_matrix(path: Path, M: Any) -> None:
+    """A (T+1) x T matrix with a header of eval experiences and a ``trained_exp`` column (-1..T-1)."""
+    T = M.shape[1]
+    lines = ["trained_exp," + ",".join(f"exp_{j}" for j in range(T))]
+    for i in range(M.shape[0]):
+        lines.append(f"{i - 1}," + ",".join("" if math.isnan(v) else repr(float(v)) for v in M[i]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def is_done(run_dir: Path) -> bool:
+    return (Path(run_dir) / "DONE").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading (pandas is imported here only, never on the training path)
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every finished run folder (holding DONE) at or below the given paths."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if is_done(p):
+            runs.append(p)
+        elif p.is_dir():
+            runs.extend(sorted(d.parent for d in p.rglob("DONE")))
+    return runs
+
+
+def _run_labels(run_dir: Path) -> dict[str, Any]:
+    meta = json.loads((run_dir / "metrics.json").read_text())
+    return {"run": str(run_dir), **meta.get("labels", {})}
+
+
+def load(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
+    """DataFrames over one or many run folders: ``accuracy`` (tidy), ``metrics`` (one row per run and
+    setting), ``train_log``. Each row carries the run's labels (experiment, strategy, scenario, seed)."""
+    import pandas as pd
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    acc, met, log = [], [], []
+    for run in find_runs(paths):
+        labels = _run_labels(run)
+        a = pd.read_csv(run / "accuracy.csv")
+        log_df = pd.read_csv(run / "train_log.csv")
+        for k, v in labels.items():
+            a[k] = v
+            log_df[k] = v
+        acc.append(a)
+        log.append(log_df)
+        meta = json.loads((run / "metrics.json").read_text())
+        for setting in ("class_il", "task_il"):
+            met.append({**labels, "setting": setting, **meta[setting], **meta["cost"]})
+    if not acc:
+        raise FileNotFoundError(f"no finished run folders (with DONE) under {', '.join(map(str, paths))}")
+    return {
+        "accuracy": pd.concat(acc, ignore_index=True),
+        "metrics": pd.DataFrame(met).astype({"seed": int}, errors="ignore"),
+        "train_log": pd.concat(log, ignore_index=True),
+    }

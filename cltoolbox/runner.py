@@ -1,0 +1,356 @@
+"""Run experiments: resolve a config, then train and evaluate every strategy x seed into run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cltoolbox import config as cfgmod
+from cltoolbox import metrics
+from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError
+from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
+from cltoolbox.loop import Learner
+from cltoolbox.plugin import Plugin
+from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES
+from cltoolbox.results import (
+    ACCURACY_FIELDS,
+    PER_CLASS_FIELDS,
+    TRAIN_LOG_FIELDS,
+    atomic_write_bytes,
+    atomic_write_text,
+    is_done,
+    write_csv,
+    write_json,
+    write_matrix,
+)
+from cltoolbox.stream import Stream
+
+
+def scenario_label(scenario: dict[str, Any]) -> str:
+    return f"{scenario['name']}-{scenario['dataset']}"
+
+
+def run_dir_for(resolved: dict, strategy: dict, seed: int) -> Path:
+    """``<out>/<experiment>/<strategy label>/<scenario>-<dataset>/seed_<s>``."""
+    scenario = scenario_label(resolved["scenario"])
+    return Path(resolved["out"]) / resolved["name"] / strategy["label"] / scenario / f"seed_{seed}"
+
+
+def build_plugins(strategy: dict[str, Any]) -> list[Plugin]:
+    params = {k: v for k, v in strategy.items() if k not in ("name", "label", "plugins")}
+    made = STRATEGIES.get(strategy["name"]).factory(**params)
+    plugins = [made] if isinstance(made, Plugin) else list(made)
+    for extra in strategy.get("plugins", []):
+        plugins += build_plugins(extra)
+    return plugins
+
+
+def build_stream(resolved: dict, data, seed: int) -> Stream:
+    scen = resolved["scenario"]
+    params = {k: v for k, v in scen.items() if k not in cfgmod.SCENARIO_RESERVED}
+    stream = SCENARIOS.get(scen["name"]).factory(data, seed, **params)
+    if len(stream) == 0:
+        raise ConfigError("scenario: the generator produced no experiences; check its parameters")
+    empty = [e.index for e in stream if e.n_train == 0]
+    if empty:
+        raise ConfigError(f"scenario: experience {empty[0]} has no training samples; check the class split")
+    return stream
+
+
+def build_model(resolved: dict, stream: Stream) -> torch.nn.Module:
+    m = resolved["model"]
+    params = {k: v for k, v in m.items() if k != "name"}
+    return MODELS.get(m["name"]).factory(stream.input_shape, stream.n_classes, **params)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=2,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _env(device: torch.device) -> dict[str, Any]:
+    from cltoolbox import __version__
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "cltoolbox": __version__,
+        "git_commit": _git_commit(), "platform": platform.platform(), "hostname": platform.node(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch_threads": torch.get_num_threads(), "argv": sys.argv,
+        "start_time": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+class RunLock:
+    """An exclusive lock file, so two processes never write one run folder."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or 0)
+                    os.kill(pid, 0)
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                    continue
+                except PermissionError:
+                    pass
+                raise RunExistsError(
+                    f"{self.path.parent}: another process (pid {pid}) is writing this run; wait for it"
+                ) from None
+        raise RunExistsError(f"{self.path.parent}: could not take the run lock; remove {self.path} if no run is active")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: bool = False,
+                quiet: bool = False) -> dict[str, Any]:
+    """Train and evaluate one (strategy, seed) run into ``run_dir``; returns metrics.json's content."""
+    import yaml
+
+    seed = run_cfg["seed"]
+    wall_start = time.perf_counter()
+    train_cfg = cfgmod.train_config(run_cfg)
+    torch.manual_seed(seed)
+    model = build_model(run_cfg, stream)
+    learner = Learner(model, build_plugins(run_cfg["strategy"]), train_cfg, seed=seed)
+    stream = stream.to(learner.device)
+    T = len(stream)
+    history = History(T, stream.n_classes)
+    ckpt = run_dir / "checkpoint" / "state.pt"
+    start, prior = 0, {"wall_s": 0.0, "eval_s": 0.0}
+    env = _env(learner.device)
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=True, map_location=learner.device)
+        learner.load_state_dict(state["learner"])
+        history.load_state_dict(state["history"])
+        start, prior = int(state["next_experience"]), state["timing"]
+        env["resumed_at_experience"] = start
+    else:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(run_cfg, sort_keys=False))
+    write_json(run_dir / "env.json", env)
+    if torch.cuda.is_available() and learner.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(learner.device)
+    eval_s = prior["eval_s"]
+
+    def evaluate(row: int) -> None:
+        nonlocal eval_s
+        t0 = time.perf_counter()
+        evaluate_stream(learner, stream, row, history)
+        eval_s += time.perf_counter() - t0
+
+    def after_experience(lrn: Learner, exp) -> None:
+        evaluate(exp.index)
+        timing = {"wall_s": prior["wall_s"] + time.perf_counter() - wall_start, "eval_s": eval_s}
+        blob = {"learner": lrn.state_dict(), "history": history.state_dict(), "next_experience": exp.index + 1,
+                "timing": timing}
+        import io
+
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        atomic_write_bytes(ckpt, buf.getvalue())
+        bar.update(1)
+
+    from tqdm import tqdm
+
+    label = f"{run_cfg['strategy']['label']} seed {seed}"
+    bar = tqdm(total=T, initial=start, desc=label, unit="exp", disable=quiet, leave=False, file=sys.stderr)
+    if start == 0:
+        learner.begin(stream)  # task masks etc. for the init evaluation
+        evaluate(-1)
+    status = "done"
+    try:
+        learner.fit(stream, start=start, on_experience_end=after_experience)
+    except DivergenceError:
+        status = "diverged"
+        raise
+    finally:
+        bar.close()
+        summary = _finish(run_dir, run_cfg, stream, learner, history, env, status,
+                          wall_s=prior["wall_s"] + time.perf_counter() - wall_start, eval_s=eval_s)
+    return summary
+
+
+def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, history: History, env: dict,
+            status: str, wall_s: float, eval_s: float) -> dict[str, Any]:
+    """Write every result file (also for a diverged run: what was measured is kept); DONE last if done."""
+    write_csv(run_dir / "accuracy.csv", history.accuracy_rows(), ACCURACY_FIELDS)
+    write_csv(run_dir / "per_class.csv", history.per_class_rows(), PER_CLASS_FIELDS)
+    write_csv(run_dir / "train_log.csv", learner.train_log, TRAIN_LOG_FIELDS)
+    n_samples = history.n_samples.numpy()
+    summary: dict[str, Any] = {"status": status}
+    for setting in SETTINGS:
+        R = history.matrix(setting)
+        write_matrix(run_dir / "matrices" / f"accuracy_{setting}.csv", R)
+        write_matrix(run_dir / "matrices" / f"forgetting_{setting}.csv", metrics.forgetting_matrix(R))
+        write_matrix(run_dir / "matrices" / f"transfer_{setting}.csv", metrics.transfer_matrix(R))
+        summary[setting] = metrics.summary(R, n_samples=n_samples)
+    items = sum(p.memory_usage()[0] for p in learner.plugins)
+    mem_bytes = sum(p.memory_usage()[1] for p in learner.plugins)
+    cost = {
+        "wall_s": wall_s, "train_s": learner.train_seconds, "eval_s": eval_s, "peak_rss_mb": _peak_rss_mb(),
+        "n_params": sum(p.numel() for p in learner.model.parameters()),
+        "memory_items": items, "memory_bytes": mem_bytes,
+    }
+    if learner.device.type == "cuda":
+        cost["peak_gpu_mb"] = torch.cuda.max_memory_allocated(learner.device) / 2**20
+    summary["cost"] = cost
+    summary["labels"] = {
+        "experiment": run_cfg["name"], "strategy": run_cfg["strategy"]["label"],
+        "scenario": scenario_label(run_cfg["scenario"]), "dataset": run_cfg["scenario"]["dataset"],
+        "model": run_cfg["model"]["name"], "seed": run_cfg["seed"], "n_experiences": len(stream),
+    }
+    write_json(run_dir / "metrics.json", summary)
+    env = {**env, "end_time": datetime.now(timezone.utc).isoformat(), "status": status}
+    write_json(run_dir / "env.json", env)
+    if status == "done":
+        atomic_write_text(run_dir / "DONE", env["end_time"] + "\n")
+    return summary
+
+
+def plan(resolved: dict, resume: bool, overwrite: bool) -> list[tuple[dict, int, Path, str]]:
+    """(strategy, seed, run_dir, action) for every run; action is 'run', 'resume' or 'skip'.
+
+    Refuses, before anything is trained, to touch a finished run without --overwrite, or to restart an
+    unfinished one without --resume or --overwrite.
+    """
+    todo = []
+    for strategy in resolved["strategy"]:
+        for seed in resolved["seeds"]:
+            d = run_dir_for(resolved, strategy, seed)
+            if is_done(d):
+                if overwrite:
+                    action = "run"
+                elif resume:
+                    action = "skip"
+                else:
+                    raise RunExistsError(
+                        f"{d}: a finished run is already there; pass --overwrite to replace it, --resume to skip "
+                        "finished runs, or --out DIR for a new place")
+            elif d.exists() and any(d.iterdir()):
+                if resume:
+                    action = "resume"
+                elif overwrite:
+                    action = "run"
+                else:
+                    raise RunExistsError(f"{d}: an unfinished run is there; pass --resume to continue it or "
+                                         "--overwrite to start it again")
+            else:
+                action = "run"
+            todo.append((strategy, seed, d, action))
+    return todo
+
+
+def run(
+    config: dict[str, Any] | str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    out: str | None = None,
+    seeds: list[int] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Run every strategy x seed of an experiment; returns one summary per run (metrics.json + run_dir).
+
+    Everything is validated (config, data, streams, models, strategies) before the first run starts.
+    """
+    raw = cfgmod.load_yaml(config) if isinstance(config, (str, Path)) else dict(config)
+    raw = cfgmod.apply_overrides(raw, list(overrides))
+    if out is not None:
+        raw["out"] = out
+    if seeds is not None:
+        raw["seeds"] = list(seeds)
+    resolved = cfgmod.validate(raw)
+    todo = plan(resolved, resume, overwrite)
+
+    from cltoolbox.data import load_dataset
+
+    scen = resolved["scenario"]
+    data = load_dataset(scen["dataset"], scen["root"], scen["download"])
+    streams = {resolved["seeds"][0]: build_stream(resolved, data, resolved["seeds"][0])}
+    for strategy in resolved["strategy"]:  # fail early on bad strategy/model parameters
+        build_plugins(strategy)
+    build_model(resolved, streams[resolved["seeds"][0]])
+
+    results, failures = [], []
+    for strategy, seed, run_dir, action in todo:
+        if action == "skip":
+            results.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
+            continue
+        if seed not in streams:
+            streams.clear()
+            streams[seed] = build_stream(resolved, data, seed)
+        if action == "run" and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_cfg = cfgmod.run_config(resolved, strategy, seed)
+        try:
+            with RunLock(run_dir):
+                summary = execute_run(run_cfg, streams[seed], run_dir, resume=action == "resume", quiet=quiet)
+        except DivergenceError as e:
+            failures.append(f"{run_dir}: {e}")
+            if not quiet:
+                print(f"error: {run_dir}: {e}", file=sys.stderr)
+            continue
+        results.append({**summary, "run_dir": str(run_dir)})
+    if not quiet:
+        print(format_table(results))
+    if failures:
+        raise CLToolboxError(f"{len(failures)} run(s) diverged (kept, without DONE): {failures[0]}")
+    return results
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """Mean ± std over seeds per strategy: class-IL ACC, forgetting, BWT, task-IL ACC, wall time."""
+    import statistics as st
+
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["labels"]["strategy"], []).append(r)
+
+    def ms(vals: list) -> str:
+        vals = [v for v in vals if v is not None and v == v]
+        if not vals:
+            return "n/a"
+        sd = st.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{st.mean(vals):.3f}±{sd:.3f}"
+
+    header = (f"{'strategy':<16}{'seeds':>6}  {'ACC (class-IL)':>15}{'forgetting':>15}{'BWT':>16}"
+              f"{'ACC (task-IL)':>15}{'time s':>9}")
+    lines = [header, "-" * len(header)]
+    for name, rs in groups.items():
+        c = [r["class_il"] for r in rs]
+        lines.append(
+            f"{name:<16}{len(rs):>6}  {ms([x['acc'] for x in c]):>15}{ms([x['forgetting'] for x in c]):>15}"
+            f"{ms([x['bwt'] for x in c]):>16}{ms([r['task_il']['acc'] for r in rs]):>15}"
+            f"{st.mean(r['cost']['wall_s'] for r in rs):>9.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Experience and Stream: the contract between scenario generators and the training loop.
+
+A scenario generator is a function ``(data: TensorData, seed: int, **params) -> Stream``. Nothing else in
+the system knows how a stream was made: the loop trains on ``Experience.x_train/y_train`` and the
+evaluator tests every ``Experience.x_test/y_test`` after each experience.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Experience:
+    """One step of a stream. Tensors are float32 inputs and int64 labels (global class ids)."""
+
+    index: int
+    task_id: int
+    classes: tuple[int, ...]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.y_test.shape[0])
+
+    def to(self, device: torch.device | str) -> Experience:
+        return Experience(
+            self.index,
+            self.task_id,
+            self.classes,
+            self.x_train.to(device),
+            self.y_train.to(device),
+            self.x_test.to(device),
+            self.y_test.to(device),
+        )
+
+
+@dataclass
+class Stream:
+    """The ordered experiences plus what a strategy may know about them.
+
+    ``scenario`` is one of ``class_incremental``, ``task_incremental``, ``domain_incremental``.
+    ``task_labels`` says whether task ids are given at test time (multi-head training and inference).
+    """
+
+    name: str
+    experiences: list[Experience]
+    n_classes: int
+    input_shape: tuple[int, ...]
+    class_order: list[int]
+    scenario: str
+    task_labels: bool = False
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.experiences)
+
+    def __iter__(self):
+        return iter(self.experiences)
+
+    def __getitem__(self, i: int) -> Experience:
+        return self.experiences[i]
+
+    @property
+    def n_tasks(self) -> int:
+        return max(e.task_id for e in self.experiences) + 1
+
+    def task_class_mask(self) -> torch.Tensor:
+        """Bool (n_tasks, n_classes): which outputs belong to each task (used for task-IL masking)."""
+        mask = torch.zeros(self.n_tasks, self.n_classes, dtype=torch.bool)
+        for e in self.experiences:
+            mask[e.task_id, list(e.classes)] = True
+        return mask
+
+    def to(self, device: torch.device | str) -> Stream:
+        return Stream(
+            self.name,
+            [e.to(device) for e in self.experiences],
+            self.n_classes,
+            self.input_shape,
+            self.class_order,
+            self.scenario,
+            self.task_labels,
+            dict(self.info),
+        )

@@ -1,0 +1,101 @@
+"""Domain-incremental streams: every experience holds all classes under a different input transform."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cltoolbox.data.base import TensorData
+from cltoolbox.errors import ConfigError
+from cltoolbox.registry import register_scenario
+from cltoolbox.stream import Experience, Stream
+
+
+def _subsample(n: int, k: int | None, g: torch.Generator) -> torch.Tensor:
+    if k is None or k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
+def _domain_stream(kind: str, data: TensorData, seed: int, transforms: list, train_samples: int | None) -> Stream:
+    if train_samples is not None and train_samples < 1:
+        raise ConfigError(f"scenario.train_samples: must be >= 1 or null, got {train_samples}")
+    g = torch.Generator().manual_seed(seed + 1)
+    classes = tuple(range(data.n_classes))
+    experiences = []
+    for i, fn in enumerate(transforms):
+        idx = _subsample(data.y_train.shape[0], train_samples, g)
+        experiences.append(Experience(
+            index=i, task_id=i, classes=classes,
+            x_train=fn(data.x_train[idx]), y_train=data.y_train[idx],
+            x_test=fn(data.x_test), y_test=data.y_test,
+        ))
+    return Stream(f"{kind}-{data.name}", experiences, data.n_classes, data.input_shape, list(classes),
+                  "domain_incremental", task_labels=False)
+
+
+def _check_n(n_experiences: int) -> None:
+    if n_experiences < 1:
+        raise ConfigError(f"scenario.n_experiences: must be >= 1, got {n_experiences}")
+
+
+@register_scenario("permuted")
+def permuted(
+    data: TensorData, seed: int, n_experiences: int = 10, keep_first: bool = False, train_samples: int | None = None
+) -> Stream:
+    """Permuted inputs (Permuted-MNIST): a seeded fixed pixel permutation per experience; all classes each time.
+
+    ``keep_first`` leaves the first experience unpermuted; ``train_samples`` subsamples each experience's
+    training set (e.g. 1000 as in A-GEM's protocol).
+    """
+    _check_n(n_experiences)
+    g = torch.Generator().manual_seed(seed)
+    d = math.prod(data.input_shape)
+    shape = data.input_shape
+
+    def make(i: int):
+        perm = torch.arange(d) if (keep_first and i == 0) else torch.randperm(d, generator=g)
+        return lambda x: x.reshape(x.shape[0], d)[:, perm].reshape(x.shape[0], *shape)
+
+    return _domain_stream("permuted", data, seed, [make(i) for i in range(n_experiences)], train_samples)
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate a batch of images (N, C, H, W) about the centre, bilinear, zero padding (batched)."""
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    # pad with the value of the (normalised) background, i.e. the minimum, not with 0
+    bg = x.amin()
+    return F.grid_sample(x - bg, grid, align_corners=False) + bg
+
+
+@register_scenario("rotated")
+def rotated(
+    data: TensorData,
+    seed: int,
+    n_experiences: int = 5,
+    angles: list[float] | None = None,
+    max_angle: float = 180.0,
+    train_samples: int | None = None,
+) -> Stream:
+    """Rotated images (Rotated-MNIST): experience i rotates every image by angles[i] degrees.
+
+    Without ``angles``, the angles are spread evenly over [0, max_angle].
+    """
+    if len(data.input_shape) != 3:
+        raise ConfigError(f"scenario.name: rotated needs image data (C, H, W); '{data.name}' has {data.input_shape}")
+    if angles is None:
+        _check_n(n_experiences)
+        step = max_angle / max(1, n_experiences - 1)
+        angles = [i * step for i in range(n_experiences)]
+    elif len(angles) != n_experiences:
+        raise ConfigError(
+            f"scenario.angles: {len(angles)} angles for n_experiences={n_experiences}; give one per experience"
+        )
+    transforms = [lambda x, a=a: rotate(x, a) for a in angles]
+    stream = _domain_stream("rotated", data, seed, transforms, train_samples)
+    stream.info["angles"] = list(angles)
+    return stream

@@ -1,0 +1,115 @@
+"""Class- and task-incremental splits of a labelled dataset."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from cltoolbox.data.base import TensorData
+from cltoolbox.errors import ConfigError
+from cltoolbox.registry import register_scenario
+from cltoolbox.stream import Experience, Stream
+
+
+def class_splits(
+    n_classes: int, n_experiences: int | None, first_classes: int | None, classes_per_exp: int | None
+) -> list[int]:
+    """Number of classes in each experience; raises ConfigError for impossible splits."""
+    if first_classes is not None and not 0 < first_classes <= n_classes:
+        raise ConfigError(f"scenario.first_classes: must be in 1..{n_classes}, got {first_classes}")
+    first = first_classes
+    rest_exps = None if n_experiences is None else n_experiences - (1 if first else 0)
+    remaining = n_classes - (first or 0)
+    if classes_per_exp is not None:
+        if classes_per_exp < 1 or remaining % classes_per_exp:
+            raise ConfigError(
+                f"scenario.classes_per_exp: {classes_per_exp} does not divide the {remaining} classes to split; "
+                f"choose a divisor of {remaining}"
+            )
+        per, count = classes_per_exp, remaining // classes_per_exp
+        if n_experiences is not None and count + (1 if first else 0) != n_experiences:
+            raise ConfigError(
+                f"scenario.n_experiences: {n_experiences} contradicts classes_per_exp={classes_per_exp} "
+                f"(which gives {count + (1 if first else 0)}); set only one of them"
+            )
+    elif n_experiences is None:
+        raise ConfigError("scenario.n_experiences: missing; set n_experiences or classes_per_exp")
+    else:
+        if n_experiences < 1 or (rest_exps is not None and rest_exps < 0):
+            raise ConfigError(f"scenario.n_experiences: must be >= 1, got {n_experiences}")
+        if rest_exps == 0:
+            if remaining:
+                raise ConfigError(
+                    f"scenario.first_classes: {first} leaves {remaining} classes but no experience for them; "
+                    "raise n_experiences"
+                )
+            per, count = 0, 0
+        elif remaining % rest_exps:
+            raise ConfigError(
+                f"scenario.n_experiences: {remaining} classes cannot be split evenly into {rest_exps} experiences; "
+                f"choose a divisor of {remaining} or set first_classes"
+            )
+        else:
+            per, count = remaining // rest_exps, rest_exps
+    return ([first] if first else []) + [per] * count
+
+
+def split_by_class(
+    data: TensorData,
+    seed: int,
+    n_experiences: int | None,
+    class_order: Literal["fixed", "seeded"] | list[int],
+    first_classes: int | None,
+    classes_per_exp: int | None,
+    task_labels: bool,
+) -> Stream:
+    C = data.n_classes
+    if isinstance(class_order, list):
+        if sorted(class_order) != list(range(C)):
+            raise ConfigError(f"scenario.class_order: must be a permutation of 0..{C - 1}, got {class_order}")
+        order = list(class_order)
+    elif class_order == "seeded":
+        order = torch.randperm(C, generator=torch.Generator().manual_seed(seed)).tolist()
+    else:
+        order = list(range(C))
+    sizes = class_splits(C, n_experiences, first_classes, classes_per_exp)
+    experiences, start = [], 0
+    for i, size in enumerate(sizes):
+        classes = tuple(order[start : start + size])
+        start += size
+        cls = torch.tensor(classes)
+        tr = torch.isin(data.y_train, cls)
+        te = torch.isin(data.y_test, cls)
+        experiences.append(Experience(
+            index=i, task_id=i if task_labels else 0, classes=classes,
+            x_train=data.x_train[tr], y_train=data.y_train[tr], x_test=data.x_test[te], y_test=data.y_test[te],
+        ))
+    kind = "task_incremental" if task_labels else "class_incremental"
+    return Stream(f"{kind}-{data.name}", experiences, C, data.input_shape, order, kind, task_labels)
+
+
+@register_scenario("class_incremental")
+def class_incremental(
+    data: TensorData,
+    seed: int,
+    n_experiences: int | None = None,
+    class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
+    first_classes: int | None = None,
+    classes_per_exp: int | None = None,
+) -> Stream:
+    """Disjoint class splits, no task ids at test time (class-IL). Order: fixed, seeded, or an explicit list."""
+    return split_by_class(data, seed, n_experiences, class_order, first_classes, classes_per_exp, False)
+
+
+@register_scenario("task_incremental")
+def task_incremental(
+    data: TensorData,
+    seed: int,
+    n_experiences: int | None = None,
+    class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
+    first_classes: int | None = None,
+    classes_per_exp: int | None = None,
+) -> Stream:
+    """The class splits of class_incremental with task ids given in training and test (multi-head task-IL)."""
+    return split_by_class(data, seed, n_experiences, class_order, first_classes, classes_per_exp, True)

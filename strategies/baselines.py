@@ -1,0 +1,68 @@
+"""Reference points every CL paper reports: fine-tuning (lower bound) and joint / cumulative training."""
+
+from __future__ import annotations
+
+import torch
+
+from cltoolbox.plugin import Plugin, tensor_bytes
+from cltoolbox.registry import register_strategy
+
+
+@register_strategy("naive")
+def naive() -> list[Plugin]:
+    """Fine-tune on each experience in turn with no protection against forgetting (the lower bound)."""
+    return []
+
+
+class JointTraining(Plugin):
+    """Trains once on the union of all experiences, at the first experience; later ones train nothing.
+
+    The model then sees future data, so its FWT is not a transfer measure; its final accuracy is the
+    offline upper bound, and it cannot forget (the weights never change after the first row).
+    """
+
+    def train_experience(self, learner, exp) -> bool:
+        if exp.index == 0:
+            s = learner.stream
+            x = torch.cat([e.x_train for e in s])
+            y = torch.cat([e.y_train for e in s])
+            t = torch.cat([torch.full_like(e.y_train, e.task_id) for e in s])
+            learner.train_data(x, y, t)
+        return True
+
+
+@register_strategy("joint")
+def joint() -> list[Plugin]:
+    """Offline upper bound: train on all experiences at once (i.i.d. over the whole stream)."""
+    return [JointTraining()]
+
+
+class CumulativeTraining(Plugin):
+    """At experience i, trains (continuing from the current weights) on the union of experiences 1..i."""
+
+    def __init__(self) -> None:
+        self.x: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
+        self.t: list[torch.Tensor] = []
+
+    def train_experience(self, learner, exp) -> bool:
+        self.x.append(exp.x_train)
+        self.y.append(exp.y_train)
+        self.t.append(torch.full_like(exp.y_train, exp.task_id))
+        learner.train_data(torch.cat(self.x), torch.cat(self.y), torch.cat(self.t))
+        return True
+
+    def state_dict(self) -> dict:
+        return {"x": list(self.x), "y": list(self.y), "t": list(self.t)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x, self.y, self.t = list(state["x"]), list(state["y"]), list(state["t"])
+
+    def memory_usage(self) -> tuple[int, int]:
+        return sum(len(y) for y in self.y), tensor_bytes(*self.x, *self.y, *self.t)
+
+
+@register_strategy("cumulative")
+def cumulative() -> list[Plugin]:
+    """Retrain on all data seen so far at every experience (an upper bound that respects the order)."""
+    return [CumulativeTraining()]

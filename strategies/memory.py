@@ -1,0 +1,105 @@
+"""Fixed-size episodic memories on the training device, shared by the replay strategies.
+
+Both policies keep their samples in preallocated tensors; sampling a replay batch is one randint and
+one gather, so its cost does not depend on the memory size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cltoolbox.plugin import tensor_bytes
+
+
+class Memory:
+    """Storage of up to ``capacity`` (x, y, t) samples; ``size`` are valid."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.t: torch.Tensor | None = None
+
+    def _allocate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.x is None:
+            self.x = x.new_zeros((self.capacity, *x.shape[1:]))
+            self.y = y.new_zeros(self.capacity)
+            self.t = y.new_zeros(self.capacity)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(self.size, (n,), generator=generator).to(self.x.device)
+        return self.x[idx], self.y[idx], self.t[idx]
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "x": self.x, "y": self.y, "t": self.t, **self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.x, self.y, self.t = int(state["size"]), state["x"], state["y"], state["t"]
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def usage(self) -> tuple[int, int]:
+        return self.size, tensor_bytes(self.x, self.y, self.t) * self.size // max(1, self.capacity)
+
+
+class ReservoirMemory(Memory):
+    """Reservoir sampling (Vitter 1985): every sample seen so far is in memory with equal probability."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.seen = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
+        self._allocate(x, y)
+        b = y.shape[0]
+        pos = torch.arange(self.seen, self.seen + b)
+        # sample i (0-based count pos) lands in slot pos if memory is not full, else in randint(pos + 1)
+        draw = (torch.rand(b, generator=generator) * (pos + 1).double()).long()
+        slots = torch.where(pos < self.capacity, pos, draw)
+        keep = slots < self.capacity
+        src, slots = torch.nonzero(keep).flatten(), slots[keep]
+        if slots.numel() > 1:  # two samples of one batch drew the same slot: the later one wins, as sequentially
+            last = torch.zeros(self.capacity, dtype=torch.long).scatter_reduce(
+                0, slots, src, reduce="amax", include_self=False)
+            uniq = torch.unique(slots)
+            src, slots = last[uniq], uniq
+        dev = self.x.device
+        src_d, slots_d = src.to(dev), slots.to(dev)
+        self.x[slots_d] = x[src_d]
+        self.y[slots_d] = y[src_d]
+        self.t[slots_d] = t[src_d]
+        self.seen += b
+        self.size = min(self.capacity, self.seen)
+
+    def _extra_state(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.seen = int(state["seen"])
+
+
+class ClassBalancedMemory(Memory):
+    """Equal slots per class seen so far, refilled after each experience (random samples per class).
+
+    When new classes arrive, old classes give up their surplus; a class never holds more than
+    ``capacity // n_seen_classes`` samples (the remainder goes to the earliest classes).
+    """
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
+        self._allocate(x, y)
+        old_x, old_y, old_t = self.x[: self.size], self.y[: self.size], self.t[: self.size]
+        all_x, all_y, all_t = torch.cat((old_x, x)), torch.cat((old_y, y)), torch.cat((old_t, t))
+        classes = torch.unique(all_y)
+        quota, extra = divmod(self.capacity, len(classes))
+        keep = []
+        for rank, c in enumerate(classes.tolist()):
+            idx = torch.nonzero(all_y == c).flatten()
+            n = min(len(idx), quota + (1 if rank < extra else 0))
+            # old samples of a class stay first (they are a random subset already); new ones are shuffled
+            keep.append(idx[torch.randperm(len(idx), generator=generator)[:n].sort().values.to(idx.device)])
+        keep = torch.cat(keep)
+        self.size = len(keep)
+        self.x[: self.size], self.y[: self.size], self.t[: self.size] = all_x[keep], all_y[keep], all_t[keep]

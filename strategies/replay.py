@@ -1,0 +1,65 @@
+"""Experience Replay (ER).
+
+Chaudhry et al. 2019, "On Tiny Episodic Memories in Continual Learning": every training batch is
+concatenated with an equally sized batch drawn uniformly from a small episodic memory, filled by
+reservoir sampling. The class-balanced policy refills the memory after each experience with an equal
+number of samples per class seen so far (as in GDumb and Avalanche's ClassBalancedBuffer).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from cltoolbox.errors import ConfigError
+from cltoolbox.plugin import Batch, Plugin
+from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.memory import ClassBalancedMemory, ReservoirMemory
+
+
+class ReplayPlugin(Plugin):
+    def __init__(self, memory_size: int, policy: str, mem_batch_size: int | None) -> None:
+        self.policy = policy
+        self.mem_batch_size = mem_batch_size
+        self.memory = ReservoirMemory(memory_size) if policy == "reservoir" else ClassBalancedMemory(memory_size)
+
+    def transform_batch(self, learner, batch: Batch) -> Batch:
+        self._current = batch  # the stream part: only it enters the reservoir
+        if self.memory.size == 0:
+            return batch
+        n = self.mem_batch_size or len(batch)
+        return batch.cat(*self.memory.sample(n, learner.generator))
+
+    def after_step(self, learner, batch: Batch) -> None:
+        if self.policy == "reservoir":
+            cur = self._current
+            self.memory.add(cur.x, cur.y, cur.t, learner.generator)
+
+    def after_experience(self, learner, exp) -> None:
+        if self.policy == "class_balanced":
+            import torch
+
+            t = torch.full_like(exp.y_train, exp.task_id)
+            self.memory.update(exp.x_train, exp.y_train, t, learner.generator)
+
+    def state_dict(self) -> dict:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.load_state_dict(state)
+
+    def memory_usage(self) -> tuple[int, int]:
+        return self.memory.usage()
+
+
+@register_strategy("er")
+def er(
+    memory_size: int = 500,
+    policy: Literal["reservoir", "class_balanced"] = "reservoir",
+    mem_batch_size: int | None = None,
+) -> list[Plugin]:
+    """Experience Replay (Chaudhry et al. 2019): replay a memory batch with every training batch."""
+    if memory_size < 1:
+        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}")
+    if mem_batch_size is not None and mem_batch_size < 1:
+        raise ConfigError(f"strategy.mem_batch_size: must be >= 1 or null, got {mem_batch_size}")
+    return [ReplayPlugin(memory_size, policy, mem_batch_size)]

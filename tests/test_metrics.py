@@ -1,0 +1,261 @@
+"""Tests for cltoolbox.metrics against hand-computed accuracy matrices."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from cltoolbox import metrics as M
+
+NAN = np.nan
+
+# T = 3. Row 0 = init model, row i = after experience i; column c = experience c+1.
+# Just-learned accuracies a_{k,k} = R[k, k-1]: 0.8, 0.7, 0.9.
+R3 = np.array(
+    [
+        [0.1, 0.2, 0.3],  # init: b = (0.1, 0.2, 0.3)
+        [0.8, 0.3, 0.4],  # after exp 1
+        [0.9, 0.7, 0.5],  # after exp 2 (exp 1 improves to 0.9)
+        [0.6, 0.4, 0.9],  # after exp 3 (final)
+    ]
+)
+N3 = np.array([100, 200, 100])
+JOINT3 = np.array([0.85, 0.8, 0.9])
+
+
+@pytest.fixture(autouse=True)
+def _no_runtime_warnings():
+    # NaN handling must not emit "Mean of empty slice" and the like.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield
+
+
+def test_acc():
+    # (0.6 + 0.4 + 0.9) / 3 = 1.9 / 3
+    assert M.acc(R3) == pytest.approx(1.9 / 3)
+
+
+def test_acc_weighted():
+    # (100*0.6 + 200*0.4 + 100*0.9) / 400 = (60 + 80 + 90) / 400 = 0.575
+    assert M.acc_weighted(R3, N3) == pytest.approx(0.575)
+    # equal weights reduce to acc
+    assert M.acc_weighted(R3, [5, 5, 5]) == pytest.approx(M.acc(R3))
+
+
+def test_aia():
+    # row1: 0.8; row2: (0.9 + 0.7)/2 = 0.8; row3: 1.9/3  ->  (0.8 + 0.8 + 19/30) / 3 = 67/90
+    assert M.aia(R3) == pytest.approx(67 / 90)
+
+
+def test_bwt():
+    # j=1: R[3,0] - R[1,0] = 0.6 - 0.8 = -0.2; j=2: R[3,1] - R[2,1] = 0.4 - 0.7 = -0.3  -> -0.25
+    assert M.bwt(R3) == pytest.approx(-0.25)
+
+
+def test_fwt():
+    # j=2: R[1,1] - b_2 = 0.3 - 0.2 = 0.1; j=3: R[2,2] - b_3 = 0.5 - 0.3 = 0.2  -> 0.15
+    assert M.fwt(R3) == pytest.approx(0.15)
+
+
+def test_forgetting():
+    # j=1: max(R[1,0], R[2,0]) - R[3,0] = 0.9 - 0.6 = 0.3; j=2: R[2,1] - R[3,1] = 0.7 - 0.4 = 0.3  -> 0.3
+    assert M.forgetting(R3) == pytest.approx(0.3)
+
+
+def test_forgetting_last():
+    # j=1: 0.8 - 0.6 = 0.2; j=2: 0.7 - 0.4 = 0.3  -> 0.25 (= -bwt)
+    assert M.forgetting_last(R3) == pytest.approx(0.25)
+    assert M.forgetting_last(R3) == pytest.approx(-M.bwt(R3))
+
+
+def test_intransigence():
+    # k=1: 0.85 - 0.8 = 0.05; k=2: 0.8 - 0.7 = 0.1; k=3: 0.9 - 0.9 = 0  -> 0.05
+    assert M.intransigence(R3, JOINT3) == pytest.approx(0.05)
+
+
+def test_forgetting_matrix():
+    # exp 1 (col 0, learned row 1): F[2,0] = 0.8 - 0.9 = -0.1; F[3,0] = max(0.8, 0.9) - 0.6 = 0.3
+    # exp 2 (col 1, learned row 2): F[3,1] = 0.7 - 0.4 = 0.3;  exp 3 (col 2): never defined
+    expected = np.array(
+        [
+            [NAN, NAN, NAN],
+            [NAN, NAN, NAN],
+            [-0.1, NAN, NAN],
+            [0.3, 0.3, NAN],
+        ]
+    )
+    np.testing.assert_allclose(M.forgetting_matrix(R3), expected, equal_nan=True)
+
+
+def test_transfer_matrix():
+    # row 0: R[0] - R[0] = 0; row 1: cols 1,2: 0.3-0.2 = 0.1, 0.4-0.3 = 0.1; row 2: col 2: 0.5-0.3 = 0.2
+    expected = np.array(
+        [
+            [0.0, 0.0, 0.0],
+            [NAN, 0.1, 0.1],
+            [NAN, NAN, 0.2],
+            [NAN, NAN, NAN],
+        ]
+    )
+    np.testing.assert_allclose(M.transfer_matrix(R3), expected, equal_nan=True, atol=1e-12)
+
+
+def test_summary():
+    s = M.summary(R3, n_samples=N3, joint_acc=JOINT3)
+    assert set(s) == {
+        "acc",
+        "acc_weighted",
+        "aia",
+        "bwt",
+        "fwt",
+        "forgetting",
+        "forgetting_last",
+        "intransigence",
+    }
+    assert all(type(v) is float for v in s.values())
+    assert s["acc"] == pytest.approx(1.9 / 3)
+    assert s["acc_weighted"] == pytest.approx(0.575)
+    assert s["aia"] == pytest.approx(67 / 90)
+    assert s["bwt"] == pytest.approx(-0.25)
+    assert s["fwt"] == pytest.approx(0.15)
+    assert s["forgetting"] == pytest.approx(0.3)
+    assert s["forgetting_last"] == pytest.approx(0.25)
+    assert s["intransigence"] == pytest.approx(0.05)
+    # optional keys are absent without their inputs
+    assert set(M.summary(R3)) == {"acc", "aia", "bwt", "fwt", "forgetting", "forgetting_last"}
+
+
+def test_accepts_lists():
+    assert M.bwt(R3.tolist()) == pytest.approx(-0.25)
+
+
+# --- T = 1 ---------------------------------------------------------------------------
+
+R1 = np.array([[0.1], [0.7]])  # init 0.1, after the only experience 0.7
+
+
+def test_single_experience():
+    assert M.acc(R1) == pytest.approx(0.7)
+    assert M.acc_weighted(R1, [10]) == pytest.approx(0.7)
+    assert M.aia(R1) == pytest.approx(0.7)
+    for f in (M.bwt, M.fwt, M.forgetting, M.forgetting_last):
+        assert math.isnan(f(R1))
+    # 0.8 - 0.7
+    assert M.intransigence(R1, [0.8]) == pytest.approx(0.1)
+    assert np.isnan(M.forgetting_matrix(R1)).all()
+    np.testing.assert_allclose(M.transfer_matrix(R1), [[0.0], [NAN]], equal_nan=True)
+    s = M.summary(R1)
+    assert s["acc"] == pytest.approx(0.7)
+    assert math.isnan(s["bwt"]) and math.isnan(s["fwt"]) and math.isnan(s["forgetting"])
+
+
+# --- NaN entries (not evaluated) -------------------------------------------------------
+
+
+def test_nan_final_entry_is_dropped():
+    R = R3.copy()
+    R[3, 1] = NAN  # final accuracy on exp 2 missing
+    # acc: (0.6 + 0.9) / 2 = 0.75; weighted: (60 + 90) / 200 = 0.75
+    assert M.acc(R) == pytest.approx(0.75)
+    assert M.acc_weighted(R, N3) == pytest.approx(0.75)
+    # aia: (0.8 + 0.8 + 0.75) / 3 = 2.35 / 3
+    assert M.aia(R) == pytest.approx(2.35 / 3)
+    # only j=1 remains: bwt = -0.2, forgetting_last = 0.2, forgetting = 0.9 - 0.6 = 0.3
+    assert M.bwt(R) == pytest.approx(-0.2)
+    assert M.forgetting_last(R) == pytest.approx(0.2)
+    assert M.forgetting(R) == pytest.approx(0.3)
+    assert math.isnan(M.forgetting_matrix(R)[3, 1])
+
+
+def test_nan_inside_max_is_skipped():
+    R = R3.copy()
+    R[1, 0] = NAN  # exp 1 not evaluated right after training on it
+    # forgetting j=1: max(0.9) - 0.6 = 0.3; j=2: 0.3  -> 0.3
+    assert M.forgetting(R) == pytest.approx(0.3)
+    # forgetting_last/bwt lose j=1: only j=2 (0.3)
+    assert M.forgetting_last(R) == pytest.approx(0.3)
+    assert M.bwt(R) == pytest.approx(-0.3)
+    # intransigence loses k=1: (0.1 + 0) / 2 = 0.05
+    assert M.intransigence(R, JOINT3) == pytest.approx(0.05)
+    # F[2,0] has no earlier defined row -> NaN; F[3,0] = 0.9 - 0.6
+    F = M.forgetting_matrix(R)
+    assert math.isnan(F[2, 0])
+    assert F[3, 0] == pytest.approx(0.3)
+
+
+def test_nan_init_row():
+    R = R3.copy()
+    R[0, 1] = NAN  # b_2 unknown -> only j=3 contributes to fwt: 0.2
+    assert M.fwt(R) == pytest.approx(0.2)
+    R[0, 2] = NAN
+    assert math.isnan(M.fwt(R))
+
+
+def test_all_nan_is_nan_without_warning():
+    R = np.full((4, 3), NAN)
+    for f in (M.acc, M.aia, M.bwt, M.fwt, M.forgetting, M.forgetting_last):
+        assert math.isnan(f(R))
+    assert math.isnan(M.acc_weighted(R, N3))
+    assert math.isnan(M.intransigence(R, JOINT3))
+
+
+def test_zero_weights_give_nan():
+    assert math.isnan(M.acc_weighted(R3, [0, 0, 0]))
+
+
+# --- consistency -----------------------------------------------------------------------
+
+
+def _random_matrices():
+    rng = np.random.default_rng(0)
+    mats = [R3]
+    for T in range(1, 7):
+        for _ in range(5):
+            R = rng.uniform(size=(T + 1, T))
+            R[rng.uniform(size=R.shape) < 0.15] = NAN
+            mats.append(R)
+    return mats
+
+
+def _nanmean_or_nan(x):
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+@pytest.mark.parametrize("R", _random_matrices())
+def test_forgetting_matches_last_row_of_matrix(R):
+    T = R.shape[1]
+    got, want = M.forgetting(R), _nanmean_or_nan(M.forgetting_matrix(R)[T])
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("R", _random_matrices())
+def test_fwt_matches_transfer_matrix(R):
+    T = R.shape[1]
+    X = M.transfer_matrix(R)
+    c = np.arange(1, T)
+    got, want = M.fwt(R), _nanmean_or_nan(X[c, c])  # X[j-1, j] in 1-based terms
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (2, 3), (4,), (1, 0), (2, 2, 1), (0, 0)])
+def test_bad_shape_raises(shape):
+    with pytest.raises(ValueError, match=r"\(T\+1, T\)"):
+        M.acc(np.zeros(shape))
+
+
+def test_bad_vectors_raise():
+    with pytest.raises(ValueError, match="n_samples"):
+        M.acc_weighted(R3, [1, 2])
+    with pytest.raises(ValueError, match="n_samples"):
+        M.acc_weighted(R3, [1, -2, 3])
+    with pytest.raises(ValueError, match="joint_acc"):
+        M.intransigence(R3, [0.5])
+    with pytest.raises(ValueError, match="joint_acc"):
+        M.summary(R3, joint_acc=[0.5, 0.5])
