@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `cltoolbox list ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted: finished experiences are checkpointed; rerun with --resume", file=sys.stderr)
         return 130
