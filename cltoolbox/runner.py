@@ -187,9 +187,10 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
     if start == 0:
         learner.begin(stream)  # task masks etc. for the init evaluation
         evaluate(-1)
-    status = "done"
+    status = "interrupted"  # until fit returns: a crash keeps what was measured, without DONE
     try:
         learner.fit(stream, start=start, on_experience_end=after_experience)
+        status = "done"
     except DivergenceError:
         status = "diverged"
         raise
