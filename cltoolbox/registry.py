@@ -96,3 +96,37 @@ REGISTRIES: dict[str, Registry] = {r.kind: r for r in (STRATEGIES, SCENARIOS, DA
 
 def build(registry: Registry, name: str, *args: Any, **params: Any) -> Any:
     return registry.get(name).factory(*args, **params)
+
+
+def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
+    """Import user plugin files or modules (the config's ``imports:``), so their decorators register.
+
+    A spec ending in ``.py`` is a file path (relative to ``base_dir``, the config's folder, else the
+    current directory); anything else is a module name importable from ``sys.path``.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise ConfigError(f"imports: expected a list of .py paths or module names, got {specs!r}")
+    for spec in specs:
+        if not spec.endswith(".py"):
+            try:
+                importlib.import_module(spec)
+            except ImportError as e:
+                raise ConfigError(f"imports: cannot import module '{spec}' ({e}); check the name or use a .py path") \
+                    from None
+            continue
+        path = Path(spec)
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise ConfigError(f"imports: file '{spec}' not found; give a path relative to the config or the cwd")
+        name = f"cltoolbox_user_{path.resolve().stem}_{abs(hash(str(path.resolve())))}"
+        if name in sys.modules:
+            continue
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)

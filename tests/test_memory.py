@@ -1,0 +1,55 @@
+"""Episodic memories: reservoir sampling is uniform, class-balanced memory keeps equal quotas."""
+
+from __future__ import annotations
+
+import torch
+
+from cltoolbox.models import mlp, reduced_resnet18
+from cltoolbox.strategies.memory import ClassBalancedMemory, ReservoirMemory
+
+
+def test_reservoir_keeps_every_seen_sample_with_equal_probability() -> None:
+    n_items, capacity, trials = 100, 20, 1500
+    counts = torch.zeros(n_items)
+    for trial in range(trials):
+        g = torch.Generator().manual_seed(trial)
+        mem = ReservoirMemory(capacity)
+        for start in range(0, n_items, 10):
+            ids = torch.arange(start, start + 10)
+            mem.add(ids.float().unsqueeze(1), ids, torch.zeros_like(ids), g)
+        kept = mem.y[: mem.size]
+        assert mem.size == capacity and len(kept.unique()) == capacity  # no duplicates
+        assert torch.equal(mem.x[: mem.size, 0].long(), kept)  # x, y stay paired
+        counts[kept] += 1
+    freq = counts / trials
+    # each item is in memory with probability capacity / n_items = 0.2 (binomial sd ~0.01)
+    assert (freq - 0.2).abs().max() < 0.05
+    assert abs(freq[:50].mean() - freq[50:].mean()) < 0.02  # early and late items alike
+
+
+def test_reservoir_fills_in_order_until_full() -> None:
+    mem, g = ReservoirMemory(8), torch.Generator().manual_seed(0)
+    y = torch.arange(5)
+    mem.add(y.float().unsqueeze(1), y, y, g)
+    assert mem.size == 5 and torch.equal(mem.y[:5], y)
+    x, yy, t = mem.sample(64, g)
+    assert x.shape == (64, 1) and set(yy.tolist()) <= set(range(5))
+
+
+def test_class_balanced_memory_has_equal_quotas() -> None:
+    mem, g = ClassBalancedMemory(30), torch.Generator().manual_seed(0)
+    y1 = torch.arange(2).repeat(50)
+    mem.update(torch.randn(100, 3), y1, torch.zeros(100, dtype=torch.long), g)
+    assert mem.size == 30 and torch.bincount(mem.y[:30]).tolist() == [15, 15]
+    y2 = torch.arange(2, 5).repeat(50)
+    mem.update(torch.randn(150, 3), y2, torch.ones(150, dtype=torch.long), g)
+    assert torch.bincount(mem.y[: mem.size], minlength=5).tolist() == [6, 6, 6, 6, 6]
+    assert set(mem.t[: mem.size][mem.y[: mem.size] < 2].tolist()) == {0}
+
+
+def test_models_give_logits_over_all_classes() -> None:
+    x = torch.randn(4, 3, 32, 32)
+    net = reduced_resnet18((3, 32, 32), 100)
+    assert net(x).shape == (4, 100) and net.features(x).shape == (4, 160)
+    m = mlp((1, 28, 28), 10, hidden=[50])
+    assert m(torch.randn(4, 1, 28, 28)).shape == (4, 10)

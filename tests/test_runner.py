@@ -1,0 +1,119 @@
+"""Run folders: the on-disk contract, refusing to overwrite, divergence handling, the lock, loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import cltoolbox
+from cltoolbox import metrics
+from cltoolbox.errors import CLToolboxError, RunExistsError
+from cltoolbox.runner import RunLock
+
+
+def _only_run(out: Path) -> Path:
+    (run,) = [p.parent for p in out.rglob("DONE")]
+    return run
+
+
+def test_run_folder_matches_the_contract(tiny_config, tmp_path: Path) -> None:
+    tiny_config["out"] = str(tmp_path)
+    cltoolbox.run(tiny_config, quiet=True)
+    run = _only_run(tmp_path)
+    assert run.relative_to(tmp_path).parts == ("tiny", "naive", "class_incremental-digits", "seed_0")
+
+    acc = pd.read_csv(run / "accuracy.csv")
+    assert list(acc.columns) == ["trained_exp", "eval_exp", "setting", "accuracy", "loss", "n_samples"]
+    assert len(acc) == 6 * 5 * 2 and set(acc.setting) == {"class_il", "task_il"}
+    init = acc[acc.trained_exp == -1]
+    assert len(init) == 10  # the untrained model is evaluated on every experience
+
+    m = json.loads((run / "metrics.json").read_text())
+    for setting in ("class_il", "task_il"):
+        R = np.full((6, 5), np.nan)
+        for r in acc[acc.setting == setting].itertuples():
+            R[r.trained_exp + 1, r.eval_exp] = r.accuracy
+        assert m[setting]["acc"] == pytest.approx(metrics.acc(R))
+        assert m[setting]["bwt"] == pytest.approx(metrics.bwt(R))
+        assert m[setting]["forgetting"] == pytest.approx(metrics.forgetting(R))
+        M = pd.read_csv(run / "matrices" / f"accuracy_{setting}.csv", index_col="trained_exp")
+        assert list(M.index) == [-1, 0, 1, 2, 3, 4]
+        np.testing.assert_allclose(M.to_numpy(), R)
+        F = pd.read_csv(run / "matrices" / f"forgetting_{setting}.csv", index_col="trained_exp").to_numpy()
+        np.testing.assert_allclose(F, metrics.forgetting_matrix(R))
+    # task-IL restricts each experience to its own 2 classes: never worse than class-IL
+    assert m["task_il"]["acc"] >= m["class_il"]["acc"]
+    assert set(m["cost"]) >= {"wall_s", "train_s", "eval_s", "peak_rss_mb", "n_params", "memory_items",
+                              "memory_bytes"}
+    env = json.loads((run / "env.json").read_text())
+    assert {"python", "torch", "cltoolbox", "device", "torch_threads", "start_time", "end_time"} <= set(env)
+    log = pd.read_csv(run / "train_log.csv")
+    assert list(log.columns) == ["experience", "epoch", "step", "loss", "lr", "samples_per_s"]
+    assert list(log.experience) == [0, 1, 2, 3, 4]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["momentum"] == 0.0 and resolved["seed"] == 0
+    assert not list(run.rglob(".*tmp*")), "temporary files left behind"
+
+
+def test_finished_run_is_not_overwritten(tiny_config, tmp_path: Path) -> None:
+    tiny_config["out"] = str(tmp_path)
+    cltoolbox.run(tiny_config, quiet=True)
+    run = _only_run(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        cltoolbox.run(tiny_config, quiet=True)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    (summary,) = cltoolbox.run(tiny_config, resume=True, quiet=True)  # --resume skips finished runs
+    assert summary["status"] == "done" and {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    cltoolbox.run(tiny_config, overwrite=True, quiet=True)
+    assert (run / "DONE").stat().st_mtime_ns != before[run / "DONE"]
+
+
+def test_diverging_run_stops_cleanly_and_keeps_what_it_measured(tiny_config, tmp_path: Path) -> None:
+    tiny_config.update(out=str(tmp_path), train={"epochs": 1, "batch_size": 32, "lr": 1e12})
+    with pytest.raises(CLToolboxError, match="diverged"):
+        cltoolbox.run(tiny_config, quiet=True)
+    (run,) = list(tmp_path.glob("tiny/naive/*/seed_0"))
+    assert not (run / "DONE").exists()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "diverged"
+    acc = pd.read_csv(run / "accuracy.csv")
+    assert set(acc.trained_exp) == {-1}  # the init row was measured and kept
+    assert not math.isnan(acc.accuracy.iloc[0])
+
+
+def test_lock_keeps_a_second_writer_out(tmp_path: Path) -> None:
+    with RunLock(tmp_path):
+        with pytest.raises(RunExistsError, match="another process"):
+            with RunLock(tmp_path):
+                pass
+    (tmp_path / ".lock").write_text("999999999")  # a stale lock whose writer is gone is taken over
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_same_seed_identical_other_seed_differs(tiny_config, tmp_path: Path) -> None:
+    outs = []
+    for i, seed in enumerate((0, 0, 1)):
+        tiny_config.update(out=str(tmp_path / str(i)), seeds=[seed])
+        cltoolbox.run(tiny_config, quiet=True)
+        outs.append((_only_run(tmp_path / str(i)) / "accuracy.csv").read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+def test_single_experience_gives_nan_not_zero(tiny_config, tmp_path: Path) -> None:
+    tiny_config.update(out=str(tmp_path))
+    tiny_config["scenario"]["n_experiences"] = 1
+    (summary,) = cltoolbox.run(tiny_config, quiet=True)
+    assert math.isnan(summary["class_il"]["bwt"]) and math.isnan(summary["class_il"]["forgetting"])
+    on_disk = json.loads((_only_run(tmp_path) / "metrics.json").read_text())
+    assert on_disk["class_il"]["bwt"] is None and on_disk["class_il"]["fwt"] is None
