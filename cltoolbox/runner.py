@@ -22,7 +22,7 @@ from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunEx
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
 from cltoolbox.plugin import Plugin
-from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES
+from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES, import_plugins
 from cltoolbox.results import (
     ACCURACY_FIELDS,
     PER_CLASS_FIELDS,
@@ -286,6 +286,9 @@ def run(
     """
     raw = cfgmod.load_yaml(config) if isinstance(config, (str, Path)) else dict(config)
     raw = cfgmod.apply_overrides(raw, list(overrides))
+    if raw.get("imports"):
+        base = str(Path(config).parent) if isinstance(config, (str, Path)) else None
+        import_plugins(raw["imports"], base)
     if out is not None:
         raw["out"] = out
     if seeds is not None:
