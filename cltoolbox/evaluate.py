@@ -35,28 +35,32 @@ class History:
     def matrix(self, setting: str) -> np.ndarray:
         return self.accuracy[:, :, SETTINGS.index(setting)].numpy().copy()
 
+    # Rows read Python lists (tolist) rather than indexing tensors element by element: a 100-experience
+    # stream has 202,000 per-class rows, and per-element tensor indexing took seconds.
     def accuracy_rows(self) -> list[dict[str, Any]]:
         rows = []
+        acc, loss, n_samples = self.accuracy.tolist(), self.loss.tolist(), self.n_samples.tolist()
         for i in torch.nonzero(self.rows_done).flatten().tolist():
             for j in range(self.accuracy.shape[1]):
                 for s, setting in enumerate(SETTINGS):
                     rows.append({
                         "trained_exp": i - 1, "eval_exp": j, "setting": setting,
-                        "accuracy": float(self.accuracy[i, j, s]), "loss": float(self.loss[i, j, s]),
-                        "n_samples": int(self.n_samples[j]),
+                        "accuracy": acc[i][j][s], "loss": loss[i][j][s], "n_samples": n_samples[j],
                     })
         return rows
 
     def per_class_rows(self) -> list[dict[str, Any]]:
         rows = []
-        present = self.class_total > 0
+        T = self.accuracy.shape[1]
+        present = [torch.nonzero(self.class_total[j] > 0).flatten().tolist() for j in range(T)]
+        total, correct = self.class_total.tolist(), self.class_correct.tolist()
         for i in torch.nonzero(self.rows_done).flatten().tolist():
-            for j in range(self.accuracy.shape[1]):
-                for c in torch.nonzero(present[j]).flatten().tolist():
+            for j in range(T):
+                for c in present[j]:
                     for s, setting in enumerate(SETTINGS):
                         rows.append({
                             "trained_exp": i - 1, "eval_exp": j, "setting": setting, "class": c,
-                            "n_samples": int(self.class_total[j, c]), "n_correct": int(self.class_correct[i, j, s, c]),
+                            "n_samples": total[j][c], "n_correct": correct[i][j][s][c],
                         })
         return rows
 
@@ -73,11 +77,13 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
     """Fill row ``trained_exp`` (-1 = before training) of ``history``."""
     row = trained_exp + 1
     C = stream.n_classes
+    if stream.experiences:
+        learner.model.eval()  # once per pass: learner.logits would switch eval/train per test experience
     for exp in stream.experiences:
         j = exp.index
         y = exp.y_test
         tids = torch.full_like(y, exp.task_id)
-        logits = learner.logits(exp.x_test, tids)
+        logits = learner._eval_logits(exp.x_test, tids)
         # task-IL: the experience's own classes are known (its task identity), so mask the rest
         own = torch.zeros(C, dtype=torch.bool, device=logits.device)
         own[list(exp.classes)] = True
@@ -90,4 +96,6 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
                 history.accuracy[row, j, s] = correct.double().mean().item()
                 history.loss[row, j, s] = F.cross_entropy(out.float(), y).item()
             history.class_correct[row, j, s] = torch.bincount(y[correct], minlength=C).cpu()
+    if stream.experiences:
+        learner.model.train()  # the mode learner.logits leaves the model in
     history.rows_done[row] = True

@@ -14,7 +14,8 @@ Hook order (``Learner.fit``), tested in ``tests/test_conformance.py``::
             for each batch:
                 batch = transform_batch(learner, batch)          # chained: replay extends the batch
                 logits = model(batch.x)   (masked to the task's classes when the stream gives task ids)
-                loss = CE(logits, batch.y) + sum(loss(learner, batch, logits))
+                loss = criterion(learner, batch, logits)          # first tensor returned replaces CE(logits, y)
+                       + sum(loss(learner, batch, logits))
                 backward
                 after_backward(learner, batch)                    # gradient surgery, importance paths
                 optimizer step
@@ -46,6 +47,7 @@ HOOKS = (
     "train_experience",
     "before_epoch",
     "transform_batch",
+    "criterion",
     "loss",
     "after_backward",
     "after_step",
@@ -86,6 +88,14 @@ class Plugin:
 
     def transform_batch(self, learner: Learner, batch: Batch) -> Batch:
         return batch
+
+    def criterion(self, learner: Learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
+        """The main loss of the batch, replacing the cross-entropy; None keeps CE.
+
+        For strategies that train with another objective (iCaRL's sigmoid BCE with distillation targets).
+        The first plugin that returns a tensor wins; ``loss`` terms of all plugins are still added to it.
+        """
+        return None
 
     def loss(self, learner: Learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | float:
         """An extra loss term added to the cross-entropy."""
