@@ -15,8 +15,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
+    # --debug is also accepted after the command; SUPPRESS keeps the subparser from resetting it to False
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
-    r = sub.add_parser("run", help="run an experiment YAML (every strategy x seed)")
+    r = sub.add_parser("run", parents=[debug], help="run an experiment YAML (every strategy x seed)")
     r.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
     r.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
     r.add_argument("--out", help="root folder for run folders (default: the config's `out`, else runs/)")
@@ -25,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace existing runs")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary table")
 
-    ls = sub.add_parser("list", help="list registered strategies, scenarios, datasets or models")
+    ls = sub.add_parser("list", parents=[debug], help="list registered strategies, scenarios, datasets or models")
     ls.add_argument("kind", choices=["strategies", "scenarios", "datasets", "models"])
     return p
 
@@ -42,8 +45,9 @@ def _list(kind: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    # overrides may follow options (`run cfg.yaml --seeds 0 train.lr=0.05`); argparse leaves those over
-    bad = [e for e in extra if args.command != "run" or e.startswith("-") or "=" not in e]
+    # overrides may follow options (`run cfg.yaml --seeds 0 train.lr=0.05`); argparse leaves those over.
+    # A malformed one (`train.lr` without =) goes on too, so that it gets the one-line override error.
+    bad = [e for e in extra if args.command != "run" or e.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:

@@ -7,7 +7,7 @@ Top-level keys::
     model: {name: mlp, <model params>}
     strategy: {name: er, <strategy params>, label: null, plugins: [{name: lwf, ...}]}   # or a list of these
     train: {epochs, batch_size, optimizer, lr, ...}   # see cltoolbox.loop.TrainConfig
-    seeds: [0, 1, 2]
+    seeds: [0, 1, 2]                      # a run's own config.yaml has `seed: 0` instead (seeds wins if both)
     out: runs
 
 Every plugin's parameters come from its signature (cltoolbox.params), so unknown keys, wrong types and
@@ -18,6 +18,7 @@ missing values are reported with the field path, e.g. ``strategy.memroy_size: un
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 from cltoolbox.errors import ConfigError
 from cltoolbox.params import closest, resolve, signature_params
 
-TOP_KEYS = ("name", "scenario", "model", "strategy", "train", "seeds", "out")
+TOP_KEYS = ("name", "imports", "scenario", "model", "strategy", "train", "seeds", "out")
 SCENARIO_RESERVED = ("name", "dataset", "root", "download")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -38,10 +39,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config: file '{path}' not found; pass the path of an experiment YAML")
     try:
         data = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read '{path}' ({type(e).__name__}: {e}); check the file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and cmark is not None and (mark is None or cmark.line != mark.line):
+            problem += f", {ctx} at line {cmark.line + 1}"  # e.g. the unclosed `{` a few lines up
         raise ConfigError(f"config: '{path}' is not valid YAML{where} ({problem}); fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: '{path}' must hold a mapping of keys (name, scenario, model, ...)")
@@ -60,31 +66,39 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
-            raise ConfigError(f"override '{item}': value is not valid YAML") from None
+            raise ConfigError(f"override '{item}': the value is not valid YAML; quote it or close its brackets, "
+                              "e.g. seeds=[0,1]") from None
         node: Any = config
         parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty key part in '{key}'; write e.g. train.lr=0.05")
+        for i, part in enumerate(parts):
+            here = ".".join(parts[:i])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' needs a list index")
-                node = node[int(part)]
+                    rest = ".".join(parts[i + 1:] if part.isdigit() else parts[i:])
+                    raise ConfigError(f"override '{item}': '{here}' is a list of {len(node)}; index it from 0, "
+                                      f"e.g. {here}.0{'.' + rest if rest else ''}={raw}")
+                slot: Any = int(part)
+            elif part.isdigit() and part not in node and here:
+                raise ConfigError(f"override '{item}': '{here}' is a single mapping, not a list; drop the index, "
+                                  f"e.g. {'.'.join(parts[:i] + parts[i + 1:])}={raw}")
             else:
-                node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"override '{item}': '{key}' needs a list index")
-            node[int(last)] = value
-        else:
-            node[last] = value
+                slot = part
+            if i == len(parts) - 1:
+                node[slot] = value
+            else:
+                node = node[slot] if isinstance(node, list) else node.setdefault(slot, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
     return config
 
 
 def _section(config: dict, key: str, required: bool = True) -> dict:
-    value = config.get(key, None if required else {})
-    if value is None and required:
+    value = config.get(key)
+    if value is None:
+        if not required:  # absent, or `train:` with nothing under it
+            return {}
         raise ConfigError(f"{key}: missing section; add e.g. `{key}: {{name: ...}}`")
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -120,13 +134,16 @@ def _resolve_strategy(entry: Any, field: str) -> dict[str, Any]:
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check every field and fill every default; returns the resolved config (strategy is always a list)."""
-    from cltoolbox.loop import TrainConfig
+    from cltoolbox.loop import TrainConfig, resolve_device
     from cltoolbox.registry import DATASETS, MODELS, SCENARIOS
 
     for key in config:
-        if key not in TOP_KEYS:
-            raise ConfigError(f"{key}: unknown top-level key{closest(key, TOP_KEYS)}; valid: {', '.join(TOP_KEYS)}")
+        if key not in TOP_KEYS and key != "seed":  # `seed`: a run's own config.yaml, see run_config
+            raise ConfigError(f"{key}: unknown top-level key{closest(str(key), TOP_KEYS)}; remove it or use one of: "
+                              f"{', '.join(TOP_KEYS)}")
     name = config.get("name")
+    if name is None:
+        raise ConfigError("name: missing; add e.g. `name: split_mnist` (the experiment's folder name)")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"name: {name!r} must be a folder-safe string (letters, digits, _ . + -)")
 
@@ -162,10 +179,18 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if train[key] < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {train[key]}")
-    if train["lr"] <= 0:
-        raise ConfigError(f"train.lr: must be > 0, got {train['lr']}")
+    if not 0 < train["lr"] < math.inf:
+        raise ConfigError(f"train.lr: must be a finite number > 0, got {train['lr']}; e.g. `lr: 0.1`")
+    for key in ("momentum", "weight_decay"):
+        if not 0 <= train[key] < math.inf:
+            raise ConfigError(f"train.{key}: must be a finite number >= 0, got {train[key]}; e.g. `{key}: 0.0`")
+    if not 0 < train["gamma"] < math.inf:
+        raise ConfigError(f"train.gamma: must be a finite number > 0, got {train['gamma']}; e.g. `gamma: 0.1`")
+    if any(m < 1 for m in train["milestones"]):
+        raise ConfigError(f"train.milestones: epochs must be >= 1, got {train['milestones']}")
+    resolve_device(train["device"])  # `cuda` on a machine without one fails here, not mid-run
 
-    seeds = config.get("seeds", [0])
+    seeds = config.get("seeds", [config["seed"]] if "seed" in config else [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
@@ -176,8 +201,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     out = config.get("out", "runs")
     if not isinstance(out, str):
         raise ConfigError(f"out: expected a folder path string, got {out!r}")
-    return {"name": name, "scenario": scenario, "model": model, "strategy": strategies, "train": train,
-            "seeds": seeds, "out": out}
+    return {"name": name, "imports": list(config.get("imports") or []), "scenario": scenario, "model": model,
+            "strategy": strategies, "train": train, "seeds": seeds, "out": out}
 
 
 def _dataset_fields(root: str | None = None, download: bool = False) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any
 from cltoolbox.errors import ConfigError
 
 REQUIRED = inspect.Parameter.empty
+# PyYAML (YAML 1.1) reads `1e-3` and `5E-4` as strings (it wants a dot and a signed exponent); accept them.
+_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,8 @@ def coerce(value: Any, annotation: Any, field: str) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{field}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        hint = closest(value, [a for a in args if isinstance(a, str)]) if isinstance(value, str) else ""
+        raise ConfigError(f"{field}: {value!r} is not one of {', '.join(repr(a) for a in args)}{hint}")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         errors = []
         for option in args:
@@ -109,6 +114,8 @@ def coerce(value: Any, annotation: Any, field: str) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+            return float(value)
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -120,18 +127,34 @@ def coerce(value: Any, annotation: Any, field: str) -> Any:
     raise ConfigError(f"{field}: expected {type_name(annotation)}, got {value!r} ({type(value).__name__})")
 
 
+def _example(p: Param) -> str:
+    """The fix part of a type error: an example value, the default where there is one."""
+    if p.required or p.default is None:
+        return f"give a value of type {type_name(p.annotation)}"
+    try:
+        shown = json.dumps(p.default)  # JSON is valid YAML flow syntax
+    except (TypeError, ValueError):
+        shown = repr(p.default)
+    return f"e.g. `{p.name}: {shown}` (the default)"
+
+
 def resolve(params: dict[str, Param], given: dict[str, Any], section: str) -> dict[str, Any]:
     """Validate ``given`` against ``params`` and fill defaults. Unknown keys name the closest valid key."""
     for key in given:
         if key not in params:
-            valid = ", ".join(sorted(params)) or "none"
+            if not params:
+                raise ConfigError(f"{section}.{key}: unknown key; this section takes no parameters, remove it")
+            valid = ", ".join(sorted(params))
             raise ConfigError(
-                f"{section}.{key}: unknown key{closest(key, params)}; valid keys here: {valid}"
+                f"{section}.{key}: unknown key{closest(str(key), params)}; valid keys here: {valid}"
             )
     out = {}
     for name, p in params.items():
         if name in given:
-            out[name] = coerce(given[name], p.annotation, f"{section}.{name}")
+            try:
+                out[name] = coerce(given[name], p.annotation, f"{section}.{name}")
+            except ConfigError as e:
+                raise ConfigError(f"{e}; {_example(p)}") from None
         elif p.required:
             raise ConfigError(f"{section}.{name}: missing required key ({p.describe()})")
         else:

@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from cltoolbox.errors import ConfigError
@@ -40,6 +41,10 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._loaded = False
 
+    @property
+    def singular(self) -> str:
+        return {"strategies": "strategy"}.get(self.kind, self.kind[:-1])
+
     def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
         """Decorator: ``@STRATEGIES.register("my_method")``."""
 
@@ -64,7 +69,7 @@ class Registry:
         if name not in self._entries:
             where = field or self.kind
             raise ConfigError(
-                f"{where}: unknown {self.kind[:-1]} '{name}'{closest(name, self._entries)}; "
+                f"{where}: unknown {self.singular} '{name}'{closest(name, self._entries)}; "
                 f"run `cltoolbox list {self.kind}` to see the {len(self._entries)} available"
             )
         return self._entries[name]
@@ -106,7 +111,6 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
     """
     import importlib.util
     import sys
-    from pathlib import Path
 
     if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
         raise ConfigError(f"imports: expected a list of .py paths or module names, got {specs!r}")
@@ -118,9 +122,7 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
                 raise ConfigError(f"imports: cannot import module '{spec}' ({e}); check the name or use a .py path") \
                     from None
             continue
-        path = Path(spec)
-        if not path.is_absolute() and base_dir is not None and not path.exists():
-            path = Path(base_dir) / path
+        path = resolve_import_path(spec, base_dir)
         if not path.is_file():
             raise ConfigError(f"imports: file '{spec}' not found; give a path relative to the config or the cwd")
         name = f"cltoolbox_user_{path.resolve().stem}_{abs(hash(str(path.resolve())))}"
@@ -130,3 +132,12 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         module_spec.loader.exec_module(module)
+
+
+def resolve_import_path(spec: str, base_dir: str | None) -> Path:
+    """A ``.py`` spec of ``imports:`` as an absolute path: relative to the cwd if it exists there, else to
+    the config's folder. Runs record absolute paths, so a run's config.yaml runs again from anywhere."""
+    path = Path(spec)
+    if not path.is_absolute() and base_dir is not None and not path.exists():
+        path = Path(base_dir) / path
+    return path.resolve()

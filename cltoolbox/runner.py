@@ -22,7 +22,7 @@ from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunEx
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
 from cltoolbox.plugin import Plugin
-from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES, import_plugins
+from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES, import_plugins, resolve_import_path
 from cltoolbox.results import (
     ACCURACY_FIELDS,
     PER_CLASS_FIELDS,
@@ -184,6 +184,9 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
 
     label = f"{run_cfg['strategy']['label']} seed {seed}"
     bar = tqdm(total=T, initial=start, desc=label, unit="exp", disable=quiet, leave=False, file=sys.stderr)
+    if not quiet:
+        learner.on_epoch_end = lambda row: bar.set_postfix_str(
+            f"epoch {row['epoch'] + 1}/{row['epochs']} loss {row['loss']:.3f}", refresh=True)
     if start == 0:
         learner.begin(stream)  # task masks etc. for the init evaluation
         evaluate(-1)
@@ -289,6 +292,7 @@ def run(
     if raw.get("imports"):
         base = str(Path(config).parent) if isinstance(config, (str, Path)) else None
         import_plugins(raw["imports"], base)
+        raw["imports"] = [str(resolve_import_path(s, base)) if s.endswith(".py") else s for s in raw["imports"]]
     if out is not None:
         raw["out"] = out
     if seeds is not None:

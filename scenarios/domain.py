@@ -62,13 +62,17 @@ def permuted(
     return _domain_stream("permuted", data, seed, [make(i) for i in range(n_experiences)], train_samples)
 
 
-def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate a batch of images (N, C, H, W) about the centre, bilinear, zero padding (batched)."""
+def rotate(x: torch.Tensor, degrees: float, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate a batch of images (N, C, H, W) counter-clockwise about the centre, bilinear (batched).
+
+    Corners that come from outside the image get ``fill`` (per channel, shape (C,)); by default each
+    channel's minimum in ``x``, i.e. the background of normalised data, not 0 (which is grey after
+    normalisation).
+    """
     a = math.radians(degrees)
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    # pad with the value of the (normalised) background, i.e. the minimum, not with 0
-    bg = x.amin()
+    bg = (x.amin(dim=(0, 2, 3)) if fill is None else fill).to(x.dtype).view(1, -1, 1, 1)
     return F.grid_sample(x - bg, grid, align_corners=False) + bg
 
 
@@ -95,7 +99,9 @@ def rotated(
         raise ConfigError(
             f"scenario.angles: {len(angles)} angles for n_experiences={n_experiences}; give one per experience"
         )
-    transforms = [lambda x, a=a: rotate(x, a) for a in angles]
+    # one background per channel for train and test alike (a subsample's minimum could differ)
+    fill = data.x_train.amin(dim=(0, 2, 3))
+    transforms = [lambda x, a=a: rotate(x, a, fill) for a in angles]
     stream = _domain_stream("rotated", data, seed, transforms, train_samples)
     stream.info["angles"] = list(angles)
     return stream

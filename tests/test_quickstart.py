@@ -25,7 +25,7 @@ def test_quickstart_cli_writes_runs_and_er_beats_naive(tmp_path: Path) -> None:
     assert table[0].split()[:2] == ["strategy", "seeds"]
     assert [line.split()[0] for line in table[2:]] == ["naive", "er", "joint"]
 
-    runs = {p.parts[-4]: p for p in tmp_path.glob("quickstart/*/*/seed_0")}
+    runs = {p.parts[-3]: p for p in tmp_path.glob("quickstart/*/*/seed_0")}
     assert set(runs) == {"naive", "er", "joint"}
     acc = {k: json.loads((p / "metrics.json").read_text())["class_il"]["acc"] for k, p in runs.items()}
     # class-IL Split-MNIST: replay must beat fine-tuning by a wide margin; joint is the upper bound
@@ -38,7 +38,7 @@ def test_quickstart_cli_writes_runs_and_er_beats_naive(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_permuted_naive_forgets_joint_does_not(tmp_path: Path) -> None:
     base = {
-        "name": "perm", "scenario": {"name": "permuted", "dataset": "mnist5k", "n_experiences": 3},
+        "name": "perm", "scenario": {"name": "permuted", "dataset": "mnist5k", "n_experiences": 5},
         "model": {"name": "mlp", "hidden": [100, 100]},
         "strategy": [{"name": "naive"}, {"name": "joint"}],
         "train": {"epochs": 1, "batch_size": 10, "lr": 0.1}, "seeds": [0], "out": str(tmp_path),
