@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", parents=[debug], help="list registered strategies, scenarios, datasets or models")
     ls.add_argument("kind", choices=["strategies", "scenarios", "datasets", "models"])
+
+    rp = sub.add_parser("report", parents=[debug], help="figures (PNG+PDF) and tables (CSV/Markdown/LaTeX) from runs")
+    rp.add_argument("runs", nargs="+", help="run folders, or folders above them (every run with DONE is used)")
+    rp.add_argument("--out", required=True, help="folder for the figures and tables")
     return p
 
 
@@ -62,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "list":
             _list(args.kind)
+        elif args.command == "report":
+            from cltoolbox.report import report
+
+            written = report(args.runs, args.out)
+            print(f"wrote {len(written['figures'])} figures and {len(written['tables'])} tables to {args.out}")
     except CLToolboxError as e:
         if args.debug:
             raise

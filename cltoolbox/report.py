@@ -150,13 +150,14 @@ def plot_heatmaps(accuracy: Any, setting: str, out: Path) -> list[Path]:
         cols = min(3, len(items))
         rows = (len(items) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(COLUMN_WIDTH_IN * 2 if cols > 1 else COLUMN_WIDTH_IN,
-                                                      2.2 * rows), squeeze=False)
-        for ax, (strategy, m) in zip(axes.flat, items, strict=False):
+                                                      2.2 * rows + 0.3), squeeze=False, layout="constrained")
+        for k, (ax, (strategy, m)) in enumerate(zip(axes.flat, items, strict=False)):
             im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             T = m.shape[1]
             ax.set_title(strategy)
             ax.set_xlabel("evaluated experience")
-            ax.set_ylabel("trained up to")
+            if k % cols == 0:
+                ax.set_ylabel("trained up to")
             ax.set_xticks(range(T))
             ax.set_yticks(range(T + 1), ["init", *map(str, range(T))])
             if T <= 10:
@@ -167,7 +168,7 @@ def plot_heatmaps(accuracy: Any, setting: str, out: Path) -> list[Path]:
                                     color="white" if m[i, j] < 0.6 else "black")
         for ax in list(axes.flat)[len(items):]:
             ax.axis("off")
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
         fig.suptitle(f"{scenario} ({setting.replace('_', '-')})", fontsize=8)
         paths += _save(fig, out, f"heatmap_{setting}_{scenario}")
     return paths
@@ -179,7 +180,7 @@ def plot_curves(accuracy: Any, setting: str, out: Path) -> list[Path]:
     paths = []
     curves = seen_accuracy_curves(accuracy, setting)
     for scenario, g in curves.groupby("scenario", sort=False):
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.3))
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.3), layout="constrained")
         for strategy, s in g.groupby("strategy", sort=False):
             stats = s.groupby("trained_exp").accuracy.agg(["mean", "std", "count"])
             x = stats.index.to_numpy() + 1
@@ -187,6 +188,7 @@ def plot_curves(accuracy: Any, setting: str, out: Path) -> list[Path]:
             ax.plot(x, stats["mean"], marker="o", markersize=2.5, label=strategy)
             ax.fill_between(x, stats["mean"] - std, stats["mean"] + std, alpha=0.2)
         ax.set_xlabel("experiences trained")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel("avg. accuracy on seen exp.")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{scenario} ({setting.replace('_', '-')}), mean ± std over seeds")
@@ -202,7 +204,7 @@ def plot_bars(metrics: Any, setting: str, out: Path) -> list[Path]:
     m = metrics[metrics.setting == setting]
     for scenario, g in m.groupby("scenario", sort=False):
         stats = g.groupby("strategy", sort=False)[["forgetting", "bwt"]].agg(["mean", "std"])
-        fig, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH_IN, 2.0))
+        fig, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH_IN, 2.2), layout="constrained")
         for ax, key, label in zip(axes, ("forgetting", "bwt"), ("forgetting", "BWT"), strict=True):
             ax.bar(range(len(stats)), stats[(key, "mean")], yerr=stats[(key, "std")].fillna(0), capsize=2,
                    color="C0" if key == "forgetting" else "C1")
@@ -223,13 +225,13 @@ def plot_pareto(metrics: Any, setting: str, out: Path) -> list[Path]:
         for scenario, g in m.groupby("scenario", sort=False):
             stats = g.groupby("strategy", sort=False)[["acc", cost]].mean()
             x = stats[cost] / (2**20 if cost == "memory_bytes" else 1)
-            fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.3))
+            fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.3), layout="constrained")
             ax.scatter(x, stats["acc"], s=14, zorder=3)
             for strategy, xi, yi in zip(stats.index, x, stats["acc"], strict=True):
                 ax.annotate(strategy, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
             front = _pareto_front(x.to_numpy(), stats["acc"].to_numpy())
-            ax.step(x.to_numpy()[front], stats["acc"].to_numpy()[front], where="post", color="C3", linewidth=0.8,
-                    label="Pareto front")
+            ax.plot(x.to_numpy()[front], stats["acc"].to_numpy()[front], color="C3", linewidth=0.8, marker="o",
+                    markersize=7, markerfacecolor="none", label="Pareto front")
             ax.set_xlabel(label)
             ax.set_ylabel("final accuracy (ACC)")
             ax.set_title(f"{scenario} ({setting.replace('_', '-')})")

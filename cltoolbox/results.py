@@ -18,6 +18,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cltoolbox.errors import CLToolboxError
+
+
+class ResultsNotFoundError(CLToolboxError, FileNotFoundError):
+    """No finished run under the given paths."""
+
 ACCURACY_FIELDS = ["trained_exp", "eval_exp", "setting", "accuracy", "loss", "n_samples"]
 PER_CLASS_FIELDS = ["trained_exp", "eval_exp", "setting", "class", "n_samples", "n_correct"]
 TRAIN_LOG_FIELDS = ["experience", "epoch", "step", "loss", "lr", "samples_per_s"]
@@ -115,7 +121,9 @@ def load(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
         for setting in ("class_il", "task_il"):
             met.append({**labels, "setting": setting, **meta[setting], **meta["cost"]})
     if not acc:
-        raise FileNotFoundError(f"no finished run folders (with DONE) under {', '.join(map(str, paths))}")
+        raise ResultsNotFoundError(
+            f"runs: no finished run folder (with DONE) under {', '.join(map(str, paths))}; "
+            "pass run folders or the --out folder of `cltoolbox run`")
     return {
         "accuracy": pd.concat(acc, ignore_index=True),
         "metrics": pd.DataFrame(met).astype({"seed": int}, errors="ignore"),
