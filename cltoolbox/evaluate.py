@@ -29,7 +29,7 @@ class History:
         self.loss = torch.full((T + 1, T, 2), float("nan"), dtype=torch.float64)
         self.n_samples = torch.zeros(T, dtype=torch.long)
         self.class_total = torch.zeros(T, C, dtype=torch.long)
-        self.class_correct = torch.zeros(T + 1, T, 2, C, dtype=torch.long)
+        self.class_correct = torch.zeros(T + 1, T, 2, C, dtype=torch.int32)  # in every checkpoint: keep it small
         self.rows_done = torch.zeros(T + 1, dtype=torch.bool)
 
     def matrix(self, setting: str) -> np.ndarray:

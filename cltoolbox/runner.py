@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -74,6 +75,7 @@ def build_model(resolved: dict, stream: Stream) -> torch.nn.Module:
     return MODELS.get(m["name"]).factory(stream.input_shape, stream.n_classes, **params)
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=2,
@@ -307,7 +309,8 @@ def run(
     streams = {resolved["seeds"][0]: build_stream(resolved, data, resolved["seeds"][0])}
     for strategy in resolved["strategy"]:  # fail early on bad strategy/model parameters
         build_plugins(strategy)
-    build_model(resolved, streams[resolved["seeds"][0]])
+    with torch.device("meta"):  # validates the model's parameters without paying for its initialisation
+        build_model(resolved, streams[resolved["seeds"][0]])
 
     results, failures = [], []
     for strategy, seed, run_dir, action in todo:
