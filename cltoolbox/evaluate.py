@@ -21,15 +21,17 @@ SETTINGS = ("class_il", "task_il")
 
 
 class History:
-    """Accuracy, loss and counts for rows trained_exp = -1..T-1 (index 0..T) x eval experiences."""
+    """Accuracy, loss and counts for rows trained_exp = -1..T-1 (index 0..T) x K eval experiences
+    (K = T unless the stream revisits tasks)."""
 
-    def __init__(self, n_experiences: int, n_classes: int) -> None:
+    def __init__(self, n_experiences: int, n_classes: int, n_eval: int | None = None) -> None:
         T, C = n_experiences, n_classes
-        self.accuracy = torch.full((T + 1, T, 2), float("nan"), dtype=torch.float64)
-        self.loss = torch.full((T + 1, T, 2), float("nan"), dtype=torch.float64)
-        self.n_samples = torch.zeros(T, dtype=torch.long)
-        self.class_total = torch.zeros(T, C, dtype=torch.long)
-        self.class_correct = torch.zeros(T + 1, T, 2, C, dtype=torch.int32)  # in every checkpoint: keep it small
+        K = T if n_eval is None else n_eval
+        self.accuracy = torch.full((T + 1, K, 2), float("nan"), dtype=torch.float64)
+        self.loss = torch.full((T + 1, K, 2), float("nan"), dtype=torch.float64)
+        self.n_samples = torch.zeros(K, dtype=torch.long)
+        self.class_total = torch.zeros(K, C, dtype=torch.long)
+        self.class_correct = torch.zeros(T + 1, K, 2, C, dtype=torch.int32)  # in every checkpoint: keep it small
         self.rows_done = torch.zeros(T + 1, dtype=torch.bool)
 
     def matrix(self, setting: str) -> np.ndarray:
@@ -77,10 +79,10 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
     """Fill row ``trained_exp`` (-1 = before training) of ``history``."""
     row = trained_exp + 1
     C = stream.n_classes
-    if stream.experiences:
+    tests = stream.eval_experiences
+    if tests:
         learner.model.eval()  # once per pass: learner.logits would switch eval/train per test experience
-    for exp in stream.experiences:
-        j = exp.index
+    for j, exp in enumerate(tests):
         y = exp.y_test
         tids = torch.full_like(y, exp.task_id)
         logits = learner._eval_logits(exp.x_test, tids)
@@ -96,6 +98,6 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
                 history.accuracy[row, j, s] = correct.double().mean().item()
                 history.loss[row, j, s] = F.cross_entropy(out.float(), y).item()
             history.class_correct[row, j, s] = torch.bincount(y[correct], minlength=C).cpu()
-    if stream.experiences:
+    if tests:
         learner.model.train()  # the mode learner.logits leaves the model in
     history.rows_done[row] = True

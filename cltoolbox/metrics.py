@@ -14,6 +14,14 @@ learned at row ``j`` and its "just learned" accuracy ``a_{j,j}`` is ``R[j, j-1]`
 (the sub-diagonal, not ``R[j, j]``). Experience ``j`` is *seen* at row ``i`` iff
 ``j <= i``, i.e. column ``c < i``; it is *future* iff ``c >= i``.
 
+Recurring and task-free streams
+-------------------------------
+When training experiences revisit tasks (or many small experiences come from one task), ``R`` has one
+column per *distinct* test task and ``T`` training rows, so its shape is ``(T+1, K)``. Every metric then
+takes ``first_seen``: for each column, the row at which that task was first trained (1..T; 0 or NaN if
+never). "Just learned" becomes ``R[first_seen_j, j]`` and "future" means rows before ``first_seen_j``.
+With the default ``first_seen = (1, ..., T)`` the formulas are exactly the papers' ones above.
+
 Entries may be NaN (not evaluated). Every metric averages only its defined terms;
 a term whose inputs are NaN is dropped, and a metric with no defined term is NaN
 (no warnings). Metrics that need a second experience (``bwt``, ``fwt``,
@@ -48,51 +56,63 @@ __all__ = [
 ]
 
 
-def _check(R: np.ndarray) -> tuple[np.ndarray, int]:
-    """Return ``R`` as a float array and ``T``; raise ValueError unless shape is (T+1, T), T >= 1."""
+def _check(R: np.ndarray, first_seen: np.ndarray | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """``R`` as floats, ``T`` (training rows) and the first-seen row of every column (0 = never seen).
+
+    Without ``first_seen``, R must be (T+1, T) and experience j is first trained at row j.
+    """
     R = np.asarray(R, dtype=float)
-    if R.ndim != 2 or R.shape[1] < 1 or R.shape[0] != R.shape[1] + 1:
-        raise ValueError(
-            f"R must have shape (T+1, T) with T >= 1 (row 0 = init model, row i = after "
-            f"experience i; one column per experience), got shape {R.shape}"
-        )
-    return R, R.shape[1]
+    if first_seen is None:
+        if R.ndim != 2 or R.shape[1] < 1 or R.shape[0] != R.shape[1] + 1:
+            raise ValueError(
+                f"R must have shape (T+1, T) with T >= 1 (row 0 = init model, row i = after "
+                f"experience i; one column per experience), got shape {R.shape}"
+            )
+        return R, R.shape[1], np.arange(1, R.shape[1] + 1)
+    if R.ndim != 2 or R.shape[0] < 2 or R.shape[1] < 1:
+        raise ValueError(f"R must have shape (T+1, K) with T, K >= 1, got shape {R.shape}")
+    fs = np.nan_to_num(np.asarray(first_seen, dtype=float), nan=0.0)
+    if fs.shape != (R.shape[1],) or np.any(fs < 0) or np.any(fs > R.shape[0] - 1) or np.any(fs != np.round(fs)):
+        raise ValueError(f"first_seen must hold one row index in 0..{R.shape[0] - 1} per column, got {first_seen}")
+    return R, R.shape[0] - 1, fs.astype(int)
 
 
-def _check_vec(v: np.ndarray, T: int, name: str) -> np.ndarray:
+def _check_vec(v: np.ndarray, K: int, name: str) -> np.ndarray:
     v = np.asarray(v, dtype=float)
-    if v.shape != (T,):
-        raise ValueError(f"{name} must be a length-T vector with T={T}, got shape {v.shape}")
+    if v.shape != (K,):
+        raise ValueError(f"{name} must be a length-T vector with T={K}, got shape {v.shape}")
     return v
 
 
-def _mean(x: np.ndarray) -> float:
+def _mean(x) -> float:
     """Mean over the non-NaN entries; NaN (without a warning) when there are none."""
     x = np.asarray(x, dtype=float).ravel()
     x = x[~np.isnan(x)]
     return float(x.mean()) if x.size else float("nan")
 
 
-def _diag(R: np.ndarray) -> np.ndarray:
-    """Just-learned accuracies a_{k,k} = R[k, k-1] for k = 1..T (length T)."""
-    T = R.shape[1]
-    return R[np.arange(1, T + 1), np.arange(T)]
+def _just_learned(R: np.ndarray, fs: np.ndarray) -> np.ndarray:
+    """a_{j,j}: accuracy on each column at the row it was first trained (NaN if never trained)."""
+    out = np.full(R.shape[1], np.nan)
+    seen = fs > 0
+    out[seen] = R[fs[seen], np.flatnonzero(seen)]
+    return out
 
 
-def acc(R: np.ndarray) -> float:
+def acc(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
     """Final average accuracy (GEM ACC): mean over columns of the last row ``R[T, :]``."""
-    R, T = _check(R)
+    R, T, _ = _check(R, first_seen)
     return _mean(R[T])
 
 
-def acc_weighted(R: np.ndarray, n_samples: np.ndarray) -> float:
+def acc_weighted(R: np.ndarray, n_samples: np.ndarray, first_seen: np.ndarray | None = None) -> float:
     """Final accuracy weighted by test-set size: sum_j n_j R[T, j] / sum_j n_j.
 
-    ``n_samples`` is a length-T vector of non-negative test-set sizes (column order).
-    NaN entries of ``R[T]`` are dropped together with their weights.
+    ``n_samples`` holds the non-negative test-set size of every column. NaN entries of ``R[T]`` are
+    dropped together with their weights.
     """
-    R, T = _check(R)
-    w = _check_vec(n_samples, T, "n_samples")
+    R, T, _ = _check(R, first_seen)
+    w = _check_vec(n_samples, R.shape[1], "n_samples")
     if np.any(w < 0) or np.any(np.isnan(w)):
         raise ValueError("n_samples must be non-negative numbers")
     ok = ~np.isnan(R[T])
@@ -100,102 +120,81 @@ def acc_weighted(R: np.ndarray, n_samples: np.ndarray) -> float:
     return float((w[ok] * R[T, ok]).sum() / total) if total > 0 else float("nan")
 
 
-def aia(R: np.ndarray) -> float:
-    """Average incremental accuracy (iCaRL): mean_{i=1..T} of mean_{j<=i} R[i, j-1].
+def aia(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """Average incremental accuracy (iCaRL): mean_{i=1..T} of the mean of row i over the experiences
+    trained by then (columns with first_seen <= i); the init row is not used."""
+    R, T, fs = _check(R, first_seen)
+    seen = (fs > 0)[None, :] & (fs[None, :] <= np.arange(T + 1)[:, None])
+    return _mean([_mean(R[i, seen[i]]) for i in range(1, T + 1)])
 
-    Row ``i`` is averaged over the seen columns ``0..i-1`` only; the init row is not used.
+
+def bwt(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """Backward transfer (GEM): mean over experiences j learned before the last row of
+    (R[T, j] - R[j, j]); negative values mean forgetting. NaN when T == 1."""
+    R, T, fs = _check(R, first_seen)
+    before_last = (fs > 0) & (fs < T)
+    return _mean((R[T] - _just_learned(R, fs))[before_last])
+
+
+def fwt(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """Forward transfer (GEM): mean over j = 2..T of (R[j-1, j] - b_j): accuracy on experience j just
+    before training on it, minus the init model's accuracy on it. NaN when T == 1."""
+    R, T, fs = _check(R, first_seen)
+    cols = np.flatnonzero(fs >= 2)
+    return _mean(R[fs[cols] - 1, cols] - R[0, cols])
+
+
+def forgetting(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """Average forgetting (RWalk): mean over experiences j learned before the last row of
+    f_j = max_{l in [j, T-1]} R[l, j] - R[T, j]. NaN rows in the max are skipped; NaN when T == 1.
+    Equals the mean of the defined entries of ``forgetting_matrix(R)[T]``."""
+    R, T, _ = _check(R, first_seen)
+    return _mean(forgetting_matrix(R, first_seen)[T])
+
+
+def forgetting_last(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """First-minus-last forgetting (Avalanche's "forgetting"): mean_j (R[j, j] - R[T, j]) = ``-bwt``."""
+    R, T, fs = _check(R, first_seen)
+    before_last = (fs > 0) & (fs < T)
+    return _mean((_just_learned(R, fs) - R[T])[before_last])
+
+
+def intransigence(R: np.ndarray, joint_acc: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """Average intransigence (RWalk): mean_k (a*_k - R[k, k]).
+
+    ``joint_acc[k]`` = a*_k is the accuracy on experience k of a reference model trained jointly on
+    experiences 1..k (column order). Positive values mean the continual learner could not learn
+    experience k as well as joint training.
     """
-    R, T = _check(R)
-    return _mean([_mean(R[i, :i]) for i in range(1, T + 1)])
+    R, T, fs = _check(R, first_seen)
+    ref = _check_vec(joint_acc, R.shape[1], "joint_acc")
+    return _mean(ref - _just_learned(R, fs))
 
 
-def bwt(R: np.ndarray) -> float:
-    """Backward transfer (GEM): mean_{j=1..T-1} (R[T, j-1] - R[j, j-1]).
-
-    Negative values mean forgetting. NaN when T == 1.
-    """
-    R, T = _check(R)
-    return _mean(R[T, : T - 1] - _diag(R)[: T - 1])
-
-
-def fwt(R: np.ndarray) -> float:
-    """Forward transfer (GEM): mean_{j=2..T} (a_{j-1,j} - b_j) = mean_{c=1..T-1} (R[c, c] - R[0, c]).
-
-    Accuracy on experience j just before training on it, minus the init model's
-    accuracy on it. NaN when T == 1.
-    """
-    R, T = _check(R)
-    c = np.arange(1, T)
-    return _mean(R[c, c] - R[0, c])
-
-
-def forgetting(R: np.ndarray) -> float:
-    """Average forgetting (RWalk): mean_{j=1..T-1} f_j.
-
-    f_j = max_{l=j..T-1} R[l, j-1] - R[T, j-1]: best accuracy on experience j from the
-    row it was learned up to the row before the last, minus the final accuracy.
-    NaN rows in the max are skipped. NaN when T == 1. Equals the mean of the
-    defined entries of ``forgetting_matrix(R)[T]``.
-    """
-    R, T = _check(R)
-    terms = []
-    for c in range(T - 1):
-        past = R[c + 1 : T, c]  # rows l = j..T-1 for experience j = c+1
-        past = past[~np.isnan(past)]
-        terms.append(past.max() - R[T, c] if past.size else np.nan)
-    return _mean(terms)
-
-
-def forgetting_last(R: np.ndarray) -> float:
-    """First-minus-last forgetting (Avalanche's "forgetting"): mean_{j=1..T-1} (R[j, j-1] - R[T, j-1]).
-
-    This is ``-bwt(R)``. NaN when T == 1.
-    """
-    R, T = _check(R)
-    return _mean(_diag(R)[: T - 1] - R[T, : T - 1])
-
-
-def intransigence(R: np.ndarray, joint_acc: np.ndarray) -> float:
-    """Average intransigence (RWalk): mean_{k=1..T} (a*_k - R[k, k-1]).
-
-    ``joint_acc[k-1]`` = a*_k is the accuracy on experience k of a reference model
-    trained jointly on experiences 1..k (column order, length T). Positive values mean
-    the continual learner could not learn experience k as well as joint training.
-    """
-    R, T = _check(R)
-    ref = _check_vec(joint_acc, T, "joint_acc")
-    return _mean(ref - _diag(R))
-
-
-def forgetting_matrix(R: np.ndarray) -> np.ndarray:
-    """Forgetting at every row, shape (T+1, T).
-
-    F[i, c] = max_{l=c+1..i-1} R[l, c] - R[i, c] for experience j = c+1 learned at row
-    c+1 strictly before row i (i.e. c + 1 < i); NaN elsewhere. NaN rows in the max are
-    skipped. ``F[T, :T-1]`` are the RWalk f_j terms used by ``forgetting``.
-    """
-    R, T = _check(R)
+def forgetting_matrix(R: np.ndarray, first_seen: np.ndarray | None = None) -> np.ndarray:
+    """Forgetting at every row, shape of R: F[i, j] = max_{j <= l < i} R[l, j] - R[i, j] for experiences
+    j learned strictly before row i; NaN elsewhere (NaN rows in the max are skipped)."""
+    R, T, fs = _check(R, first_seen)
     F = np.full_like(R, np.nan)
-    for c in range(T):
-        for i in range(c + 2, T + 1):
-            past = R[c + 1 : i, c]
-            past = past[~np.isnan(past)]
-            if past.size:
-                F[i, c] = past.max() - R[i, c]
+    for c in np.flatnonzero(fs > 0):
+        best = np.nan
+        for i in range(fs[c] + 1, T + 1):
+            prev = R[i - 1, c]
+            best = prev if np.isnan(best) else (best if np.isnan(prev) else max(best, prev))
+            if not np.isnan(best):
+                F[i, c] = best - R[i, c]
     return F
 
 
-def transfer_matrix(R: np.ndarray) -> np.ndarray:
-    """Zero-shot transfer at every row, shape (T+1, T).
-
-    X[i, c] = R[i, c] - R[0, c] for experiences not yet trained at row i (c >= i, i.e.
-    j = c+1 > i); NaN elsewhere. Row 0 is R[0] - R[0] (zeros where evaluated).
-    ``fwt(R)`` is the mean of the defined entries X[c, c] for c = 1..T-1.
-    """
-    R, T = _check(R)
+def transfer_matrix(R: np.ndarray, first_seen: np.ndarray | None = None) -> np.ndarray:
+    """Zero-shot transfer at every row, shape of R: X[i, j] = R[i, j] - b_j for experiences j not yet
+    trained at row i (i < first_seen_j; never-trained columns at every row); NaN elsewhere.
+    ``fwt`` is the mean of the entries X[j-1, j]."""
+    R, T, fs = _check(R, first_seen)
     X = np.full_like(R, np.nan)
-    for i in range(T + 1):
-        X[i, i:] = R[i, i:] - R[0, i:]
+    for c in range(R.shape[1]):
+        until = fs[c] if fs[c] > 0 else T + 1
+        X[:until, c] = R[:until, c] - R[0, c]
     return X
 
 
@@ -203,23 +202,24 @@ def summary(
     R: np.ndarray,
     n_samples: np.ndarray | None = None,
     joint_acc: np.ndarray | None = None,
+    first_seen: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All scalar metrics as plain floats (NaN allowed).
 
     Keys: acc, acc_weighted (only if ``n_samples`` given), aia, bwt, fwt, forgetting,
     forgetting_last, intransigence (only if ``joint_acc`` given).
     """
-    R, _ = _check(R)
-    out = {"acc": acc(R)}
+    _check(R, first_seen)
+    out = {"acc": acc(R, first_seen)}
     if n_samples is not None:
-        out["acc_weighted"] = acc_weighted(R, n_samples)
+        out["acc_weighted"] = acc_weighted(R, n_samples, first_seen)
     out.update(
-        aia=aia(R),
-        bwt=bwt(R),
-        fwt=fwt(R),
-        forgetting=forgetting(R),
-        forgetting_last=forgetting_last(R),
+        aia=aia(R, first_seen),
+        bwt=bwt(R, first_seen),
+        fwt=fwt(R, first_seen),
+        forgetting=forgetting(R, first_seen),
+        forgetting_last=forgetting_last(R, first_seen),
     )
     if joint_acc is not None:
-        out["intransigence"] = intransigence(R, joint_acc)
+        out["intransigence"] = intransigence(R, joint_acc, first_seen)
     return out

@@ -98,6 +98,24 @@ def _env(device: torch.device) -> dict[str, Any]:
     }
 
 
+def describe_stream(stream: Stream) -> dict[str, Any]:
+    """What the run trained and tested on, in order (stream.json): classes, task ids, sizes, schedule."""
+
+    def exp(e) -> dict[str, Any]:
+        return {"index": e.index, "task_id": e.task_id, "classes": [int(c) for c in e.classes],
+                "n_train": e.n_train, "n_test": e.n_test}
+
+    return {
+        "name": stream.name, "scenario": stream.scenario, "n_classes": stream.n_classes,
+        "input_shape": list(stream.input_shape), "class_order": [int(c) for c in stream.class_order],
+        "task_labels": stream.task_labels, "experiences": [exp(e) for e in stream.experiences],
+        "eval_experiences": [exp(e) for e in stream.eval_experiences],
+        "schedule": stream.schedule if stream.schedule is not None else list(range(len(stream))),
+        "first_seen": stream.first_seen(),
+        "info": json.loads(json.dumps(stream.info, default=str)),
+    }
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -147,7 +165,7 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
     learner = Learner(model, build_plugins(run_cfg["strategy"]), train_cfg, seed=seed)
     stream = stream.to(learner.device)
     T = len(stream)
-    history = History(T, stream.n_classes)
+    history = History(T, stream.n_classes, len(stream.eval_experiences))
     ckpt = run_dir / "checkpoint" / "state.pt"
     start, prior = 0, {"wall_s": 0.0, "eval_s": 0.0}
     env = _env(learner.device)
@@ -159,6 +177,7 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
         env["resumed_at_experience"] = start
     else:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(run_cfg, sort_keys=False))
+        write_json(run_dir / "stream.json", describe_stream(stream))
     write_json(run_dir / "env.json", env)
     if torch.cuda.is_available() and learner.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(learner.device)
@@ -213,13 +232,14 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
     write_csv(run_dir / "per_class.csv", history.per_class_rows(), PER_CLASS_FIELDS)
     write_csv(run_dir / "train_log.csv", learner.train_log, TRAIN_LOG_FIELDS)
     n_samples = history.n_samples.numpy()
+    first_seen = stream.first_seen()
     summary: dict[str, Any] = {"status": status}
     for setting in SETTINGS:
         R = history.matrix(setting)
         write_matrix(run_dir / "matrices" / f"accuracy_{setting}.csv", R)
-        write_matrix(run_dir / "matrices" / f"forgetting_{setting}.csv", metrics.forgetting_matrix(R))
-        write_matrix(run_dir / "matrices" / f"transfer_{setting}.csv", metrics.transfer_matrix(R))
-        summary[setting] = metrics.summary(R, n_samples=n_samples)
+        write_matrix(run_dir / "matrices" / f"forgetting_{setting}.csv", metrics.forgetting_matrix(R, first_seen))
+        write_matrix(run_dir / "matrices" / f"transfer_{setting}.csv", metrics.transfer_matrix(R, first_seen))
+        summary[setting] = metrics.summary(R, n_samples=n_samples, first_seen=first_seen)
     items = sum(p.memory_usage()[0] for p in learner.plugins)
     mem_bytes = sum(p.memory_usage()[1] for p in learner.plugins)
     cost = {

@@ -48,8 +48,15 @@ class Experience:
 class Stream:
     """The ordered experiences plus what a strategy may know about them.
 
-    ``scenario`` is one of ``class_incremental``, ``task_incremental``, ``domain_incremental``.
-    ``task_labels`` says whether task ids are given at test time (multi-head training and inference).
+    ``scenario`` is one of ``class_incremental``, ``task_incremental``, ``domain_incremental`` (or a
+    generator's own word, e.g. ``online``). ``task_labels`` says whether task ids are given at test time
+    (multi-head training and inference).
+
+    Recurring and task-free streams train on more experiences than they have distinct tasks: they set
+    ``test_experiences`` (one per distinct task, indexed 0..K-1, holding the test sets) and ``schedule``
+    (for each training experience, the index of the test experience/task it draws from). The evaluator
+    then tests ``eval_experiences`` and the metrics use ``first_seen``. Otherwise both stay None and
+    every experience is its own task.
     """
 
     name: str
@@ -60,6 +67,8 @@ class Stream:
     scenario: str
     task_labels: bool = False
     info: dict = field(default_factory=dict)
+    test_experiences: list[Experience] | None = None
+    schedule: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.experiences)
@@ -71,13 +80,27 @@ class Stream:
         return self.experiences[i]
 
     @property
+    def eval_experiences(self) -> list[Experience]:
+        """What the evaluator tests after every experience: the distinct tasks."""
+        return self.test_experiences if self.test_experiences is not None else self.experiences
+
+    def first_seen(self) -> list[int]:
+        """For each eval experience, the row (1-based training experience) that first trains it; 0 = never."""
+        schedule = self.schedule if self.schedule is not None else list(range(len(self.experiences)))
+        out = [0] * len(self.eval_experiences)
+        for row, task in enumerate(schedule, start=1):
+            if out[task] == 0:
+                out[task] = row
+        return out
+
+    @property
     def n_tasks(self) -> int:
-        return max(e.task_id for e in self.experiences) + 1
+        return max(e.task_id for e in [*self.experiences, *(self.test_experiences or [])]) + 1
 
     def task_class_mask(self) -> torch.Tensor:
         """Bool (n_tasks, n_classes): which outputs belong to each task (used for task-IL masking)."""
         mask = torch.zeros(self.n_tasks, self.n_classes, dtype=torch.bool)
-        for e in self.experiences:
+        for e in [*self.experiences, *(self.test_experiences or [])]:
             mask[e.task_id, list(e.classes)] = True
         return mask
 
@@ -91,4 +114,6 @@ class Stream:
             self.scenario,
             self.task_labels,
             dict(self.info),
+            None if self.test_experiences is None else [e.to(device) for e in self.test_experiences],
+            None if self.schedule is None else list(self.schedule),
         )

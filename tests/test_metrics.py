@@ -259,3 +259,45 @@ def test_bad_vectors_raise():
         M.intransigence(R3, [0.5])
     with pytest.raises(ValueError, match="joint_acc"):
         M.summary(R3, joint_acc=[0.5, 0.5])
+
+
+def test_recurring_stream_with_first_seen():
+    # 3 training experiences over 2 distinct tasks with schedule A, B, A: first_seen = (1, 2)
+    R = np.array([
+        [0.10, 0.20],  # init
+        [0.90, 0.30],  # after A
+        [0.50, 0.80],  # after B
+        [0.95, 0.60],  # after A again
+    ])
+    fs = [1, 2]
+    assert M.acc(R, fs) == pytest.approx(0.775)
+    assert M.aia(R, fs) == pytest.approx((0.9 + 0.65 + 0.775) / 3)
+    assert M.bwt(R, fs) == pytest.approx(((0.95 - 0.9) + (0.6 - 0.8)) / 2)
+    assert M.fwt(R, fs) == pytest.approx(0.3 - 0.2)  # only B has a row before its first training
+    assert M.forgetting(R, fs) == pytest.approx(((0.9 - 0.95) + (0.8 - 0.6)) / 2)
+    assert M.forgetting_last(R, fs) == pytest.approx(-M.bwt(R, fs))
+    F = M.forgetting_matrix(R, fs)
+    assert F[2, 0] == pytest.approx(0.4) and F[3, 0] == pytest.approx(-0.05) and F[3, 1] == pytest.approx(0.2)
+    assert np.isnan(F[:2]).all() and np.isnan(F[2, 1])
+    X = M.transfer_matrix(R, fs)
+    assert X[0, 0] == 0 and X[1, 1] == pytest.approx(0.1) and np.isnan(X[1:, 0]).all() and np.isnan(X[2:, 1]).all()
+    assert M.summary(R, first_seen=fs)["forgetting"] == pytest.approx(0.075)
+
+
+def test_first_seen_default_is_the_standard_definition():
+    rng = np.random.default_rng(0)
+    R = rng.uniform(size=(5, 4))
+    fs = [1, 2, 3, 4]
+    for name in ("acc", "aia", "bwt", "fwt", "forgetting", "forgetting_last"):
+        assert getattr(M, name)(R, fs) == pytest.approx(getattr(M, name)(R))
+    np.testing.assert_allclose(M.forgetting_matrix(R, fs), M.forgetting_matrix(R))
+
+
+def test_never_trained_task_counts_as_future_everywhere():
+    R = np.array([[0.1, 0.2], [0.9, 0.25], [0.8, 0.3]])
+    fs = [1, 0]  # task 1 never trained
+    assert M.bwt(R, fs) == pytest.approx(0.8 - 0.9)
+    assert np.isnan(M.fwt(R, fs))
+    np.testing.assert_allclose(M.transfer_matrix(R, fs)[:, 1], [0.0, 0.05, 0.1])
+    with pytest.raises(ValueError, match="first_seen"):
+        M.acc(R, [1, 3])
