@@ -61,10 +61,11 @@ class ReservoirMemory(Memory):
         keep = slots < self.capacity
         src, slots = torch.nonzero(keep).flatten(), slots[keep]
         if slots.numel() > 1:  # two samples of one batch drew the same slot: the later one wins, as sequentially
-            last = torch.zeros(self.capacity, dtype=torch.long).scatter_reduce(
-                0, slots, src, reduce="amax", include_self=False)
-            uniq = torch.unique(slots)
-            src, slots = last[uniq], uniq
+            # O(batch), not O(capacity): reduce over the distinct slots only
+            uniq, inv = torch.unique(slots, return_inverse=True)
+            src = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, src, reduce="amax",
+                                                                          include_self=False)
+            slots = uniq
         dev = self.x.device
         src_d, slots_d = src.to(dev), slots.to(dev)
         self.x[slots_d] = x[src_d]
