@@ -44,7 +44,7 @@ class _OutputTap:
 
 
 class LwFPlugin(Plugin):
-    def __init__(self, alpha: float, temperature: float) -> None:
+    def __init__(self, alpha: float | list[float], temperature: float) -> None:
         self.alpha = alpha
         self.temperature = temperature
         self.old_state: dict[str, torch.Tensor] | None = None  # weights of the model after the last experience
@@ -67,7 +67,8 @@ class LwFPlugin(Plugin):
         self._tap.x = self._tap.out = None
 
     def loss(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | float:
-        if self.old_state is None or self.alpha == 0:
+        alpha = self.alpha_at(learner.experience.index if learner.experience is not None else 0)
+        if self.old_state is None or alpha == 0:
             return 0.0
         tap = self._tap
         new = tap.out if tap.x is batch.x and tap.out is not None else learner.model(batch.x)
@@ -81,7 +82,14 @@ class LwFPlugin(Plugin):
         for classes in groups:
             idx = torch.as_tensor(classes, device=new.device)
             total = total + distillation_loss(new[:, idx], old[:, idx], self.temperature)
-        return self.alpha * total
+        return alpha * total
+
+    def alpha_at(self, experience: int) -> float:
+        """The distillation weight of an experience: a schedule (one per experience, the last one repeats)
+        or a constant."""
+        if isinstance(self.alpha, list):
+            return float(self.alpha[min(experience, len(self.alpha) - 1)])
+        return float(self.alpha)
 
     def after_experience(self, learner, exp) -> None:
         self.old_state = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
@@ -127,7 +135,7 @@ def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temper
 
 
 @register_strategy("lwf")
-def lwf(alpha: float = 1.0, temperature: float = 2.0) -> list[Plugin]:
+def lwf(alpha: float | list[float] = 1.0, temperature: float = 2.0) -> list[Plugin]:
     """Learning without Forgetting (Li & Hoiem 2016): distil the previous experience's model on new data.
 
     A frozen copy of the model from the end of the previous experience (eval mode) gives soft targets on
@@ -136,9 +144,14 @@ def lwf(alpha: float = 1.0, temperature: float = 2.0) -> list[Plugin]:
     outputs over the classes seen before this experience (per old task head in task-IL).
 
     Defaults: temperature=2 (the paper's T); alpha=1 (the paper's loss balance lambda_o = 1, also
-    Avalanche's Split-MNIST LwF baseline). No T^2 rescaling, as in the paper.
+    Avalanche's Split-MNIST LwF baseline). No T^2 rescaling, as in the paper. ``alpha`` may also be a
+    list, one weight per experience (the last one repeats), as in continual-learning-baselines' Split-MNIST
+    LwF ([0, 0.5, 1.33, 2.25, 3.2]).
     """
-    if not alpha >= 0:
+    if isinstance(alpha, list):
+        if not alpha or not all(a >= 0 for a in alpha):
+            raise ConfigError(f"strategy.alpha: a schedule needs one or more values >= 0, got {alpha}")
+    elif not alpha >= 0:
         raise ConfigError(f"strategy.alpha: must be >= 0, got {alpha}; 0 disables distillation")
     if not temperature > 0:
         raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the paper uses 2")

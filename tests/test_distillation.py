@@ -144,3 +144,14 @@ def test_lwf_reduces_forgetting_on_task_il_split_mnist(tmp_path, one_thread) -> 
     assert naive["forgetting"] > 0.02, naive
     assert lwf["forgetting"] < 0.5 * naive["forgetting"], (lwf, naive)
     assert lwf["acc"] > naive["acc"], (lwf, naive)
+
+
+def test_alpha_schedule_per_experience() -> None:
+    from cltoolbox.strategies.distillation import lwf as make_lwf
+
+    (plugin,) = make_lwf(alpha=[0.0, 0.5, 2.0])
+    assert [plugin.alpha_at(i) for i in range(5)] == [0.0, 0.5, 2.0, 2.0, 2.0]
+    (constant,) = make_lwf(alpha=1.5)
+    assert constant.alpha_at(7) == 1.5
+    with pytest.raises(ConfigError, match="strategy.alpha"):
+        make_lwf(alpha=[])

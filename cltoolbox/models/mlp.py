@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -9,17 +10,18 @@ from cltoolbox.registry import register_model
 
 
 class MLP(nn.Module):
-    """Flatten -> (Linear -> ReLU [-> Dropout]) x len(hidden) -> Linear over all classes.
+    """Flatten -> (Linear -> activation [-> Dropout]) x len(hidden) -> Linear over all classes.
 
     ``features`` returns the penultimate representation (used by NME-style heads).
     """
 
-    def __init__(self, in_features: int, hidden: list[int], n_classes: int, dropout: float) -> None:
+    def __init__(self, in_features: int, hidden: list[int], n_classes: int, dropout: float,
+                 activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), activation()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
@@ -35,6 +37,7 @@ class MLP(nn.Module):
 
 @register_model("mlp")
 def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: list[int] = [400, 400],  # noqa: B006
-        dropout: float = 0.0) -> MLP:
+        dropout: float = 0.0, activation: Literal["relu", "tanh"] = "relu") -> MLP:
     """Fully connected network (default 2x400 ReLU, as in the Split/Permuted-MNIST literature)."""
-    return MLP(math.prod(input_shape), list(hidden), n_classes, dropout)
+    act = nn.ReLU if activation == "relu" else nn.Tanh
+    return MLP(math.prod(input_shape), list(hidden), n_classes, dropout, act)
