@@ -12,6 +12,11 @@ at the memory size of each baseline's own setup, the continual-learning-baseline
 (``experiments/split_mnist/gdumb.py``: 10 epochs, SGD lr 0.1, batch 16). The authors' code trains longer,
 with SGD and cosine warm restarts; here the optimiser, lr and batch size come from ``train.*``. Logits are
 not masked at inference (the authors' code masks only for task-IL accuracy, which the evaluator does).
+
+The greedy sampler is the paper's: it never replaces a sample of a class that is at its quota. On streams
+whose experiences repeat the same classes (permuted, rotated) the memory therefore fills during the first
+experience and keeps only it (measured: Permuted-MNIST-5k ACC 0.27 vs Avalanche's GDumb 0.75, whose
+buffer differs from the paper here); GDumb is meant for class-incremental streams.
 """
 
 from __future__ import annotations

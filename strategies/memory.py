@@ -83,24 +83,43 @@ class ReservoirMemory(Memory):
 
 
 class ClassBalancedMemory(Memory):
-    """Equal slots per class seen so far, refilled after each experience (random samples per class).
+    """Equal slots per class seen so far, refilled after each experience.
 
-    When new classes arrive, old classes give up their surplus; a class never holds more than
-    ``capacity // n_seen_classes`` samples (the remainder goes to the earliest classes).
+    Every sample gets a random priority once, when it is offered; each class keeps its highest-priority
+    samples. So each class's slots hold a uniform random sample of *all* its samples seen so far, also
+    when classes recur across experiences (domain-incremental streams), not a bias towards the latest
+    experience. When new classes arrive, old classes give up their lowest-priority surplus; a class holds
+    at most ``capacity // n_seen_classes`` samples (the remainder goes to the smallest class ids).
     """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.priority: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
         self._allocate(x, y)
-        old_x, old_y, old_t = self.x[: self.size], self.y[: self.size], self.t[: self.size]
-        all_x, all_y, all_t = torch.cat((old_x, x)), torch.cat((old_y, y)), torch.cat((old_t, t))
-        classes = torch.unique(all_y)
+        if self.priority is None:
+            self.priority = torch.zeros(self.capacity)
+        n = self.size
+        all_x, all_y, all_t = torch.cat((self.x[:n], x)), torch.cat((self.y[:n], y)), torch.cat((self.t[:n], t))
+        all_p = torch.cat((self.priority[:n], torch.rand(y.shape[0], generator=generator)))
+        labels = all_y.cpu()
+        classes = torch.unique(labels)
         quota, extra = divmod(self.capacity, len(classes))
         keep = []
         for rank, c in enumerate(classes.tolist()):
-            idx = torch.nonzero(all_y == c).flatten()
-            n = min(len(idx), quota + (1 if rank < extra else 0))
-            # old samples of a class stay first (they are a random subset already); new ones are shuffled
-            keep.append(idx[torch.randperm(len(idx), generator=generator)[:n].sort().values.to(idx.device)])
+            idx = torch.nonzero(labels == c).flatten()
+            k = min(len(idx), quota + (1 if rank < extra else 0))
+            keep.append(idx[torch.topk(all_p[idx], k).indices.sort().values])
         keep = torch.cat(keep)
         self.size = len(keep)
-        self.x[: self.size], self.y[: self.size], self.t[: self.size] = all_x[keep], all_y[keep], all_t[keep]
+        dev = keep.to(all_x.device)
+        self.x[: self.size], self.y[: self.size], self.t[: self.size] = all_x[dev], all_y[dev], all_t[dev]
+        self.priority[: self.size] = all_p[keep]
+
+    def _extra_state(self) -> dict:
+        return {"priority": self.priority}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.priority = state.get("priority")

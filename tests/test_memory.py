@@ -53,3 +53,17 @@ def test_models_give_logits_over_all_classes() -> None:
     assert net(x).shape == (4, 100) and net.features(x).shape == (4, 160)
     m = mlp((1, 28, 28), 10, hidden=[50])
     assert m(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_class_balanced_memory_is_uniform_over_recurring_experiences() -> None:
+    # the same 2 classes in 5 experiences (domain-incremental): every experience keeps ~1/5 of the slots
+    counts = torch.zeros(5)
+    for trial in range(40):
+        mem, g = ClassBalancedMemory(50), torch.Generator().manual_seed(trial)
+        for e in range(5):
+            y = torch.arange(2).repeat(100)
+            mem.update(torch.full((200, 1), float(e)), y, torch.full_like(y, e), g)
+        assert torch.bincount(mem.y[: mem.size]).tolist() == [25, 25]
+        counts += torch.bincount(mem.t[: mem.size], minlength=5)
+    share = counts / counts.sum()
+    assert (share - 0.2).abs().max() < 0.03, share
