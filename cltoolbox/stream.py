@@ -32,16 +32,17 @@ class Experience:
     def n_test(self) -> int:
         return int(self.y_test.shape[0])
 
-    def to(self, device: torch.device | str) -> Experience:
-        return Experience(
-            self.index,
-            self.task_id,
-            self.classes,
-            self.x_train.to(device),
-            self.y_train.to(device),
-            self.x_test.to(device),
-            self.y_test.to(device),
-        )
+    def to(self, device: torch.device | str, _copies: dict | None = None) -> Experience:
+        """The experience on ``device``; tensors shared between experiences are copied once (``_copies``)."""
+        copies = {} if _copies is None else _copies
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in copies:
+                copies[id(t)] = t.to(device)
+            return copies[id(t)]
+
+        return Experience(self.index, self.task_id, self.classes, move(self.x_train), move(self.y_train),
+                          move(self.x_test), move(self.y_test))
 
 
 @dataclass
@@ -105,15 +106,16 @@ class Stream:
         return mask
 
     def to(self, device: torch.device | str) -> Stream:
+        copies: dict = {}  # recurring streams share test tensors across experiences: move each once
         return Stream(
             self.name,
-            [e.to(device) for e in self.experiences],
+            [e.to(device, copies) for e in self.experiences],
             self.n_classes,
             self.input_shape,
             self.class_order,
             self.scenario,
             self.task_labels,
             dict(self.info),
-            None if self.test_experiences is None else [e.to(device) for e in self.test_experiences],
+            None if self.test_experiences is None else [e.to(device, copies) for e in self.test_experiences],
             None if self.schedule is None else list(self.schedule),
         )

@@ -103,6 +103,11 @@ TINY_SCENARIO_PARAMS: dict[str, dict] = {
     "task_incremental": {"n_experiences": 5},
     "permuted": {"n_experiences": 3, "train_samples": 200},
     "rotated": {"n_experiences": 3, "train_samples": 200},
+    "online": {"n_tasks": 2, "chunk_size": 250, "blur": 0.1},
+    "few_shot": {"base_classes": 4, "ways": 2, "shots": 5, "n_sessions": 3},
+    "power_law": {"n_tasks": 3, "n_experiences": 6, "samples_per_experience": 100},
+    "curriculum": {"n_experiences": 5},
+    "repetition": {"n_experiences": 7, "new_classes_per_exp": 2, "p_repeat": 0.3, "repeat_fraction": 0.5},
 }
 
 

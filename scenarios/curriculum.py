@@ -1,0 +1,94 @@
+"""Curriculum-ordered class-incremental streams: classes ordered by inter-class feature similarity."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from cltoolbox.data.base import TensorData
+from cltoolbox.errors import ConfigError
+from cltoolbox.registry import register_scenario
+from cltoolbox.scenarios.incremental import split_by_class
+from cltoolbox.stream import Stream
+
+
+def class_features(data: TensorData, features: Literal["pixels", "random_projection"], feature_dim: int,
+                   seed: int) -> torch.Tensor:
+    """Mean feature vector of every class (C, D) over its training samples.
+
+    ``pixels``: the flattened inputs. ``random_projection``: ReLU(x W) with a fixed Gaussian W (seeded,
+    ``feature_dim`` columns), a cheap stand-in for the paper's pretrained teacher network (random ReLU
+    features approximate an arc-cosine kernel on the inputs).
+    """
+    x = data.x_train.reshape(data.x_train.shape[0], -1)
+    if features == "random_projection":
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(x.shape[1], feature_dim, generator=g) / math.sqrt(x.shape[1])
+        x = torch.relu(x @ w)
+    sums = torch.zeros(data.n_classes, x.shape[1], dtype=torch.float64).index_add_(0, data.y_train, x.double())
+    counts = torch.bincount(data.y_train, minlength=data.n_classes).clamp_min(1)
+    return sums / counts[:, None]
+
+
+def curriculum_order(means: torch.Tensor, order: Literal["easy_to_hard", "hard_to_easy"]) -> tuple[list[int], dict]:
+    """Classes ordered by the Curriculum Designer's criterion (Singh et al. 2023).
+
+    D[i, j] is the cosine distance between the class means of i and j; each row is normalised to sum to
+    one; a class's score is the variance of its row (scores normalised to sum to one). A low score is a
+    class about equally far from all others ("centrally located", the paper's preferred start: easy); a
+    high score is a class with near neighbours it is easily confused with (hard). ``easy_to_hard`` sorts
+    by increasing score (ties: lower class id first); ``hard_to_easy`` is its exact reverse.
+    """
+    unit = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    dist = (1.0 - unit @ unit.T).clamp_min(0.0)
+    dist.fill_diagonal_(0.0)
+    norm = dist / dist.sum(1, keepdim=True).clamp_min(1e-12)
+    score = norm.var(dim=1, unbiased=False)
+    score = score / score.sum().clamp_min(1e-300)
+    ranked = sorted(range(means.shape[0]), key=lambda c: (float(score[c]), c))
+    if order == "hard_to_easy":
+        ranked = ranked[::-1]
+    info = {"scores": [float(s) for s in score], "distance": [[float(v) for v in row] for row in dist]}
+    return ranked, info
+
+
+@register_scenario("curriculum")
+def curriculum(
+    data: TensorData,
+    seed: int,
+    n_experiences: int | None = None,
+    first_classes: int | None = None,
+    classes_per_exp: int | None = None,
+    order: Literal["easy_to_hard", "hard_to_easy"] = "easy_to_hard",
+    features: Literal["pixels", "random_projection"] = "random_projection",
+    feature_dim: int = 256,
+) -> Stream:
+    """Class-IL splits in a curriculum order computed from inter-class feature similarity.
+
+    A cheap version of the Curriculum Designer of Singh et al. 2023, "Learning to Learn: How to Continuously
+    Teach Humans and Machines" (ICCV): class prototypes (mean features: ``pixels`` or a seeded
+    ``random_projection`` with ``feature_dim`` ReLU units in place of the paper's pretrained network),
+    pairwise cosine distances between prototypes, row-normalised, and each class scored by the variance of
+    its distances; ``order: easy_to_hard`` starts with the centrally located classes (low variance, the
+    paper's preferred start) and ends with the classes that have close, confusable neighbours;
+    ``hard_to_easy`` is the reverse. The paper's full designer also ranks whole curricula by similarity to
+    the first classes; this keeps its class score only.
+
+    The ordered classes are then split as in ``class_incremental`` (``n_experiences``, ``first_classes``,
+    ``classes_per_exp``). The order depends only on the data and (for random_projection) the seed, so the
+    same seed gives the same curriculum; ``info`` records the scores and the distance matrix.
+    """
+    if feature_dim < 1:
+        raise ConfigError(f"scenario.feature_dim: must be >= 1, got {feature_dim}; e.g. feature_dim: 256")
+    missing = [c for c in range(data.n_classes) if not bool((data.y_train == c).any())]
+    if missing:
+        raise ConfigError(f"scenario.dataset: class {missing[0]} has no training sample, so it has no prototype; "
+                          "use a dataset with samples of every class")
+    means = class_features(data, features, feature_dim, seed)
+    ranked, info = curriculum_order(means, order)
+    stream = split_by_class(data, seed, n_experiences, ranked, first_classes, classes_per_exp, False)
+    stream.name = f"curriculum-{data.name}"
+    stream.info.update(order=order, features=features, **info)
+    return stream
