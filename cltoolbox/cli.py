@@ -28,6 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace existing runs")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary table")
 
+    sw = sub.add_parser("sweep", parents=[debug],
+                        help="run a sweep YAML (strategies x grid points x seeds) in parallel, locally or on Ray")
+    sw.add_argument("config", help="sweep YAML: an experiment config plus `grid: {train.lr: [0.01, 0.1], ...}`")
+    sw.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override values of the base config")
+    _sweep_options(sw)
+    sw.add_argument("--seeds", type=int, nargs="+", help="seeds to run (replaces the config's `seeds`)")
+    sw.add_argument("--dry-run", action="store_true", help="validate everything and list the runs; run nothing")
+
+    tu = sub.add_parser("tune", parents=[debug],
+                        help="two-phase tuning: pick hyperparameters on one scenario, evaluate them on another")
+    tu.add_argument("config", help="tuning YAML: a sweep YAML plus `evaluation: {scenario: {...}}`")
+    tu.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override values of the base config")
+    _sweep_options(tu)
+
     ls = sub.add_parser("list", parents=[debug], help="list registered strategies, scenarios, datasets or models")
     ls.add_argument("kind", choices=["strategies", "scenarios", "datasets", "models"])
 
@@ -35,6 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="run folders, or folders above them (every run with DONE is used)")
     rp.add_argument("--out", required=True, help="folder for the figures and tables")
     return p
+
+
+def _sweep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or Ray (joins RAY_ADDRESS / a running cluster, "
+                        "else starts a local instance)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: the number of cores)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per run (default: cores // workers locally, 1 per Ray task)")
+    p.add_argument("--out", help="root folder for run folders (default: the config's `out`, else runs/)")
+    p.add_argument("--resume", action="store_true", help="skip finished runs, continue unfinished ones")
+    p.add_argument("--overwrite", action="store_true", help="replace existing runs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines and no summary table")
 
 
 def _list(kind: str) -> None:
@@ -51,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (`run cfg.yaml --seeds 0 train.lr=0.05`); argparse leaves those over.
     # A malformed one (`train.lr` without =) goes on too, so that it gets the one-line override error.
-    bad = [e for e in extra if args.command != "run" or e.startswith("-")]
+    bad = [e for e in extra if args.command not in ("run", "sweep", "tune") or e.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
@@ -64,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
 
             run(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, resume=args.resume,
                 overwrite=args.overwrite, quiet=args.quiet)
+        elif args.command == "sweep":
+            from cltoolbox.sweep import sweep
+
+            sweep(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, backend=args.backend,
+                  workers=args.workers, threads=args.threads, resume=args.resume, overwrite=args.overwrite,
+                  quiet=args.quiet, dry_run=args.dry_run, debug=args.debug)
+        elif args.command == "tune":
+            from cltoolbox.tuning import tune
+
+            result = tune(args.config, overrides=args.overrides, out=args.out, backend=args.backend,
+                          workers=args.workers, threads=args.threads, resume=args.resume,
+                          overwrite=args.overwrite, quiet=args.quiet, debug=args.debug)
+            if not args.quiet:
+                print(f"wrote {', '.join(map(str, result['report']))}")
         elif args.command == "list":
             _list(args.kind)
         elif args.command == "report":

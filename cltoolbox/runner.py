@@ -152,6 +152,24 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
 
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove everything in a run folder except its lock (call it while holding the lock)."""
+    for p in Path(run_dir).iterdir():
+        if p.name == ".lock":
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _recorded_threads(run_dir: Path) -> int | None:
+    try:
+        return int(json.loads((run_dir / "env.json").read_text())["torch_threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: bool = False,
                 quiet: bool = False) -> dict[str, Any]:
     """Train and evaluate one (strategy, seed) run into ``run_dir``; returns metrics.json's content."""
@@ -168,6 +186,13 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
     history = History(T, stream.n_classes, len(stream.eval_experiences))
     ckpt = run_dir / "checkpoint" / "state.pt"
     start, prior = 0, {"wall_s": 0.0, "eval_s": 0.0}
+    threads = torch.get_num_threads()
+    if resume and ckpt.exists():
+        # The thread count changes float summation order: continue with the threads the run started with,
+        # so that a resumed run ends bit-identical to an uninterrupted one whatever --workers is now.
+        before = _recorded_threads(run_dir)
+        if before and before != threads:
+            torch.set_num_threads(before)
     env = _env(learner.device)
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=True, map_location=learner.device)
@@ -220,6 +245,7 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
         raise
     finally:
         bar.close()
+        torch.set_num_threads(threads)
         summary = _finish(run_dir, run_cfg, stream, learner, history, env, status,
                           wall_s=prior["wall_s"] + time.perf_counter() - wall_start, eval_s=eval_s)
     return summary
@@ -263,6 +289,31 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
     return summary
 
 
+def run_action(run_dir: Path, resume: bool, overwrite: bool) -> str:
+    """What to do with one run folder: 'run' (from scratch), 'resume' or 'skip'.
+
+    Raises RunExistsError for a finished run without --overwrite/--resume, or an unfinished one without
+    --resume/--overwrite, so that nothing is touched by accident.
+    """
+    d = Path(run_dir)
+    if is_done(d):
+        if overwrite:
+            return "run"
+        if resume:
+            return "skip"
+        raise RunExistsError(
+            f"{d}: a finished run is already there; pass --overwrite to replace it, --resume to skip "
+            "finished runs, or --out DIR for a new place")
+    if d.exists() and any(d.iterdir()):
+        if resume:
+            return "resume"
+        if overwrite:
+            return "run"
+        raise RunExistsError(f"{d}: an unfinished run is there; pass --resume to continue it or "
+                             "--overwrite to start it again")
+    return "run"
+
+
 def plan(resolved: dict, resume: bool, overwrite: bool) -> list[tuple[dict, int, Path, str]]:
     """(strategy, seed, run_dir, action) for every run; action is 'run', 'resume' or 'skip'.
 
@@ -273,27 +324,39 @@ def plan(resolved: dict, resume: bool, overwrite: bool) -> list[tuple[dict, int,
     for strategy in resolved["strategy"]:
         for seed in resolved["seeds"]:
             d = run_dir_for(resolved, strategy, seed)
-            if is_done(d):
-                if overwrite:
-                    action = "run"
-                elif resume:
-                    action = "skip"
-                else:
-                    raise RunExistsError(
-                        f"{d}: a finished run is already there; pass --overwrite to replace it, --resume to skip "
-                        "finished runs, or --out DIR for a new place")
-            elif d.exists() and any(d.iterdir()):
-                if resume:
-                    action = "resume"
-                elif overwrite:
-                    action = "run"
-                else:
-                    raise RunExistsError(f"{d}: an unfinished run is there; pass --resume to continue it or "
-                                         "--overwrite to start it again")
-            else:
-                action = "run"
-            todo.append((strategy, seed, d, action))
+            todo.append((strategy, seed, d, run_action(d, resume, overwrite)))
     return todo
+
+
+def load_raw(
+    config: dict[str, Any] | str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    out: str | None = None,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
+    """The raw config dict: YAML read, overrides applied, user plugins imported, --out/--seeds set."""
+    raw = cfgmod.load_yaml(config) if isinstance(config, (str, Path)) else dict(config)
+    raw = cfgmod.apply_overrides(raw, list(overrides))
+    if raw.get("imports"):
+        base = str(Path(config).parent) if isinstance(config, (str, Path)) else None
+        import_plugins(raw["imports"], base)
+        raw["imports"] = [str(resolve_import_path(s, base)) if s.endswith(".py") else s for s in raw["imports"]]
+    if out is not None:
+        raw["out"] = out
+    if seeds is not None:
+        raw["seeds"] = list(seeds)
+    return raw
+
+
+def check_buildable(resolved: dict, data) -> Stream:
+    """Build the first seed's stream, every strategy's plugins and the model (on the meta device, free),
+    so that bad generator, strategy or model parameters fail before any run starts; returns the stream."""
+    stream = build_stream(resolved, data, resolved["seeds"][0])
+    for strategy in resolved["strategy"]:
+        build_plugins(strategy)
+    with torch.device("meta"):  # validates the model's parameters without paying for its initialisation
+        build_model(resolved, stream)
+    return stream
 
 
 def run(
@@ -309,16 +372,7 @@ def run(
 
     Everything is validated (config, data, streams, models, strategies) before the first run starts.
     """
-    raw = cfgmod.load_yaml(config) if isinstance(config, (str, Path)) else dict(config)
-    raw = cfgmod.apply_overrides(raw, list(overrides))
-    if raw.get("imports"):
-        base = str(Path(config).parent) if isinstance(config, (str, Path)) else None
-        import_plugins(raw["imports"], base)
-        raw["imports"] = [str(resolve_import_path(s, base)) if s.endswith(".py") else s for s in raw["imports"]]
-    if out is not None:
-        raw["out"] = out
-    if seeds is not None:
-        raw["seeds"] = list(seeds)
+    raw = load_raw(config, overrides, out, seeds)
     resolved = cfgmod.validate(raw)
     todo = plan(resolved, resume, overwrite)
 
@@ -326,11 +380,7 @@ def run(
 
     scen = resolved["scenario"]
     data = load_dataset(scen["dataset"], scen["root"], scen["download"])
-    streams = {resolved["seeds"][0]: build_stream(resolved, data, resolved["seeds"][0])}
-    for strategy in resolved["strategy"]:  # fail early on bad strategy/model parameters
-        build_plugins(strategy)
-    with torch.device("meta"):  # validates the model's parameters without paying for its initialisation
-        build_model(resolved, streams[resolved["seeds"][0]])
+    streams = {resolved["seeds"][0]: check_buildable(resolved, data)}
 
     results, failures = [], []
     for strategy, seed, run_dir, action in todo:
@@ -340,11 +390,11 @@ def run(
         if seed not in streams:
             streams.clear()
             streams[seed] = build_stream(resolved, data, seed)
-        if action == "run" and run_dir.exists():
-            shutil.rmtree(run_dir)
         run_cfg = cfgmod.run_config(resolved, strategy, seed)
         try:
-            with RunLock(run_dir):
+            with RunLock(run_dir):  # taken before clearing: an active writer's folder is never removed
+                if action == "run":
+                    clear_run_dir(run_dir)
                 summary = execute_run(run_cfg, streams[seed], run_dir, resume=action == "resume", quiet=quiet)
         except DivergenceError as e:
             failures.append(f"{run_dir}: {e}")
@@ -374,13 +424,14 @@ def format_table(results: list[dict[str, Any]]) -> str:
         sd = st.stdev(vals) if len(vals) > 1 else 0.0
         return f"{st.mean(vals):.3f}±{sd:.3f}"
 
-    header = (f"{'strategy':<16}{'seeds':>6}  {'ACC (class-IL)':>15}{'forgetting':>15}{'BWT':>16}"
+    w = max([16, *(len(name) + 2 for name in groups)])  # sweep labels (er-lr0.1-memory_size500) are long
+    header = (f"{'strategy':<{w}}{'seeds':>6}  {'ACC (class-IL)':>15}{'forgetting':>15}{'BWT':>16}"
               f"{'ACC (task-IL)':>15}{'time s':>9}")
     lines = [header, "-" * len(header)]
     for name, rs in groups.items():
         c = [r["class_il"] for r in rs]
         lines.append(
-            f"{name:<16}{len(rs):>6}  {ms([x['acc'] for x in c]):>15}{ms([x['forgetting'] for x in c]):>15}"
+            f"{name:<{w}}{len(rs):>6}  {ms([x['acc'] for x in c]):>15}{ms([x['forgetting'] for x in c]):>15}"
             f"{ms([x['bwt'] for x in c]):>16}{ms([r['task_il']['acc'] for r in rs]):>15}"
             f"{st.mean(r['cost']['wall_s'] for r in rs):>9.1f}"
         )

@@ -1,0 +1,572 @@
+"""Sweeps: strategies x grid points x seeds from one YAML, run by parallel local processes or on Ray.
+
+A sweep YAML is an experiment config (the keys of ``cltoolbox run``) plus an optional ``grid:`` mapping of
+dotted keys to lists of values::
+
+    grid:
+      train.lr: [0.01, 0.1]              # train.*, model.*, scenario.*: applies to every strategy
+      strategy.memory_size: [100, 500]   # strategy.*: applies to the strategies that have this parameter
+
+Every strategy x grid point (the product of the values that apply to it) x seed is one run folder. A grid
+point's label is the strategy label followed by ``-<key><value>`` for each swept key that applies (the key's
+last part), e.g. ``er-lr0.1-memory_size500``, and it takes the place of the strategy label in the usual
+layout: ``<out>/<name>/er-lr0.1-memory_size500/<scenario>-<dataset>/seed_<s>/``. ``cltoolbox report`` then
+shows each grid point as one row.
+
+Every grid point's config is validated (and its stream, plugins and model built once) before any run
+starts. Runs go to worker processes (``spawn``; each sets torch threads to cores // workers) or to Ray
+tasks. Each worker takes the run folder's lock; a locked folder (another process is writing it) is skipped
+with a message. With ``resume`` finished runs are skipped and unfinished ones continue from their checkpoint
+(or start again when they have none); a finished run is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cltoolbox import config as cfgmod
+from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError
+
+GRID_SECTIONS = ("scenario", "model", "strategy", "train")
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class Point:
+    """One strategy at one grid point: a validated config with exactly one strategy."""
+
+    label: str  # the run folder's strategy label: base label + grid suffix
+    base_label: str  # the strategy's own label
+    values: dict[str, Any]  # dotted grid key -> value, for the keys that apply to this strategy
+    resolved: dict[str, Any]
+
+    @property
+    def strategy(self) -> dict[str, Any]:
+        return self.resolved["strategy"][0]
+
+
+@dataclass
+class Job:
+    point: Point
+    seed: int
+    run_dir: Path
+    action: str  # run | resume | skip
+    run_cfg: dict[str, Any]
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# -- grid expansion ---------------------------------------------------------------------------------------
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _fmt(value: Any) -> str:
+    """A value as a folder-safe label part: 0.1 -> '0.1', [100, 100] -> '100x100', None -> 'none'."""
+    if isinstance(value, bool) or value is None:
+        text = str(value).lower()
+    elif isinstance(value, (list, tuple)):
+        text = "x".join(_fmt(v) for v in value)
+    elif isinstance(value, dict):
+        text = "_".join(f"{k}{_fmt(v)}" for k, v in value.items())
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+def _check_grid(grid: Any) -> dict[str, list]:
+    if not isinstance(grid, dict):
+        raise ConfigError("grid: expected a mapping of dotted keys to value lists, "
+                          "e.g. `grid: {train.lr: [0.01, 0.1]}`")
+    for key, values in grid.items():
+        parts = str(key).split(".")
+        if len(parts) < 2 or parts[0] not in GRID_SECTIONS or not all(parts):
+            raise ConfigError(f"grid.{key}: expected a dotted key in one of the sections {', '.join(GRID_SECTIONS)}, "
+                              "e.g. train.lr or strategy.memory_size (seeds come from `seeds:`)")
+        if parts[0] == "strategy" and (len(parts) != 2 or parts[1] in ("name", "label", "plugins")):
+            raise ConfigError(f"grid.{key}: only a strategy's own parameters can be swept (e.g. strategy.memory_size); "
+                              "list other strategies under `strategy:` instead")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key}: expected a non-empty list of values, e.g. `{key}: [0.01, 0.1]`, "
+                              f"got {values!r}")
+        canon = [_canon(v) for v in values]
+        dup = next((v for v, c in zip(values, canon, strict=True) if canon.count(c) > 1), None)
+        if dup is not None:
+            raise ConfigError(f"grid.{key}: the value {dup!r} is listed twice; list each value once")
+    return grid
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """Label names of grid keys: the last part, or the whole key (dots as _) where last parts collide."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k.replace(".", "_")) for k, s in zip(keys, last, strict=True)}
+
+
+def _set(config: dict, dotted: str, value: Any) -> None:
+    node = config
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"grid.{dotted}: '{part}' is a value, not a section; sweep a key inside a mapping")
+        node = nxt
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def expand(raw: dict[str, Any]) -> list[Point]:
+    """Every strategy x grid point of a sweep config, each validated; raises ConfigError (naming the grid
+    point) for the first bad value anywhere."""
+    from cltoolbox.registry import STRATEGIES
+
+    raw = copy.deepcopy(raw)
+    grid = _check_grid(raw.pop("grid", None) or {})
+    base = cfgmod.validate(raw)  # errors of the base config read exactly as for `cltoolbox run`
+    entries = raw["strategy"] if isinstance(raw["strategy"], list) else [raw["strategy"]]
+    short = _short_names(list(grid))
+    used: set[str] = set()
+    points: list[Point] = []
+    for entry, strat in zip(entries, base["strategy"], strict=True):
+        params = STRATEGIES.get(strat["name"]).params
+        keys = [k for k in grid if not k.startswith("strategy.") or k.split(".", 1)[1] in params]
+        used.update(k for k in keys if k.startswith("strategy."))
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            values = dict(zip(keys, combo, strict=True))
+            label = strat["label"] + "".join(f"-{short[k]}{_fmt(v)}" for k, v in values.items())
+            point_raw = copy.deepcopy(raw)
+            point_raw["strategy"] = dict(copy.deepcopy(entry), label=label)
+            for k, v in values.items():
+                if k.startswith("strategy."):
+                    point_raw["strategy"][k.split(".", 1)[1]] = copy.deepcopy(v)
+                else:
+                    _set(point_raw, k, v)
+            try:
+                resolved = cfgmod.validate(point_raw)
+            except ConfigError as e:
+                raise ConfigError(f"grid point '{label}': {e}") from None
+            points.append(Point(label, strat["label"], values, resolved))
+    unused = [k for k in grid if k.startswith("strategy.") and k not in used]
+    if unused:
+        names = ", ".join(s["name"] for s in base["strategy"])
+        raise ConfigError(f"grid.{unused[0]}: none of the strategies ({names}) has a parameter "
+                          f"'{unused[0].split('.', 1)[1]}'; remove it or check `cltoolbox list strategies`")
+    labels = [p.label for p in points]
+    dup = next((x for x in labels if labels.count(x) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"grid: two runs would share the folder label '{dup}'; give a strategy a distinct `label:`")
+    return points
+
+
+def check_points(points: list[Point]) -> None:
+    """Build every distinct stream (first seed), every strategy's plugins and every model (on the meta
+    device), so that no bad generator, strategy or model parameter is found after runs have started."""
+    import torch
+
+    from cltoolbox.data import load_dataset
+    from cltoolbox.runner import build_model, build_plugins, build_stream
+
+    data, streams, models = {}, {}, set()
+    for pt in points:
+        r = pt.resolved
+        try:
+            scen = r["scenario"]
+            dkey = (scen["dataset"], scen["root"], scen["download"])
+            if dkey not in data:
+                data[dkey] = load_dataset(*dkey)
+            skey = (_canon(scen), r["seeds"][0])
+            if skey not in streams:
+                streams[skey] = build_stream(r, data[dkey], r["seeds"][0])
+            build_plugins(pt.strategy)
+            mkey = (_canon(r["model"]), skey)
+            if mkey not in models:
+                with torch.device("meta"):
+                    build_model(r, streams[skey])
+                models.add(mkey)
+        except ConfigError as e:
+            if not pt.values:
+                raise
+            raise ConfigError(f"grid point '{pt.label}': {e}") from None
+
+
+# -- planning ---------------------------------------------------------------------------------------------
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            diff = _first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+            if diff:
+                return diff
+        return None
+    return None if old == new else (path, old, new)
+
+
+def _check_same_config(run_dir: Path, run_cfg: dict[str, Any]) -> None:
+    """A run is only skipped or resumed if it was started from the same config (``out`` aside)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False))
+    old.pop("out", None)
+    new.pop("out", None)
+    diff = _first_difference(old, new)
+    if diff:
+        key, a, b = diff
+        raise RunExistsError(f"{run_dir}: was started with a different config ({key}: {a!r}, now {b!r}); pass "
+                             "--overwrite to replace it or --out DIR for a new place")
+
+
+def plan_jobs(points: list[Point], resume: bool, overwrite: bool) -> list[Job]:
+    """One job per point x seed with its action ('run', 'resume' or 'skip'); refuses (RunExistsError), before
+    anything runs, to touch existing runs without --resume or --overwrite."""
+    from cltoolbox.runner import run_action, run_dir_for
+
+    jobs = []
+    for pt in points:
+        for seed in pt.resolved["seeds"]:
+            d = run_dir_for(pt.resolved, pt.strategy, seed)
+            action = run_action(d, resume, overwrite)
+            run_cfg = cfgmod.run_config(pt.resolved, pt.strategy, seed)
+            if action in ("skip", "resume"):
+                _check_same_config(d, run_cfg)
+            jobs.append(Job(pt, seed, d, action, run_cfg))
+    return jobs
+
+
+# -- one run, in whatever process executes it -------------------------------------------------------------
+
+_DATA: dict[tuple, Any] = {}
+_STREAM: dict[tuple, Any] = {}
+
+
+def _stream_for(run_cfg: dict[str, Any]):
+    from cltoolbox.data import load_dataset
+    from cltoolbox.runner import build_stream
+
+    scen = run_cfg["scenario"]
+    dkey = (scen["dataset"], scen["root"], scen["download"])
+    if dkey not in _DATA:
+        _DATA.clear()  # one dataset at a time per worker
+        _DATA[dkey] = load_dataset(*dkey)
+    skey = (_canon(scen), run_cfg["seed"])
+    if skey not in _STREAM:
+        _STREAM.clear()
+        _STREAM[skey] = build_stream(run_cfg, _DATA[dkey], run_cfg["seed"])
+    return _STREAM[skey]
+
+
+_WARM: list[bool] = []
+
+
+def _warm_up() -> None:
+    """Pay a worker process's one-off costs before the first run's clock starts, so that a run's wall time
+    does not depend on whether it came first in its worker: the built-in plugins are imported, the first
+    optimizer of a process imports torch._dynamo (seconds), the first backward starts autograd."""
+    if _WARM:
+        return
+    import torch
+
+    from cltoolbox.registry import MODELS, STRATEGIES
+
+    STRATEGIES.names(), MODELS.names()  # import the built-in plugins
+    w = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    (w * 2).sum().backward()
+    opt.step()
+    _WARM.append(True)
+
+
+def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Execute one planned run in this process (a local worker, a Ray task or the caller itself).
+
+    Returns a record: status (done | skipped | locked | diverged | failed), action taken, message, summary.
+    """
+    import torch
+
+    from cltoolbox.registry import import_plugins
+    from cltoolbox.results import is_done
+    from cltoolbox.runner import RunLock, clear_run_dir, execute_run
+
+    if spec.get("cache"):
+        os.environ.setdefault("CLTOOLBOX_CACHE", spec["cache"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec["threads"])
+    run_cfg, run_dir = spec["run_cfg"], Path(spec["run_dir"])
+    rec: dict[str, Any] = {"run_dir": str(run_dir), "label": run_cfg["strategy"]["label"], "seed": run_cfg["seed"],
+                           "action": spec["action"], "status": "failed", "message": "", "summary": None}
+    start = time.perf_counter()
+    try:
+        import_plugins(run_cfg.get("imports") or [])
+        _warm_up()
+        with RunLock(run_dir):
+            action = spec["action"]
+            if is_done(run_dir) and not (action == "run" and spec["overwrite"]):
+                rec.update(status="skipped", action="skip", message="finished meanwhile by another process",
+                           summary=json.loads((run_dir / "metrics.json").read_text()))
+                return rec
+            if action == "resume" and not (run_dir / "checkpoint" / "state.pt").exists():
+                action = "restart"  # killed before its first checkpoint: nothing to continue from
+            if action != "resume":
+                clear_run_dir(run_dir)
+            rec["action"] = action
+            summary = execute_run(run_cfg, _stream_for(run_cfg), run_dir, resume=action == "resume", quiet=True)
+            resumed = json.loads((run_dir / "env.json").read_text()).get("resumed_at_experience")
+            rec.update(status="done", summary=summary, resumed_at=resumed)
+    except RunExistsError as e:  # the lock: another process is writing this run
+        rec.update(status="locked", action="skip", message=str(e))
+    except DivergenceError as e:
+        rec.update(status="diverged", message=str(e))
+    except Exception as e:  # a crash in one run (e.g. a plugin bug) must not take the other runs down
+        rec.update(status="failed", message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    finally:
+        torch.set_num_threads(threads)
+        rec["seconds"] = time.perf_counter() - start
+    return rec
+
+
+# -- backends ---------------------------------------------------------------------------------------------
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray: ray is not installed; `pip install 'cltoolbox[ray]'` (or `pip install ray`), "
+                          "or use --backend local") from None
+    return ray
+
+
+def _ray_connect(workers: int) -> bool:
+    """Join a running Ray cluster (RAY_ADDRESS, or one started with `ray start`), else start a local instance
+    with ``workers`` CPUs. Returns True when this call started Ray (and so must shut it down)."""
+    import logging
+
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    opts = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        ray.init(address=address or "auto", **opts)
+        return False
+    except ConnectionError:
+        if address:
+            raise CLToolboxError(f"--backend ray: cannot reach the Ray cluster at RAY_ADDRESS={address}; start it "
+                                 "(`ray start --head`) or unset RAY_ADDRESS to use a local instance") from None
+    ray.init(num_cpus=workers, include_dashboard=False, **opts)
+    return True
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C goes to the whole process group: only the parent handles it (it stops the workers), so that a
+    worker does not carry on with its next run after an interrupted one."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_local(specs: list[dict], workers: int, on_result) -> None:
+    if workers == 1 or len(specs) == 1:  # no pool: saves a process start (torch import) per worker
+        for spec in specs:
+            on_result(run_job(spec))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_sigint)
+    try:
+        futures = [pool.submit(run_job, spec) for spec in specs]
+        for fut in as_completed(futures):
+            on_result(fut.result())
+    except BrokenProcessPool:
+        raise CLToolboxError("sweep: a worker process died (killed, or out of memory); finished experiences are "
+                             "checkpointed: rerun with --resume") from None
+    except BaseException:
+        # Ctrl-C or an error here: stop the workers now, as a kill would; every finished experience is
+        # checkpointed and a stale lock (its writer gone) is taken over by the next --resume.
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)  # the pool sees its workers gone and closes its queues
+        raise
+    pool.shutdown(wait=True)
+
+
+def _run_ray(specs: list[dict], workers: int, limit: int | None, on_result) -> None:
+    ray = require_ray()
+    started = _ray_connect(workers)
+    task = ray.remote(num_cpus=1, max_retries=0)(run_job)
+    pending, inflight = list(specs), {}
+    limit = limit or len(specs)
+    try:
+        while pending or inflight:
+            while pending and len(inflight) < limit:
+                spec = pending.pop(0)
+                inflight[task.remote(spec)] = spec
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                spec = inflight.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the worker process died
+                    rec = {"run_dir": spec["run_dir"], "label": spec["run_cfg"]["strategy"]["label"],
+                           "seed": spec["run_cfg"]["seed"], "action": spec["action"], "status": "failed",
+                           "message": f"Ray task failed: {str(e).splitlines()[0]}", "summary": None}
+                on_result(rec)
+    except BaseException:
+        for ref in inflight:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def execute(jobs: list[Job], backend: str = "local", workers: int | None = None, overwrite: bool = False,
+            threads: int | None = None, quiet: bool = False, debug: bool = False) -> list[dict[str, Any]]:
+    """Run the planned jobs; returns one record per job (skipped ones included), in plan order."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend: unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
+    explicit = workers is not None
+    workers = available_cores() if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    records: dict[str, dict] = {}
+    for job in jobs:
+        if job.action == "skip":
+            summary = json.loads((job.run_dir / "metrics.json").read_text())
+            records[str(job.run_dir)] = {"run_dir": str(job.run_dir), "label": job.point.label, "seed": job.seed,
+                                         "action": "skip", "status": "skipped", "message": "finished",
+                                         "summary": summary}
+    todo = [j for j in jobs if j.action != "skip"]
+    if threads is None:  # local workers split this machine's cores; a Ray task reserves one CPU: one thread
+        # (not from the number of runs left: a resumed run must use the threads it started with to give
+        # bit-identical results)
+        threads = max(1, available_cores() // workers) if backend == "local" else 1
+    if threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {threads}")
+    cache = os.environ.get("CLTOOLBOX_CACHE")
+    specs = [{"run_cfg": j.run_cfg, "run_dir": str(j.run_dir), "action": j.action, "overwrite": overwrite,
+              "threads": threads, "cache": cache} for j in todo]
+    where = f"{min(workers, len(todo)) if todo else 0} local worker(s)" if backend == "local" else "Ray"
+    n_resume = sum(j.action == "resume" for j in todo)
+    if not quiet:
+        print(f"sweep: {len(jobs)} runs: {len(todo) - n_resume} to run, {n_resume} to resume, "
+              f"{len(jobs) - len(todo)} finished (skipped); on {where}", file=sys.stderr, flush=True)
+    count = [0]
+
+    def on_result(rec: dict) -> None:
+        records[rec["run_dir"]] = rec
+        count[0] += 1
+        status = rec["status"]
+        if status in ("locked", "diverged", "failed"):
+            kind = "warning" if status == "locked" else "error"
+            what = "skipped, " if status == "locked" else ""
+            print(f"{kind}: {rec['run_dir']}: {what}{rec['message']}", file=sys.stderr, flush=True)
+            if debug and rec.get("traceback"):
+                print(rec["traceback"], file=sys.stderr, flush=True)
+        elif not quiet:
+            acc = (rec["summary"] or {}).get("class_il", {}).get("acc")
+            how = {"resume": f"resumed at experience {rec.get('resumed_at')}", "restart": "restarted (no checkpoint)",
+                   "run": "ran", "skip": "skipped"}.get(rec["action"], rec["action"])
+            acc_text = f", class-IL ACC {acc:.3f}" if isinstance(acc, float) else ""
+            print(f"[{count[0]:>{len(str(len(todo)))}}/{len(todo)}] {rec['label']} seed {rec['seed']}: {how} in "
+                  f"{rec['seconds']:.1f} s{acc_text}", file=sys.stderr, flush=True)
+
+    if todo:
+        if backend == "local":
+            _run_local(specs, workers, on_result)
+        else:
+            _run_ray(specs, workers, workers if explicit else None, on_result)
+    return [records[str(j.run_dir)] for j in jobs]
+
+
+# -- the command ------------------------------------------------------------------------------------------
+
+
+def prepare(config: dict[str, Any] | str | Path, overrides: list[str] | tuple[str, ...] = (),
+            out: str | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
+    """The raw sweep config with user plugins imported and ``out`` made absolute (workers may run elsewhere)."""
+    from cltoolbox.runner import load_raw
+
+    raw = load_raw(config, overrides, out, seeds)
+    if isinstance(raw.get("out", "runs"), str):
+        raw["out"] = os.path.abspath(raw.get("out", "runs"))
+    return raw
+
+
+def format_plan(jobs: list[Job]) -> str:
+    lines = [f"{'action':<8}{'seed':>5}  run folder"]
+    lines += [f"{j.action:<8}{j.seed:>5}  {j.run_dir}" for j in jobs]
+    return "\n".join(lines)
+
+
+def sweep(
+    config: dict[str, Any] | str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    out: str | None = None,
+    seeds: list[int] | None = None,
+    backend: str = "local",
+    workers: int | None = None,
+    threads: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    dry_run: bool = False,
+    debug: bool = False,
+) -> list[dict[str, Any]]:
+    """Run every strategy x grid point x seed of a sweep YAML; returns one summary (metrics.json + run_dir)
+    per finished run. Raises CLToolboxError after the sweep if any run diverged or failed (the others are
+    kept), and before anything runs for any invalid config, grid value, backend or existing run."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend: unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    if backend == "ray":
+        require_ray()
+    raw = prepare(config, overrides, out, seeds)
+    points = expand(raw)
+    check_points(points)
+    jobs = plan_jobs(points, resume, overwrite)
+    if dry_run:
+        print(format_plan(jobs))
+        return []
+    records = execute(jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug)
+    return finish(records, quiet)
+
+
+def finish(records: list[dict[str, Any]], quiet: bool) -> list[dict[str, Any]]:
+    """Print the table of finished runs; raise for runs that diverged or failed."""
+    from cltoolbox.runner import format_table
+
+    results = [{**r["summary"], "run_dir": r["run_dir"]} for r in records if r["status"] in ("done", "skipped")]
+    if not quiet and results:
+        print(format_table(results))
+    bad = [r for r in records if r["status"] in ("diverged", "failed")]
+    if bad:
+        raise CLToolboxError(f"{len(bad)} of {len(records)} runs did not finish ({bad[0]['run_dir']}: "
+                             f"{bad[0]['message']}); what they measured is kept without DONE, rerun with --resume")
+    return results
