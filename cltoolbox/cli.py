@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", parents=[debug], help="figures (PNG+PDF) and tables (CSV/Markdown/LaTeX) from runs")
     rp.add_argument("runs", nargs="+", help="run folders, or folders above them (every run with DONE is used)")
     rp.add_argument("--out", required=True, help="folder for the figures and tables")
+
+    tr = sub.add_parser("transfer", parents=[debug],
+                        help="pairwise task-transfer matrix T[i, j] of a config's tasks (CSV + heatmaps)")
+    tr.add_argument("config", help="experiment YAML; its scenario's tasks are compared pairwise")
+    tr.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    tr.add_argument("--out", help="root folder (default: the config's `out`); results in <out>/<name>/transfer/")
+    tr.add_argument("--seeds", type=int, nargs="+", help="seeds (replaces the config's `seeds`)")
+    tr.add_argument("--overwrite", action="store_true", help="replace existing transfer folders")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no table")
     return p
 
 
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (`run cfg.yaml --seeds 0 train.lr=0.05`); argparse leaves those over.
     # A malformed one (`train.lr` without =) goes on too, so that it gets the one-line override error.
-    bad = [e for e in extra if args.command not in ("run", "sweep", "tune") or e.startswith("-")]
+    bad = [e for e in extra if args.command not in ("run", "sweep", "tune", "transfer") or e.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
@@ -105,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                           overwrite=args.overwrite, quiet=args.quiet, debug=args.debug)
             if not args.quiet:
                 print(f"wrote {', '.join(map(str, result['report']))}")
+        elif args.command == "transfer":
+            from cltoolbox.transfer import transfer
+
+            transfer(args.config, out=args.out, overrides=args.overrides, seeds=args.seeds,
+                     overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "list":
             _list(args.kind)
         elif args.command == "report":

@@ -27,7 +27,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.params import closest, resolve, signature_params
 
 TOP_KEYS = ("name", "imports", "scenario", "model", "strategy", "train", "seeds", "out")
-SCENARIO_RESERVED = ("name", "dataset", "root", "download")
+SCENARIO_RESERVED = ("name", "dataset", "root", "download", "validation")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -152,8 +152,11 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if "dataset" not in scen:
         raise ConfigError("scenario.dataset: missing; run `cltoolbox list datasets` for the choices")
     DATASETS.get(str(scen["dataset"]), "scenario.dataset")
-    ds = resolve(signature_params(_dataset_fields), {k: scen[k] for k in ("root", "download") if k in scen},
-                 "scenario")
+    ds = resolve(signature_params(_dataset_fields),
+                 {k: scen[k] for k in ("root", "download", "validation") if k in scen}, "scenario")
+    if not 0.0 <= ds["validation"] < 1.0:
+        raise ConfigError(f"scenario.validation: {ds['validation']} must be in [0, 1), e.g. 0.1 holds out 10% "
+                          "of each experience's training data")
     scenario = {"name": scen["name"], "dataset": scen["dataset"], **ds,
                 **resolve(entry.params, {k: v for k, v in scen.items() if k not in SCENARIO_RESERVED}, "scenario")}
 
@@ -205,8 +208,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             "strategy": strategies, "train": train, "seeds": seeds, "out": out}
 
 
-def _dataset_fields(root: str | None = None, download: bool = False) -> None:
-    """The dataset keys of the scenario section: local data root and permission to download."""
+def _dataset_fields(root: str | None = None, download: bool = False, validation: float = 0.0) -> None:
+    """Keys of the scenario section that every generator shares: local data root, permission to download,
+    and the fraction of each experience's training data held out as its validation set (0 = test set)."""
 
 
 def train_config(resolved: dict[str, Any]):

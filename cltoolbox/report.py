@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 COLUMN_WIDTH_IN = 3.4
+SETTING_NAMES = {"class_il": "class-IL", "task_il": "task-IL"}
 # metric -> (label, higher is better)
 TABLE_METRICS: dict[str, tuple[str, bool]] = {
     "acc": ("ACC", True),
@@ -118,7 +119,7 @@ def to_latex(table: Any, caption: str = "") -> str:
     lines += [" & ".join(esc(c).replace("±", r"$\pm$") for c in row) + r" \\" for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
-        lines.append(r"\caption{" + esc(caption) + "}")
+        lines.append(r"\caption{" + esc(caption).replace("±", r"$\pm$") + "}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
@@ -169,7 +170,7 @@ def plot_heatmaps(accuracy: Any, setting: str, out: Path) -> list[Path]:
         for ax in list(axes.flat)[len(items):]:
             ax.axis("off")
         fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
-        fig.suptitle(f"{scenario} ({setting.replace('_', '-')})", fontsize=8)
+        fig.suptitle(f"{scenario} ({SETTING_NAMES[setting]})", fontsize=8)
         paths += _save(fig, out, f"heatmap_{setting}_{scenario}")
     return paths
 
@@ -191,7 +192,7 @@ def plot_curves(accuracy: Any, setting: str, out: Path) -> list[Path]:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel("avg. accuracy on seen exp.")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{scenario} ({setting.replace('_', '-')}), mean ± std over seeds")
+        ax.set_title(f"{scenario} ({SETTING_NAMES[setting]}), mean ± std over seeds")
         ax.legend(frameon=False, ncol=2)
         paths += _save(fig, out, f"curve_{setting}_{scenario}")
     return paths
@@ -211,7 +212,7 @@ def plot_bars(metrics: Any, setting: str, out: Path) -> list[Path]:
             ax.set_xticks(range(len(stats)), stats.index, rotation=45, ha="right")
             ax.set_title(label)
             ax.axhline(0, color="black", linewidth=0.5)
-        fig.suptitle(f"{scenario} ({setting.replace('_', '-')})", fontsize=8)
+        fig.suptitle(f"{scenario} ({SETTING_NAMES[setting]})", fontsize=8)
         paths += _save(fig, out, f"forgetting_{setting}_{scenario}")
     return paths
 
@@ -234,7 +235,7 @@ def plot_pareto(metrics: Any, setting: str, out: Path) -> list[Path]:
                     markersize=7, markerfacecolor="none", label="Pareto front")
             ax.set_xlabel(label)
             ax.set_ylabel("final accuracy (ACC)")
-            ax.set_title(f"{scenario} ({setting.replace('_', '-')})")
+            ax.set_title(f"{scenario} ({SETTING_NAMES[setting]})")
             ax.legend(frameon=False)
             paths += _save(fig, out, f"pareto_{name}_{setting}_{scenario}")
     return paths
@@ -265,7 +266,7 @@ def report(paths: Iterable[str | Path], out: str | Path) -> dict[str, list[Path]
         base.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(f"{base}.csv", index=False)
         Path(f"{base}.md").write_text(to_markdown(table))
-        Path(f"{base}.tex").write_text(to_latex(table, caption=f"{setting.replace('_', '-')} results, mean ± std "
+        Path(f"{base}.tex").write_text(to_latex(table, caption=f"{SETTING_NAMES[setting]} results, mean ± std "
                                                                 f"over seeds (accuracies in %)."))
         written["tables"] += [Path(f"{base}{ext}") for ext in (".csv", ".md", ".tex")]
         written["figures"] += plot_heatmaps(data["accuracy"], setting, out)

@@ -35,7 +35,7 @@ from cltoolbox.results import (
     write_json,
     write_matrix,
 )
-from cltoolbox.stream import Stream
+from cltoolbox.stream import Stream, validation_stream
 
 
 def scenario_label(scenario: dict[str, Any]) -> str:
@@ -63,6 +63,8 @@ def build_stream(resolved: dict, data, seed: int) -> Stream:
     stream = SCENARIOS.get(scen["name"]).factory(data, seed, **params)
     if len(stream) == 0:
         raise ConfigError("scenario: the generator produced no experiences; check its parameters")
+    if scen.get("validation"):
+        stream = validation_stream(stream, scen["validation"], seed)
     empty = [e.index for e in stream if e.n_train == 0]
     if empty:
         raise ConfigError(f"scenario: experience {empty[0]} has no training samples; check the class split")

@@ -119,3 +119,31 @@ class Stream:
             None if self.test_experiences is None else [e.to(device, copies) for e in self.test_experiences],
             None if self.schedule is None else list(self.schedule),
         )
+
+
+def validation_stream(stream: Stream, fraction: float, seed: int) -> Stream:
+    """The validation protocol: hold out ``fraction`` of each experience's training data (a seeded random
+    subset, drawn per experience) and evaluate on it instead of the test set, which is never looked at.
+
+    Used for hyperparameter selection (``scenario.validation``); streams that revisit tasks share test sets
+    across experiences and are not supported.
+    """
+    from cltoolbox.errors import ConfigError
+
+    if stream.test_experiences is not None:
+        raise ConfigError("scenario.validation: not supported for streams that revisit tasks; use a "
+                          "class-, task- or domain-incremental scenario for validation-based tuning")
+    g = torch.Generator().manual_seed(10_007 * seed + 17)
+    experiences = []
+    for e in stream.experiences:
+        order = torch.randperm(e.n_train, generator=g).to(e.y_train.device)
+        k = int(round(fraction * e.n_train))
+        if k == 0 or k == e.n_train:
+            raise ConfigError(f"scenario.validation: {fraction} leaves experience {e.index} with {k} validation "
+                              f"samples out of {e.n_train}; choose a fraction that keeps both parts non-empty")
+        val, train = order[:k].sort().values, order[k:].sort().values
+        experiences.append(Experience(e.index, e.task_id, e.classes, e.x_train[train], e.y_train[train],
+                                      e.x_train[val], e.y_train[val]))
+    out = Stream(stream.name, experiences, stream.n_classes, stream.input_shape, stream.class_order,
+                 stream.scenario, stream.task_labels, {**stream.info, "validation": fraction})
+    return out

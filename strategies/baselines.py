@@ -21,14 +21,27 @@ class JointTraining(Plugin):
     offline upper bound, and it cannot forget (the weights never change after the first row).
     """
 
+    def __init__(self) -> None:
+        self.stored = (0, 0)  # (items, bytes): joint training holds the whole stream's training data
+
     def train_experience(self, learner, exp) -> bool:
         if exp.index == 0:
             s = learner.stream
             x = torch.cat([e.x_train for e in s])
             y = torch.cat([e.y_train for e in s])
             t = torch.cat([torch.full_like(e.y_train, e.task_id) for e in s])
+            self.stored = (len(y), tensor_bytes(x, y, t))
             learner.train_data(x, y, t)
         return True
+
+    def state_dict(self) -> dict:
+        return {"stored": list(self.stored)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stored = tuple(int(v) for v in state["stored"])
+
+    def memory_usage(self) -> tuple[int, int]:
+        return self.stored
 
 
 @register_strategy("joint")

@@ -285,3 +285,19 @@ def test_rotate_fills_corners_with_the_background():
     out = rotate(x, 45.0)
     assert torch.allclose(out[:, 0], torch.full((1, 8, 8), 5.0))  # each channel padded with its own minimum
     assert torch.allclose(out[:, 1], torch.full((1, 8, 8), 7.0))
+
+
+def test_validation_split_replaces_test_sets_with_held_out_training_data() -> None:
+    from cltoolbox.stream import validation_stream
+
+    base = class_incremental(load_dataset("digits"), 0, n_experiences=5)
+    val = validation_stream(base, 0.2, seed=0)
+    for b, v in zip(base, val, strict=True):
+        assert v.n_train + v.n_test == b.n_train and abs(v.n_test - 0.2 * b.n_train) <= 1
+        # validation samples come from the training data, never from the test set
+        rows = {tuple(r.tolist()) for r in b.x_train.flatten(1)}
+        assert all(tuple(r.tolist()) in rows for r in v.x_test.flatten(1))
+        assert not {tuple(r.tolist()) for r in v.x_train.flatten(1)} & {tuple(r.tolist()) for r in v.x_test.flatten(1)}
+    again = validation_stream(base, 0.2, seed=0)
+    assert torch.equal(again[0].y_test, val[0].y_test)
+    assert not torch.equal(validation_stream(base, 0.2, seed=1)[0].y_test, val[0].y_test)

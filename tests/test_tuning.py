@@ -116,3 +116,25 @@ def test_bad_tuning_config_is_one_line_error_before_anything_runs(case, tmp_path
     for fragment in fragments:
         assert fragment in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_validation_protocol_selects_on_held_out_training_data(tmp_path: Path) -> None:
+    from cltoolbox.tuning import tune
+
+    config = {
+        "name": "tv", "scenario": {"name": "class_incremental", "dataset": "digits", "n_experiences": 5,
+                                   "validation": 0.2},
+        "model": {"name": "mlp", "hidden": [16]}, "strategy": [{"name": "naive"}],
+        "grid": {"train.lr": [0.01, 0.1]}, "train": {"epochs": 1, "batch_size": 32, "lr": 0.1},
+        "seeds": [0], "evaluation": {"scenario": {"validation": 0.0}, "seeds": [0]}, "out": str(tmp_path),
+    }
+    tune(config, quiet=True, workers=1)
+    tuning_streams = list((tmp_path / "tv").rglob("tuning/**/stream.json"))
+    eval_streams = list((tmp_path / "tv").rglob("evaluation/**/stream.json"))
+    assert tuning_streams and eval_streams
+    import json
+
+    val = json.loads(tuning_streams[0].read_text())["eval_experiences"][0]
+    test = json.loads(eval_streams[0].read_text())["eval_experiences"][0]
+    # tuning evaluated on 20% of the training data; evaluation on the real test set
+    assert val["n_test"] + val["n_train"] == test["n_train"] and test["n_test"] != val["n_test"]
