@@ -67,19 +67,9 @@ def transfer(
     ``run_dir``); prints a table unless ``quiet``. ``plot=False`` skips the heatmaps (PNG/PDF).
     """
     from cltoolbox.data import load_dataset
-    from cltoolbox.registry import import_plugins, resolve_import_path
-    from cltoolbox.runner import RunLock, build_model, build_plugins, build_stream, scenario_label
+    from cltoolbox.runner import RunLock, build_model, build_plugins, build_stream, load_raw, scenario_label
 
-    raw = cfgmod.load_yaml(config) if isinstance(config, (str, Path)) else copy.deepcopy(dict(config))
-    raw = cfgmod.apply_overrides(raw, list(overrides))
-    if raw.get("imports"):
-        base = str(Path(config).parent) if isinstance(config, (str, Path)) else None
-        import_plugins(raw["imports"], base)
-        raw["imports"] = [str(resolve_import_path(s, base)) if s.endswith(".py") else s for s in raw["imports"]]
-    if out is not None:
-        raw["out"] = out
-    if seeds is not None:
-        raw["seeds"] = list(seeds)
+    raw = load_raw(config if isinstance(config, (str, Path)) else copy.deepcopy(dict(config)), overrides, out, seeds)
     resolved = cfgmod.validate(raw)
     root = Path(resolved["out"]) / resolved["name"] / "transfer"
     todo = []
