@@ -61,3 +61,11 @@ def test_transfer_uses_the_distinct_tasks_of_a_recurring_stream(tmp_path: Path) 
     (summary,) = transfer(config, out=str(tmp_path), plot=False)
     assert summary["labels"]["n_tasks"] == 3 and np.array(summary["transfer"]["class_il"]).shape == (3, 3)
     assert [t["task_id"] for t in summary["tasks"]] == [0, 1, 2]
+
+
+def test_transfer_command_is_wired_into_the_cli(tmp_path, capsys) -> None:
+    from cltoolbox.cli import main
+
+    assert main(["transfer", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config:") and "missing.yaml" in err and "\n" not in err
