@@ -62,6 +62,7 @@ import torch
 from cltoolbox import config as cfgmod
 from cltoolbox.data import load_dataset
 from cltoolbox.errors import DivergenceError
+from cltoolbox.interop.avalanche import TensorPairs
 from cltoolbox.runner import build_model, build_stream, execute_run
 from cltoolbox.stream import Stream
 
@@ -235,18 +236,8 @@ SPECS = _make_specs()
 
 
 # -- data -----------------------------------------------------------------------------------------------------
-class TensorSet(torch.utils.data.Dataset):
-    """A plain dataset with a ``targets`` list, the form Avalanche's generators (and its LwF) accept."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-        self.targets = y.tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], self.targets[i]
+# A plain dataset with a ``targets`` list, the form Avalanche's generators (and its LwF) accept.
+TensorSet = TensorPairs
 
 
 def resolved_config(stream_key: str, strategy: dict[str, Any], out: str) -> dict[str, Any]:
