@@ -19,3 +19,13 @@ def tiny_config():
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
         "seeds": [0],
     }
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the duration of a test: batch-10 steps of small MLPs gain nothing from a second
+    thread, and two threads spin-wait badly when the cores are shared (measured 5-10x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

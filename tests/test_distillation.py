@@ -121,16 +121,6 @@ def test_invalid_hyperparameters_are_config_errors(params: dict) -> None:
         STRATEGIES.get("lwf").factory(**params)
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of 10 through a small MLP: a second thread only adds synchronisation (several times slower
-    on a busy 2-core machine), so the real-data checks run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_lwf_reduces_forgetting_on_task_il_split_mnist(tmp_path, one_thread) -> None:
     config = {

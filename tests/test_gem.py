@@ -25,15 +25,7 @@ from cltoolbox.strategies.gem import (
 )
 from cltoolbox.stream import Experience, Stream
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batch-10 steps of a 2x100 MLP run fastest on one thread; two threads on a busy 2-core box spin-wait
-    (measured 5-10x slower here), so these tests pin one and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_gem_projection_single_constraint_matches_closed_form() -> None:

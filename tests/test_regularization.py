@@ -227,16 +227,6 @@ SLOW_STRATEGIES = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of 10 through a small MLP: a second thread only adds synchronisation (several times slower
-    on a busy 2-core machine), so the real-data check runs single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_regularizers_reduce_forgetting_on_permuted_mnist(tmp_path, one_thread) -> None:
     config = {

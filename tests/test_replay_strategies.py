@@ -18,15 +18,6 @@ from cltoolbox.strategies.icarl import UNSEEN, ICaRLPlugin, herding, icarl
 from cltoolbox.stream import Experience, Stream
 
 
-@pytest.fixture
-def one_thread():
-    """Batch-10 MLP steps are fastest single-threaded (and 2 threads crawl when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _stream(n_exp: int = 3, per_class: int = 40, dim: int = 8) -> Stream:
     """Two well-separated Gaussian classes per experience."""
     g = torch.Generator().manual_seed(0)
