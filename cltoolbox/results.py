@@ -3,7 +3,7 @@
 Layout of one run folder (see README "Run folder"):
     config.yaml, env.json, accuracy.csv, per_class.csv, matrices/{accuracy,forgetting,transfer}_<setting>.csv,
     metrics.json, train_log.csv, checkpoint/state.pt, DONE (written last).
-Every file is written to a temporary name, flushed, fsynced and renamed, so a killed run never leaves a
+Every file is written to a temporary name and renamed (one sync before DONE), so a killed run never leaves a
 half-written file behind.
 """
 
