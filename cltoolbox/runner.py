@@ -296,6 +296,34 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
     return summary
 
 
+def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            diff = _first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+            if diff:
+                return diff
+        return None
+    return None if old == new else (path, old, new)
+
+
+def check_same_config(run_dir: Path, run_cfg: dict[str, Any]) -> None:
+    """A run is only skipped or resumed if it was started from the same config (``out`` aside)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False))
+    old.pop("out", None)
+    new.pop("out", None)
+    diff = _first_difference(old, new)
+    if diff:
+        key, a, b = diff
+        raise RunExistsError(f"{run_dir}: was started with a different config ({key}: {a!r}, now {b!r}); pass "
+                             "--overwrite to replace it or --out DIR for a new place")
+
+
 def run_action(run_dir: Path, resume: bool, overwrite: bool) -> str:
     """What to do with one run folder: 'run' (from scratch), 'resume' or 'skip'.
 
@@ -385,6 +413,9 @@ def run(
 
     from cltoolbox.data import load_dataset
 
+    for strategy, seed, run_dir, action in todo:  # skip or continue only what this config started
+        if action in ("skip", "resume"):
+            check_same_config(run_dir, cfgmod.run_config(resolved, strategy, seed))
     scen = resolved["scenario"]
     data = load_dataset(scen["dataset"], scen["root"], scen["download"])
     streams = {resolved["seeds"][0]: check_buildable(resolved, data)}

@@ -209,38 +209,10 @@ def check_points(points: list[Point]) -> None:
 # -- planning ---------------------------------------------------------------------------------------------
 
 
-def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(old) + [k for k in new if k not in old]:
-            diff = _first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
-            if diff:
-                return diff
-        return None
-    return None if old == new else (path, old, new)
-
-
-def _check_same_config(run_dir: Path, run_cfg: dict[str, Any]) -> None:
-    """A run is only skipped or resumed if it was started from the same config (``out`` aside)."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        return
-    old = yaml.safe_load(path.read_text()) or {}
-    new = yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False))
-    old.pop("out", None)
-    new.pop("out", None)
-    diff = _first_difference(old, new)
-    if diff:
-        key, a, b = diff
-        raise RunExistsError(f"{run_dir}: was started with a different config ({key}: {a!r}, now {b!r}); pass "
-                             "--overwrite to replace it or --out DIR for a new place")
-
-
 def plan_jobs(points: list[Point], resume: bool, overwrite: bool) -> list[Job]:
     """One job per point x seed with its action ('run', 'resume' or 'skip'); refuses (RunExistsError), before
     anything runs, to touch existing runs without --resume or --overwrite."""
-    from cltoolbox.runner import run_action, run_dir_for
+    from cltoolbox.runner import check_same_config, run_action, run_dir_for
 
     jobs = []
     for pt in points:
@@ -249,7 +221,7 @@ def plan_jobs(points: list[Point], resume: bool, overwrite: bool) -> list[Job]:
             action = run_action(d, resume, overwrite)
             run_cfg = cfgmod.run_config(pt.resolved, pt.strategy, seed)
             if action in ("skip", "resume"):
-                _check_same_config(d, run_cfg)
+                check_same_config(d, run_cfg)
             jobs.append(Job(pt, seed, d, action, run_cfg))
     return jobs
 

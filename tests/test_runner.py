@@ -117,3 +117,11 @@ def test_single_experience_gives_nan_not_zero(tiny_config, tmp_path: Path) -> No
     assert math.isnan(summary["class_il"]["bwt"]) and math.isnan(summary["class_il"]["forgetting"])
     on_disk = json.loads((_only_run(tmp_path) / "metrics.json").read_text())
     assert on_disk["class_il"]["bwt"] is None and on_disk["class_il"]["fwt"] is None
+
+
+def test_resume_refuses_a_run_started_from_another_config(tiny_config, tmp_path: Path) -> None:
+    tiny_config["out"] = str(tmp_path)
+    cltoolbox.run(tiny_config, quiet=True)
+    tiny_config["train"]["lr"] = 0.01
+    with pytest.raises(RunExistsError, match="train.lr"):
+        cltoolbox.run(tiny_config, resume=True, quiet=True)
