@@ -123,30 +123,44 @@ def _peak_rss_mb() -> float:
 
 
 class RunLock:
-    """An exclusive lock file, so two processes never write one run folder."""
+    """An exclusive lock file (``host:pid``), so two processes never write one run folder.
+
+    A lock whose process is gone is taken over; one held on another host (a shared file system under a
+    Ray cluster) cannot be checked from here and is respected.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / ".lock"
+        self.owner = f"{platform.node()}:{os.getpid()}"
+
+    def _stale(self) -> bool:
+        try:
+            host, _, pid = self.path.read_text().rpartition(":")
+            if host and host != platform.node():
+                return False
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            return True
+        except PermissionError:  # alive, another user's
+            pass
+        return False
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
+                os.write(fd, self.owner.encode())
                 os.close(fd)
                 return self
             except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or 0)
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                if self._stale():
+                    self.path.unlink(missing_ok=True)  # its writer is gone
                     continue
-                except PermissionError:
-                    pass
+                holder = self.path.read_text() if self.path.exists() else "?"
                 raise RunExistsError(
-                    f"{self.path.parent}: another process (pid {pid}) is writing this run; wait for it"
+                    f"{self.path.parent}: another process ({holder}) is writing this run; wait for it, or remove "
+                    f"{self.path} if no run is active"
                 ) from None
         raise RunExistsError(f"{self.path.parent}: could not take the run lock; remove {self.path} if no run is active")
 

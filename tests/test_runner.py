@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +95,15 @@ def test_lock_keeps_a_second_writer_out(tmp_path: Path) -> None:
         with pytest.raises(RunExistsError, match="another process"):
             with RunLock(tmp_path):
                 pass
-    (tmp_path / ".lock").write_text("999999999")  # a stale lock whose writer is gone is taken over
+    host = platform.node()
+    (tmp_path / ".lock").write_text(f"{host}:999999999")  # a stale lock whose writer is gone is taken over
     with RunLock(tmp_path):
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        assert (tmp_path / ".lock").read_text() == f"{host}:{os.getpid()}"
     assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text("another-node:1")  # held on another host: cannot be checked, respected
+    with pytest.raises(RunExistsError, match="another-node"):
+        with RunLock(tmp_path):
+            pass
 
 
 def test_same_seed_identical_other_seed_differs(tiny_config, tmp_path: Path) -> None:
