@@ -34,12 +34,16 @@ class Crash(Exception):
 
 
 class Recorder(Plugin):
-    """Records every hook call; optionally dies in after_experience of experience ``crash_at``."""
+    """Records every hook call; dies in after_experience of experience ``Recorder.crash_at`` (-1: never).
+
+    The crash is set on the class, not in the config, so the resumed run has the same config as the killed
+    one (resume refuses a folder started from another config)."""
 
     calls: list[str] = []
 
-    def __init__(self, crash_at: int) -> None:
-        self.crash_at = crash_at
+    crash_at = -1
+
+    def __init__(self) -> None:
         Recorder.calls = []
 
     def __getattribute__(self, name):
@@ -86,9 +90,9 @@ class Recorder(Plugin):
 
 
 @register_strategy("test_recorder")
-def recorder(crash_at: int = -1) -> list[Plugin]:
+def recorder() -> list[Plugin]:
     """Test-only: records hook calls."""
-    return [Recorder(crash_at)]
+    return [Recorder()]
 
 
 BUILTIN_STRATEGIES = [n for n in STRATEGIES.names() if not n.startswith("test_")]
@@ -111,13 +115,13 @@ TINY_SCENARIO_PARAMS: dict[str, dict] = {
 }
 
 
-def _config(strategy: str, out: Path, crash_at: int = -1, seed: int = 0) -> dict:
+def _config(strategy: str, out: Path, seed: int = 0) -> dict:
     return {
         "name": "conformance",
         "scenario": {"name": "class_incremental", "dataset": "digits", "n_experiences": 3, "first_classes": 4},
         "model": {"name": "mlp", "hidden": [32]},
         "strategy": {"name": strategy, **TINY_STRATEGY_PARAMS.get(strategy, {}),
-                     "plugins": [{"name": "test_recorder", "crash_at": crash_at}]},
+                     "plugins": [{"name": "test_recorder"}]},
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
         "seeds": [seed],
         "out": str(out),
@@ -155,7 +159,11 @@ def test_strategy_contract(name: str, tmp_path: Path) -> None:
     assert (run / "accuracy.csv").read_bytes() != (_run_dir(c, name, seed=1) / "accuracy.csv").read_bytes()
 
     with pytest.raises(Crash):  # killed after experience 1 was checkpointed, while finishing experience 2
-        cltoolbox.run(_config(name, d, crash_at=2), quiet=True)
+        Recorder.crash_at = 2
+        try:
+            cltoolbox.run(_config(name, d), quiet=True)
+        finally:
+            Recorder.crash_at = -1
     assert not (_run_dir(d, name) / "DONE").exists()
     cltoolbox.run(_config(name, d), resume=True, quiet=True)
     for f in ("accuracy.csv", "per_class.csv", "matrices/forgetting_class_il.csv"):

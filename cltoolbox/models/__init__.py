@@ -1,6 +1,7 @@
 """Backbone zoo. Every model maps a batch of inputs to logits over all classes of the stream."""
 
 from cltoolbox.models.mlp import mlp
+from cltoolbox.models.pretrained import efficientnet_lite0
 from cltoolbox.models.resnet import reduced_resnet18
 
-__all__ = ["mlp", "reduced_resnet18"]
+__all__ = ["efficientnet_lite0", "mlp", "reduced_resnet18"]

@@ -1,0 +1,388 @@
+"""Class-incremental learning on a fixed (pre-trained or first-experience-adapted) feature extractor.
+
+Three replay-free methods that never train the backbone after the first experience and classify from
+class statistics of ``model.features(x)``. They work with any model that has ``features(x)`` and a linear
+``head`` (the built-in ``mlp``, ``resnet18_reduced`` and ``efficientnet_lite0``).
+
+* ``simplecil`` - Zhou, Cai, Ye and Zhan 2023, "Revisiting Class-Incremental Learning with Pre-Trained Models:
+  Generalizability and Adaptivity are All You Need" (IJCV 2024; the PILOT toolbox's SimpleCIL): frozen
+  backbone, each class's prototype = mean feature, cosine-similarity classifier. No SGD.
+* ``fsa`` - Panos, Kobe, Reino, Aljundi and Turner, ICCV 2023, "First Session Adaptation: A Strong Replay-Free
+  Baseline for Class-Incremental Learning": adapt the extractor on the first experience only (``adapt``), then
+  freeze it and classify with an incrementally updated LDA head (class means + shared covariance, exact).
+* ``fetril`` - Petit, Popescu, Schindler, Picard and Delezoide, WACV 2023, "FeTrIL: Feature Translation for
+  Exemplar-Free Class-Incremental Learning": extractor frozen after the first experience; past classes are
+  represented by pseudo-features = features of a new class translated by (past centroid - new centroid);
+  a linear classifier is re-trained at every experience on real (new) + pseudo (past) features.
+
+Feature computation: once the extractor is frozen, each experience's training set goes through it in one
+batched pass (``eval_batch_size`` rows at a time), and evaluation batches are cached by content
+(``FeatureCache``), so with ``efficientnet_lite0`` every image is embedded once per run plus once per test set.
+
+Checkpoints hold only tensors (sums, counts, Gram matrix, classifier weights) and numbers; the adapted
+backbone is part of the model's state, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cltoolbox.errors import ConfigError
+from cltoolbox.models.pretrained import FeatureCache
+from cltoolbox.plugin import Plugin, tensor_bytes
+from cltoolbox.registry import register_strategy
+
+UNSEEN = -1e9  # logit of a class not seen yet (finite, like the loop's task masking)
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model.features`` of ``x`` in eval mode, flattened, in batches (restores the previous mode)."""
+    was_training = model.training
+    model.eval()
+    out = [model.features(x[s : s + batch_size]).flatten(1) for s in range(0, x.shape[0], batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0, device=x.device)
+
+
+def freeze(model: nn.Module) -> None:
+    if hasattr(model, "set_frozen"):
+        model.set_frozen(True)
+    model.requires_grad_(False)
+
+
+def adapt_first_experience(learner, exp, adapt: str) -> None:
+    """Train on the first experience with the standard loop: the whole model ("body"), or only the affine
+    parameters of normalisation layers plus the head ("film", see ``fsa``); "none" trains nothing."""
+    if adapt == "none":
+        return
+    model = learner.model
+    if hasattr(model, "set_frozen"):
+        model.set_frozen(False)
+    model.requires_grad_(adapt == "body")
+    if adapt == "film":
+        for m in model.modules():
+            if isinstance(m, _NORM_LAYERS):
+                m.requires_grad_(True)
+        model.head.requires_grad_(True)
+    learner.train_data(exp.x_train, exp.y_train, torch.full_like(exp.y_train, exp.task_id))
+
+
+class FixedExtractorPlugin(Plugin):
+    """Shared machinery: optional first-experience adaptation, feature passes, cached prediction."""
+
+    method = "fixed-extractor"
+
+    def __init__(self, adapt: str = "none") -> None:
+        self.adapt = adapt
+        self.n_classes = 0
+        self._cache = FeatureCache()
+
+    def before_fit(self, learner, stream) -> None:
+        model = learner.model
+        if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
+            raise ConfigError(f"strategy: {self.method} needs a model with features(x) and a linear head; "
+                              "use model mlp, resnet18_reduced or efficientnet_lite0")
+        self.n_classes = stream.n_classes
+
+    def train_experience(self, learner, exp) -> bool:
+        if exp.index == 0:
+            adapt_first_experience(learner, exp, self.adapt)
+            self._cache.clear()  # the extractor may have changed; it is fixed from now on
+        freeze(learner.model)  # idempotent; also re-applied after a resume
+        feats = extract_features(learner.model, exp.x_train, learner.config.eval_batch_size)
+        self.update(learner, feats, exp.y_train)
+        return True
+
+    def features(self, learner, x: torch.Tensor) -> torch.Tensor:
+        feats = self._cache.get(x)
+        if feats is None:
+            feats = extract_features(learner.model, x, learner.config.eval_batch_size)
+            self._cache.put(x, feats)
+        return feats
+
+    def predict(self, learner, x, task_ids):
+        if not self.ready():
+            return None  # nothing learned yet (evaluation before the first experience): the model's logits
+        return self.logits(self.features(learner, x)).to(torch.float32)
+
+    # subclass API
+    def update(self, learner, feats: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClassMeans:
+    """Exact running per-class feature sums and counts (float64)."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+
+    def add(self, feats: torch.Tensor, y: torch.Tensor, n_classes: int) -> None:
+        f = feats.double()
+        if self.sums is None:
+            self.sums = torch.zeros(n_classes, f.shape[1], dtype=torch.float64, device=f.device)
+            self.counts = torch.zeros(n_classes, dtype=torch.float64, device=f.device)
+        self.sums.index_add_(0, y, f)
+        self.counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+
+    @property
+    def seen(self) -> torch.Tensor:
+        return self.counts > 0
+
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp_min(1).unsqueeze(1)
+
+    def state(self) -> dict:
+        return {} if self.sums is None else {"sums": self.sums, "counts": self.counts}
+
+    def load(self, state: dict) -> None:
+        if "sums" in state:
+            self.sums, self.counts = state["sums"], state["counts"]
+
+
+# -- SimpleCIL -------------------------------------------------------------------------------------------
+class SimpleCILPlugin(FixedExtractorPlugin):
+    method = "simplecil"
+
+    def __init__(self, scale: float) -> None:
+        super().__init__("none")
+        self.scale = scale
+        self.stats = ClassMeans()
+
+    def update(self, learner, feats, y) -> None:
+        self.stats.add(feats, y, self.n_classes)
+
+    def ready(self) -> bool:
+        return self.stats.sums is not None
+
+    def prototypes(self) -> torch.Tensor:
+        return self.stats.means()
+
+    def logits(self, feats):
+        cos = F.normalize(feats.double(), dim=1) @ F.normalize(self.prototypes(), dim=1).T
+        return (self.scale * cos).masked_fill(~self.stats.seen, UNSEEN)
+
+    def state_dict(self):
+        return self.stats.state()
+
+    def load_state_dict(self, state) -> None:
+        self.stats.load(state)
+
+    def memory_usage(self):
+        return int(self.stats.seen.sum()) if self.ready() else 0, tensor_bytes(self.stats.sums, self.stats.counts)
+
+
+@register_strategy("simplecil")
+def simplecil(scale: float = 1.0) -> list[Plugin]:
+    """SimpleCIL (Zhou et al. 2023): frozen backbone, class-mean prototypes, cosine classifier; no SGD.
+
+    ``scale`` multiplies the cosine logits (it changes no prediction, only logit-based metrics).
+    """
+    if scale <= 0:
+        raise ConfigError(f"strategy.scale: {scale} must be > 0; use 1.0")
+    return [SimpleCILPlugin(scale)]
+
+
+# -- FSA (incremental LDA) ---------------------------------------------------------------------------------
+class IncrementalLDA:
+    """Streaming LDA statistics: class sums/counts and the total second moment sum(x x^T), all float64.
+
+    The pooled within-class covariance of everything seen so far is recovered exactly:
+        S_w = sum x x^T - sum_c n_c mu_c mu_c^T,  Sigma = S_w / (N - K)
+    so adding data in any chunking gives the same classifier as a batch fit on all of it.
+    """
+
+    def __init__(self) -> None:
+        self.means = ClassMeans()
+        self.gram: torch.Tensor | None = None
+
+    def add(self, feats: torch.Tensor, y: torch.Tensor, n_classes: int) -> None:
+        f = feats.double()
+        self.means.add(f, y, n_classes)
+        g = f.T @ f
+        self.gram = g if self.gram is None else self.gram + g
+
+    def covariance(self) -> torch.Tensor:
+        m = self.means
+        n, k = m.counts.sum(), m.seen.sum()
+        within = self.gram - (m.sums.T @ m.means())  # sum_c n_c mu_c mu_c^T = sums^T means
+        return within / (n - k).clamp_min(1)
+
+    def classifier(self, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """LDA weights (K, d) and biases (K,) with Sigma + shrinkage * (tr(Sigma)/d) I; equal class priors."""
+        cov = self.covariance()
+        d = cov.shape[0]
+        ridge = shrinkage * cov.diagonal().mean().clamp_min(1e-12)
+        cov = cov + ridge * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        mu = self.means.means()
+        w = torch.linalg.solve(cov, mu.T).T  # Sigma^-1 mu_c
+        b = -0.5 * (w * mu).sum(1)
+        return w, b
+
+    def state(self) -> dict:
+        return {} if self.gram is None else {**self.means.state(), "gram": self.gram}
+
+    def load(self, state: dict) -> None:
+        if "gram" in state:
+            self.means.load(state)
+            self.gram = state["gram"]
+
+
+class FSAPlugin(FixedExtractorPlugin):
+    method = "fsa"
+
+    def __init__(self, adapt: str, shrinkage: float) -> None:
+        super().__init__(adapt)
+        self.shrinkage = shrinkage
+        self.lda = IncrementalLDA()
+        self._w: torch.Tensor | None = None
+        self._b: torch.Tensor | None = None
+
+    def update(self, learner, feats, y) -> None:
+        self.lda.add(feats, y, self.n_classes)
+        self._w = None
+
+    def ready(self) -> bool:
+        return self.lda.gram is not None
+
+    def logits(self, feats):
+        if self._w is None:  # derived from the statistics; recomputed lazily (also after a resume)
+            self._w, self._b = self.lda.classifier(self.shrinkage)
+        return (feats.double() @ self._w.T + self._b).masked_fill(~self.lda.means.seen, UNSEEN)
+
+    def state_dict(self):
+        return self.lda.state()
+
+    def load_state_dict(self, state) -> None:
+        self.lda.load(state)
+        self._w = None
+
+    def memory_usage(self):
+        if not self.ready():
+            return 0, 0
+        return int(self.lda.means.seen.sum()), tensor_bytes(self.lda.gram, self.lda.means.sums, self.lda.means.counts)
+
+
+@register_strategy("fsa")
+def fsa(adapt: Literal["none", "body", "film"] = "body", shrinkage: float = 1e-4) -> list[Plugin]:
+    """First Session Adaptation (Panos et al., ICCV 2023): adapt on experience 1, then incremental LDA head.
+
+    ``adapt``: "body" fine-tunes the whole model (backbone + head) on the first experience with ``train.*``
+    (the paper's FSA); "film" trains only the affine scale/shift of the normalisation layers plus the head
+    (our stand-in for the paper's FiLM adapters, which modulate the same channels); "none" keeps the
+    backbone as it is (a pre-trained frozen extractor). ``shrinkage``: ridge on the shared covariance,
+    Sigma + shrinkage * (trace(Sigma)/d) I, keeping the LDA solvable when features outnumber samples.
+    """
+    if shrinkage < 0:
+        raise ConfigError(f"strategy.shrinkage: {shrinkage} must be >= 0; use 1e-4")
+    return [FSAPlugin(adapt, shrinkage)]
+
+
+# -- FeTrIL ------------------------------------------------------------------------------------------------
+def translate(new_feats: torch.Tensor, new_centroid: torch.Tensor, past_centroid: torch.Tensor) -> torch.Tensor:
+    """FeTrIL's pseudo-features of a past class: f(new) + mu(past) - mu(new)."""
+    return new_feats + (past_centroid - new_centroid)
+
+
+class FeTrILPlugin(FixedExtractorPlugin):
+    method = "fetril"
+
+    def __init__(self, adapt: str, steps: int, lr: float, weight_decay: float) -> None:
+        super().__init__(adapt)
+        self.steps, self.lr, self.weight_decay = steps, lr, weight_decay
+        self.centroids = ClassMeans()
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def pseudo_features(self, feats: torch.Tensor, y: torch.Tensor,
+                        past: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each past class, the features of the most similar new class (cosine of centroids), translated."""
+        mu = self.centroids.means().to(feats.dtype)
+        new = y.unique()
+        sim = F.normalize(mu[past], dim=1) @ F.normalize(mu[new], dim=1).T
+        xs, ys = [], []
+        for i, p in enumerate(past):
+            c = new[sim[i].argmax()]
+            xs.append(translate(feats[y == c], mu[c], mu[p]))
+            ys.append(torch.full((xs[-1].shape[0],), p, dtype=y.dtype, device=y.device))
+        return torch.cat(xs), torch.cat(ys)
+
+    def update(self, learner, feats, y) -> None:
+        past = torch.nonzero(self.centroids.seen).flatten().tolist() if self.centroids.sums is not None else []
+        self.centroids.add(feats, y, self.n_classes)
+        past = [p for p in past if p not in set(y.unique().tolist())]
+        x, t = feats.float(), y
+        if past:
+            px, py = self.pseudo_features(feats.float(), y, past)
+            x, t = torch.cat((x, px)), torch.cat((t, py))
+        self.weight, self.bias = self.fit_linear(x, t)
+
+    def fit_linear(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax linear classifier on L2-normalised features, full-batch Adam from zero (deterministic),
+        re-trained from scratch at every experience as the paper re-trains its LinearSVC."""
+        x = F.normalize(x, dim=1)
+        seen = self.centroids.seen
+        w = torch.zeros(self.n_classes, x.shape[1], device=x.device, requires_grad=True)
+        b = torch.zeros(self.n_classes, device=x.device, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=self.lr, weight_decay=self.weight_decay)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                logits = (x @ w.T + b).masked_fill(~seen, UNSEEN)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return w.detach(), b.detach()
+
+    def ready(self) -> bool:
+        return self.weight is not None
+
+    def logits(self, feats):
+        z = F.normalize(feats.float(), dim=1) @ self.weight.T + self.bias
+        return z.masked_fill(~self.centroids.seen, UNSEEN)
+
+    def state_dict(self):
+        if self.weight is None:
+            return {}
+        return {**self.centroids.state(), "weight": self.weight, "bias": self.bias}
+
+    def load_state_dict(self, state) -> None:
+        self.centroids.load(state)
+        if "weight" in state:
+            self.weight, self.bias = state["weight"], state["bias"]
+
+    def memory_usage(self):
+        if not self.ready():
+            return 0, 0
+        return int(self.centroids.seen.sum()), tensor_bytes(self.centroids.sums, self.centroids.counts,
+                                                            self.weight, self.bias)
+
+
+@register_strategy("fetril")
+def fetril(adapt: Literal["none", "body"] = "body", steps: int = 300, lr: float = 0.01,
+           weight_decay: float = 0.0) -> list[Plugin]:
+    """FeTrIL (Petit et al., WACV 2023): frozen extractor, pseudo-features by centroid translation, linear head.
+
+    ``adapt: body`` trains the model on the first experience (the paper trains its extractor on the initial
+    state), ``none`` keeps a pre-trained extractor frozen. The paper's LinearSVC is replaced by a softmax
+    linear layer trained full-batch (``steps`` Adam steps at ``lr``) on L2-normalised real + pseudo features,
+    re-trained from scratch at every experience.
+    """
+    if steps < 1:
+        raise ConfigError(f"strategy.steps: {steps} must be >= 1; use 300")
+    if lr <= 0:
+        raise ConfigError(f"strategy.lr: {lr} must be > 0; use 0.01")
+    return [FeTrILPlugin(adapt, steps, lr, weight_decay)]
