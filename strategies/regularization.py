@@ -191,6 +191,22 @@ class _QuadraticPenalty(Plugin):
                                f"model has {n} trained parameters; the model changed after the checkpoint")
 
 
+class _ImportancePenalty(_QuadraticPenalty):
+    """One consolidated importance ``omega`` and one ``anchor`` (SI, MAS): their checkpoint and memory."""
+
+    omega: torch.Tensor | None
+    anchor: torch.Tensor | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"omega": self.omega, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.omega, self.anchor = state["omega"], state["anchor"]
+
+    def memory_usage(self) -> tuple[int, int]:
+        return 0, tensor_bytes(self.omega, self.anchor)
+
+
 # -- EWC and online EWC --------------------------------------------------------------------------------
 def empirical_fisher(learner, x: torch.Tensor, y: torch.Tensor, task_id: int) -> torch.Tensor:
     """Diagonal empirical Fisher: mean over samples of the squared per-sample gradient of log p(y|x).
@@ -302,7 +318,7 @@ def online_ewc(ewc_lambda: float = 3.0, gamma: float = 1.0) -> list[Plugin]:
 
 
 # -- Synaptic Intelligence -----------------------------------------------------------------------------
-class SIPlugin(_QuadraticPenalty):
+class SIPlugin(_ImportancePenalty):
     """Path-integral importance (see :func:`si`).
 
     Per step: after_backward stores the task-loss gradient g (p.grad minus the gradient of our own penalty,
@@ -364,15 +380,6 @@ class SIPlugin(_QuadraticPenalty):
         self.anchor = theta
         self._start = self._path = self._grad = self._before = None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"omega": self.omega, "anchor": self.anchor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.omega, self.anchor = state["omega"], state["anchor"]
-
-    def memory_usage(self) -> tuple[int, int]:
-        return 0, tensor_bytes(self.omega, self.anchor)
-
 
 @register_strategy("si")
 def si(si_c: float = 0.1, xi: float = 0.1) -> list[Plugin]:
@@ -413,7 +420,7 @@ def output_sensitivity(learner, x: torch.Tensor, task_id: int) -> torch.Tensor:
     return per_sample_mean(learner, x, t, t, sq_norm, "abs")
 
 
-class MASPlugin(_QuadraticPenalty):
+class MASPlugin(_ImportancePenalty):
     def __init__(self, mas_lambda: float) -> None:
         super().__init__()
         self.mas_lambda = mas_lambda
@@ -429,15 +436,6 @@ class MASPlugin(_QuadraticPenalty):
         new = output_sensitivity(learner, exp.x_train, exp.task_id)
         self.omega = new if self.omega is None else self.omega + new
         self.anchor = self.theta(learner).detach().clone()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"omega": self.omega, "anchor": self.anchor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.omega, self.anchor = state["omega"], state["anchor"]
-
-    def memory_usage(self) -> tuple[int, int]:
-        return 0, tensor_bytes(self.omega, self.anchor)
 
 
 @register_strategy("mas")
