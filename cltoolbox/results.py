@@ -101,6 +101,13 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return runs
 
 
+def _start_time(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "env.json").read_text()).get("start_time") or ""
+    except (OSError, ValueError):
+        return ""
+
+
 def _run_labels(run_dir: Path) -> dict[str, Any]:
     meta = json.loads((run_dir / "metrics.json").read_text())
     return {"run": str(run_dir), **meta.get("labels", {})}
@@ -114,7 +121,7 @@ def load(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     acc, met, log = [], [], []
-    for run in find_runs(paths):
+    for run in sorted(find_runs(paths), key=_start_time):  # run order = config order in tables and legends
         labels = _run_labels(run)
         a = pd.read_csv(run / "accuracy.csv")
         log_df = pd.read_csv(run / "train_log.csv")
