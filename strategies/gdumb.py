@@ -24,19 +24,16 @@ from __future__ import annotations
 import torch
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.plugin import Plugin, tensor_bytes
+from cltoolbox.plugin import Plugin
 from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.memory import Memory
 
 
-class GreedyClassBalancedMemory:
+class GreedyClassBalancedMemory(Memory):
     """GDumb's greedy class-balancing sampler over preallocated tensors (``size`` valid rows)."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.size = 0
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
-        self.t: torch.Tensor | None = None
+        super().__init__(capacity)
         self.seen: list[int] = []  # classes seen so far, in order of arrival
 
     def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
@@ -45,10 +42,7 @@ class GreedyClassBalancedMemory:
         The decisions depend only on labels, so they are made on Python ints (no tensor op per sample);
         the inputs are then moved with one scatter.
         """
-        if self.x is None:
-            self.x = x.new_zeros((self.capacity, *x.shape[1:]))
-            self.y = y.new_zeros(self.capacity)
-            self.t = y.new_zeros(self.capacity)
+        self._allocate(x, y)
         labels = y.tolist()
         draws = torch.rand(len(labels), generator=generator).tolist()  # one per sample: the eviction choice
         slot_label = self.y[: self.size].tolist()
@@ -85,15 +79,12 @@ class GreedyClassBalancedMemory:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.x[: self.size], self.y[: self.size], self.t[: self.size]
 
-    def state_dict(self) -> dict:
-        return {"size": self.size, "x": self.x, "y": self.y, "t": self.t, "seen": list(self.seen)}
+    def _extra_state(self) -> dict:
+        return {"seen": list(self.seen)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.size, self.x, self.y, self.t = int(state["size"]), state["x"], state["y"], state["t"]
+        super().load_state_dict(state)
         self.seen = [int(c) for c in state["seen"]]
-
-    def usage(self) -> tuple[int, int]:
-        return self.size, tensor_bytes(self.x, self.y, self.t) * self.size // max(1, self.capacity)
 
 
 def reinitialise(model: torch.nn.Module, seed: int, device: torch.device) -> None:
