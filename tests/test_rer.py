@@ -7,30 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import two_task_stream
 
 import cltoolbox
 from cltoolbox.errors import ConfigError
 from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.plugin import Batch
 from cltoolbox.strategies.rer import RelationNet, RERPlugin, rer
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Stream
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def _stream() -> Stream:
-    g = torch.Generator().manual_seed(0)
-    exps = []
-    for i in range(2):
-        y = torch.arange(2 * i, 2 * i + 2).repeat_interleave(32)
-        x = torch.randn(64, 8, generator=g) + 2.0 * F.one_hot(y, 8).float()
-        exps.append(Experience(i, i, (2 * i, 2 * i + 1), x[:48], y[:48], x[48:], y[48:]))
-    return Stream("toy", exps, 4, (8,), [0, 1, 2, 3], "class_incremental")
-
-
 def _fit(plugin: RERPlugin) -> tuple[Learner, Stream]:
     torch.manual_seed(0)
-    stream = _stream()
+    stream = two_task_stream()
     learner = Learner(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), [plugin],
                       TrainConfig(batch_size=8, lr=0.1, device="cpu"))
     learner.fit(stream)
