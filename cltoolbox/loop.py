@@ -75,6 +75,7 @@ class Learner:
     def make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for plugin in self.plugins for p in plugin.parameters() if p.requires_grad]
         if c.optimizer == "sgd":
             return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
@@ -89,8 +90,15 @@ class Learner:
         return None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Training logits; multi-head streams mask each row to its task's classes."""
-        logits = self.model(x)
+        """Training logits (a plugin's ``forward`` or the model's); multi-head streams mask each row to its
+        task's classes."""
+        logits = None
+        for p in self.hooks["forward"]:
+            logits = p.forward(self, x, t)
+            if logits is not None:
+                break
+        if logits is None:
+            logits = self.model(x)
         if self.multi_head:
             logits = logits.masked_fill(~self.task_mask[t], -1e9)
         return logits

@@ -13,7 +13,8 @@ Hook order (``Learner.fit``), tested in ``tests/test_conformance.py``::
             before_epoch(learner, exp, epoch)
             for each batch:
                 batch = transform_batch(learner, batch)          # chained: replay extends the batch
-                logits = model(batch.x)   (masked to the task's classes when the stream gives task ids)
+                logits = forward(learner, batch.x, batch.t)      # first tensor wins, else model(batch.x)
+                         (masked to the task's classes when the stream gives task ids)
                 loss = criterion(learner, batch, logits)          # first tensor returned replaces CE(logits, y)
                        + sum(loss(learner, batch, logits))
                 backward
@@ -25,6 +26,10 @@ Hook order (``Learner.fit``), tested in ``tests/test_conformance.py``::
         [evaluation of every test experience, uses predict(learner, x, task_ids) -> logits | None]
         [checkpoint]
     after_fit(learner, stream)
+
+Plugins may own trainable tensors (prompts, keys, a weighting net): ``parameters()`` lists them and every
+optimizer the loop makes includes them. ``cost()`` adds entries (e.g. an ensemble's parameter count or its
+inference cost) to the ``cost`` section of metrics.json.
 
 ``state_dict``/``load_state_dict`` must hold only tensors, numbers, strings, lists and dicts (checkpoints
 are loaded with ``weights_only=True``). ``memory_usage`` reports stored items and bytes for metrics.json.
@@ -47,6 +52,7 @@ HOOKS = (
     "train_experience",
     "before_epoch",
     "transform_batch",
+    "forward",
     "criterion",
     "loss",
     "after_backward",
@@ -89,6 +95,14 @@ class Plugin:
     def transform_batch(self, learner: Learner, batch: Batch) -> Batch:
         return batch
 
+    def forward(self, learner: Learner, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """Training logits over all classes for ``x`` (task ids ``t``), or None to use ``learner.model(x)``.
+
+        For strategies whose forward pass is not the model's own (prompt selection on a frozen ViT). The loop
+        still applies the multi-head task mask to what is returned.
+        """
+        return None
+
     def criterion(self, learner: Learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
         """The main loss of the batch, replacing the cross-entropy; None keeps CE.
 
@@ -114,6 +128,14 @@ class Plugin:
         return None
 
     def after_fit(self, learner: Learner, stream: Stream) -> None: ...
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Trainable tensors this plugin owns besides the model's; the loop's optimizers include them."""
+        return []
+
+    def cost(self) -> dict[str, float]:
+        """Extra entries for metrics.json's ``cost`` section (e.g. ``ensemble_params``)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

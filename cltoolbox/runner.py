@@ -293,6 +293,8 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
         "n_params": sum(p.numel() for p in learner.model.parameters()),
         "memory_items": items, "memory_bytes": mem_bytes,
     }
+    for p in learner.plugins:
+        cost.update(p.cost())
     if learner.device.type == "cuda":
         cost["peak_gpu_mb"] = torch.cuda.max_memory_allocated(learner.device) / 2**20
     summary["cost"] = cost
