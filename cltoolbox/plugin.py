@@ -129,6 +129,10 @@ class Plugin:
 
     def after_fit(self, learner: Learner, stream: Stream) -> None: ...
 
+    def check(self, model: torch.nn.Module, stream: Stream) -> None:
+        """Raise ``ConfigError`` when this plugin cannot work with ``model`` and ``stream``. Called before any run
+        starts, with the model built on the meta device (shapes and attributes, no values)."""
+
     def parameters(self) -> list[torch.Tensor]:
         """Trainable tensors this plugin owns besides the model's; the loop's optimizers include them."""
         return []

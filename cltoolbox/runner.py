@@ -403,10 +403,11 @@ def check_buildable(resolved: dict, data) -> Stream:
     """Build the first seed's stream, every strategy's plugins and the model (on the meta device, free),
     so that bad generator, strategy or model parameters fail before any run starts; returns the stream."""
     stream = build_stream(resolved, data, resolved["seeds"][0])
-    for strategy in resolved["strategy"]:
-        build_plugins(strategy)
+    plugins = [build_plugins(strategy) for strategy in resolved["strategy"]]
     with torch.device("meta"):  # validates the model's parameters without paying for its initialisation
-        build_model(resolved, stream)
+        model = build_model(resolved, stream)
+    for plugin in (p for group in plugins for p in group):
+        plugin.check(model, stream)  # strategy x model x stream constraints (e.g. a prompt layer past the depth)
     return stream
 
 

@@ -16,8 +16,9 @@ class statistics of ``model.features(x)``. They work with any model that has ``f
   a linear classifier is re-trained at every experience on real (new) + pseudo (past) features.
 
 Feature computation: once the extractor is frozen, each experience's training set goes through it in one
-batched pass (``eval_batch_size`` rows at a time), and evaluation batches are cached by content
-(``FeatureCache``), so with ``efficientnet_lite0`` every image is embedded once per run plus once per test set.
+batched pass (``eval_batch_size`` rows at a time), and features are cached per sample
+(``SampleFeatureCache``; a frozen ``efficientnet_lite0`` or ``vit`` caches them itself), so every image is
+embedded once per run.
 
 Checkpoints hold only tensors (sums, counts, Gram matrix, classifier weights) and numbers; the adapted
 backbone is part of the model's state, so a resumed run continues exactly.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.pretrained import FeatureCache
+from cltoolbox.models.cache import SampleFeatureCache
 from cltoolbox.plugin import Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 
@@ -82,7 +83,7 @@ class FixedExtractorPlugin(Plugin):
     def __init__(self, adapt: str = "none") -> None:
         self.adapt = adapt
         self.n_classes = 0
-        self._cache = FeatureCache()
+        self._cache = SampleFeatureCache()
 
     def before_fit(self, learner, stream) -> None:
         model = learner.model
@@ -101,11 +102,10 @@ class FixedExtractorPlugin(Plugin):
         return True
 
     def features(self, learner, x: torch.Tensor) -> torch.Tensor:
-        feats = self._cache.get(x)
-        if feats is None:
-            feats = extract_features(learner.model, x, learner.config.eval_batch_size)
-            self._cache.put(x, feats)
-        return feats
+        bs = learner.config.eval_batch_size
+        if getattr(learner.model, "frozen", False):  # the model caches its own frozen features
+            return extract_features(learner.model, x, bs)
+        return self._cache(x, lambda rows: extract_features(learner.model, rows, bs))
 
     def predict(self, learner, x, task_ids):
         if not self.ready():

@@ -26,7 +26,8 @@ TOKENS = {
     "after_experience": "A", "predict": "R", "after_fit": "Z",
 }
 # init evaluation (predict) after before_fit; per experience: epochs of batches, then evaluation.
-HOOK_ORDER = re.compile(r"FR*(EX?(P(BDLWS)*Q)*AR*)+Z")
+# forward (D) and predict (R) reach the recorder unless an earlier plugin already answered them.
+HOOK_ORDER = re.compile(r"FR*(EX?(P(BD?LWS)*Q)*AR*)+Z")
 
 
 class Crash(Exception):
@@ -104,9 +105,12 @@ TINY_STRATEGY_PARAMS: dict[str, dict] = {"er": {"memory_size": 50}, "gem": {"pat
                                          "agem": {"patterns_per_experience": 20, "sample_size": 16},
                                          "rer": {"memory_size": 50},
                                          "der": {"memory_size": 50}, "derpp": {"memory_size": 50},
-                                         "gdumb": {"memory_size": 60, "epochs": 2}, "icarl": {"memory_size": 50}}
+                                         "gdumb": {"memory_size": 60, "epochs": 2}, "icarl": {"memory_size": 50},
+                                         "dualprompt": {"g_layers": [0], "e_layers": [1]},
+                                         "coda_prompt": {"pool_size": 6, "layers": [0, 1]}}
 # Strategies that need another backbone than the default MLP.
-TINY_STRATEGY_MODELS: dict[str, dict] = {}
+TINY_VIT = {"name": "vit", "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
+TINY_STRATEGY_MODELS: dict[str, dict] = {name: TINY_VIT for name in ("l2p", "dualprompt", "coda_prompt")}
 TINY_SCENARIO_PARAMS: dict[str, dict] = {
     "class_incremental": {"n_experiences": 3, "first_classes": 4},
     "task_incremental": {"n_experiences": 5},

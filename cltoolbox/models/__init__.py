@@ -3,5 +3,6 @@
 from cltoolbox.models.mlp import mlp
 from cltoolbox.models.pretrained import efficientnet_lite0
 from cltoolbox.models.resnet import reduced_resnet18
+from cltoolbox.models.vit import vit
 
-__all__ = ["efficientnet_lite0", "mlp", "reduced_resnet18"]
+__all__ = ["efficientnet_lite0", "mlp", "reduced_resnet18", "vit"]

@@ -13,14 +13,12 @@ with the ImageNet mean/std. ``features(x)`` is the 1280-d globally pooled repres
 layer over the stream's classes.
 
 Frozen backbones (``frozen: true``, the default) are never trained and always run in eval mode (BatchNorm
-statistics stay ImageNet's); only the head is trainable. Feature caching is done by the strategies that treat
-the extractor as fixed (strategies/pretrained.py: one batched pass per experience for training data, and a
-content-keyed ``FeatureCache`` for evaluation batches), not by the model, so the model stays a plain module.
+statistics stay ImageNet's); only the head is trainable, and ``features`` are cached per sample for the run
+(``cltoolbox.models.cache.SampleFeatureCache``): every image goes through EfficientNet once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.models.cache import SampleFeatureCache
 from cltoolbox.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -113,14 +112,17 @@ class PretrainedClassifier(nn.Module):
         self.resize = resize
         self.backbone = backbone
         self.head = nn.Linear(FEATURE_DIM, n_classes)
+        self.cache = SampleFeatureCache()
         self.frozen = False
         self.set_frozen(frozen)
 
     def set_frozen(self, frozen: bool) -> None:
         """Freeze (no grads, eval-mode BatchNorm) or unfreeze the backbone; the head stays trainable."""
-        self.frozen = frozen
         self.backbone.requires_grad_(not frozen)
         self.backbone.train(self.training and not frozen)
+        if frozen != self.frozen:
+            self.cache.clear()
+        self.frozen = frozen
 
     def train(self, mode: bool = True) -> PretrainedClassifier:
         super().train(mode)
@@ -128,8 +130,19 @@ class PretrainedClassifier(nn.Module):
             self.backbone.eval()
         return self
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.cache.clear()  # new weights, new features
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(to_imagenet_input(x, self.input_shape, self.resize))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled 1280-d features (cached per sample while the backbone is frozen)."""
+        if self.frozen:
+            with torch.no_grad():
+                return self.cache(x, self._features)
+        return self._features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -144,36 +157,3 @@ def efficientnet_lite0(input_shape: tuple[int, ...], n_classes: int, pretrained:
     net = efficientnet_lite0_imagenet(pretrained)
     net.reset_classifier(0)  # forward now returns the pooled 1280-d features
     return PretrainedClassifier(net, input_shape, n_classes, resize, frozen)
-
-
-class FeatureCache:
-    """Features of a fixed extractor, keyed by the content of the input batch (shape + BLAKE2 of the bytes).
-
-    Evaluation slices the same test tensors after every experience; hashing a batch costs milliseconds while a
-    forward pass through EfficientNet costs seconds. Content keys (not ``id``/``data_ptr``) cannot go stale when
-    memory is reused. Call ``clear`` whenever the extractor changes. At most ``max_items`` rows are kept.
-    """
-
-    def __init__(self, max_items: int = 200_000) -> None:
-        self.max_items = max_items
-        self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._items = 0
-
-    @staticmethod
-    def key(x: torch.Tensor) -> tuple:
-        data = x.detach().contiguous().cpu().numpy().tobytes()
-        return tuple(x.shape), str(x.dtype), hashlib.blake2b(data, digest_size=16).hexdigest()
-
-    def get(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self._store.get(self.key(x))
-
-    def put(self, x: torch.Tensor, feats: torch.Tensor) -> None:
-        self._store[self.key(x)] = feats
-        self._items += feats.shape[0]
-        while self._items > self.max_items and len(self._store) > 1:
-            _, old = self._store.popitem(last=False)
-            self._items -= old.shape[0]
-
-    def clear(self) -> None:
-        self._store.clear()
-        self._items = 0

@@ -1,0 +1,424 @@
+"""Prompt-based continual learning on a frozen Vision Transformer (``model: {name: vit}``).
+
+* ``l2p`` - Wang, Zhang, Lee, Zhang, Sun, Ren, Su, Perot, Dy and Pfister, CVPR 2022, "Learning to Prompt for
+  Continual Learning": a shared pool of prompts with learnable keys; the query is the frozen backbone's [CLS]
+  feature; the top-N prompts by key-query cosine are prepended to the input tokens (prompt tuning); a
+  surrogate loss pulls the selected keys toward the query; the classifier reads the average of the prompt
+  tokens' outputs. Optional selection diversification (the paper's Eq. 4): during training, prompts used by
+  earlier tasks are penalised by their selection frequency, so new tasks claim unused prompts.
+* ``dualprompt`` - Wang, Zhang, Ebrahimi, Sun, Zhang, Lee, Ren, Su, Perot, Dy and Pfister, ECCV 2022,
+  "DualPrompt: Complementary Prompting for Rehearsal-free Continual Learning": a shared G-prompt in the
+  early blocks and one E-prompt per task in later blocks, both attached by prefix tuning; training uses the
+  current task's E-prompt and pulls its key toward the queries; inference picks the E-prompt whose key best
+  matches the query. Rehearsal-free.
+* ``coda_prompt`` - Smith, Karlinsky, Gutta, Cascante-Bonilla, Kim, Arbelle, Panda, Feris and Kira, CVPR 2023,
+  "CODA-Prompt: COntinual Decomposed Attention-based Prompting for Rehearsal-Free Continual Learning": each
+  prompt is a weighted sum of learned components, the weight of component m being cos(q * A_m, K_m) with a
+  learned attention vector A_m and key K_m; every task gets a new slice of components, initialised orthogonal
+  (Gram-Schmidt) to the earlier ones, which are then frozen; optional orthogonality penalty.
+
+Common to the three: the backbone is frozen (its [CLS] features, the queries, are cached per sample by the
+model), the trainable tensors are the prompts/keys (owned by the plugin, in every optimizer through
+``parameters()``) and the model's linear head; training logits are restricted to the current experience's
+classes (``train_mask``, as in the authors' class-incremental code) and inference masks classes not seen
+yet. One task = one experience. ``selected_task(learner, x)`` tells which task's prompts an input selects.
+
+Defaults follow the authors' released configurations: L2P pool 10, length 5, top-5, pull 0.1; DualPrompt
+G-prompt length 5 in blocks 0-1, E-prompt length 5 in blocks 2-4, pull 1.0; CODA-Prompt 100 components of
+length 8 in blocks 0-4, orthogonality weight 0 (their updated code relies on the orthogonal initialisation).
+They trained with Adam; set ``train.optimizer: adam`` (the examples do).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cltoolbox.errors import ConfigError
+from cltoolbox.models.vit import Prefix, ViTClassifier
+from cltoolbox.plugin import Plugin
+from cltoolbox.registry import register_strategy
+
+UNSEEN = -1e9  # logit of a class not trained yet (finite, like the loop's task masking)
+_INIT_SEED = 7919  # prompt initialisation draws from its own generator: data order stays the stream's
+
+
+def _uniform(gen: torch.Generator, *shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.rand(*shape, generator=gen) * 2 - 1)  # U(-1, 1), the authors' prompt init
+
+
+class PromptPlugin(Plugin):
+    """Shared machinery: frozen ViT, plugin-owned prompt module, query, masks, checkpointing."""
+
+    method = "prompting"
+
+    def __init__(self, pull: float, train_mask: bool) -> None:
+        if pull < 0:
+            raise ConfigError(f"strategy.pull: {pull} must be >= 0; 0 disables the key-query loss")
+        self.pull = pull
+        self.train_mask = train_mask
+        self.module: nn.Module | None = None
+        self.seen: torch.Tensor | None = None  # classes trained so far
+        self.current: torch.Tensor | None = None  # classes of the current experience
+        self._pending: dict | None = None
+        self._aux: torch.Tensor | float = 0.0
+
+    # -- subclass API ----------------------------------------------------------------------------------
+    def check(self, model, stream) -> None:
+        if not isinstance(model, ViTClassifier):
+            raise ConfigError(f"strategy: {self.method} prompts a Vision Transformer; set model.name: vit")
+
+    def build(self, model: ViTClassifier, n_tasks: int, gen: torch.Generator) -> nn.Module:
+        raise NotImplementedError
+
+    def prompted(self, model: ViTClassifier, x: torch.Tensor, task: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Pre-head features of ``x`` with prompts (``task`` while training, None at inference) and the
+        auxiliary loss."""
+        raise NotImplementedError
+
+    def selected_task(self, learner, x: torch.Tensor) -> torch.Tensor:
+        """The task whose prompts each input selects at inference."""
+        raise NotImplementedError
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def before_fit(self, learner, stream) -> None:
+        model = learner.model
+        self.check(model, stream)
+        model.set_frozen(True)
+        model.head.requires_grad_(True)
+        if self.module is None:
+            gen = torch.Generator().manual_seed(learner.seed * 1_000_003 + _INIT_SEED)
+            self.module = self.build(model, len(stream), gen).to(learner.device)
+            self.seen = torch.zeros(stream.n_classes, dtype=torch.bool, device=learner.device)
+            if self._pending is not None:
+                self.module.load_state_dict(self._pending["module"])
+                self.seen.copy_(self._pending["seen"])
+                self.load_extra(self._pending)
+                self._pending = None
+
+    def before_experience(self, learner, exp) -> None:
+        self.current = torch.zeros_like(self.seen)
+        self.current[list(exp.classes)] = True
+
+    def forward(self, learner, x, t):
+        feats, self._aux = self.prompted(learner.model, x, learner.experience.index)
+        logits = learner.model.head(feats)
+        if self.train_mask:
+            logits = logits.masked_fill(~self.current, UNSEEN)
+        return logits
+
+    def loss(self, learner, batch, logits):
+        aux, self._aux = self._aux, 0.0
+        return aux
+
+    def after_experience(self, learner, exp) -> None:
+        self.seen |= self.current
+
+    def predict(self, learner, x, task_ids):
+        if self.module is None or not bool(self.seen.any()):
+            return None
+        feats, _ = self.prompted(learner.model, x, None)
+        return learner.model.head(feats).float().masked_fill(~self.seen, UNSEEN)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [] if self.module is None else list(self.module.parameters())
+
+    def cost(self) -> dict[str, float]:
+        return {"prompt_params": sum(p.numel() for p in self.parameters())}
+
+    # -- checkpoint --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self.module is None:
+            return {} if self._pending is None else self._pending
+        return {"module": self.module.state_dict(), "seen": self.seen.cpu(), **self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._pending = state  # applied once before_fit has built the module for this model
+            if self.module is not None:
+                self.module.load_state_dict(state["module"])
+                self.seen.copy_(state["seen"])
+                self.load_extra(state)
+                self._pending = None
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra(self, state: dict) -> None: ...
+
+
+def _cosine(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T
+
+
+# ---------------------------------------------------------------------------------------------------- L2P
+class L2PPool(nn.Module):
+    def __init__(self, pool: int, length: int, dim: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.prompts = _uniform(gen, pool, length, dim)
+        self.keys = _uniform(gen, pool, dim)
+
+
+class L2PPlugin(PromptPlugin):
+    method = "l2p"
+
+    def __init__(self, pool_size: int, prompt_length: int, top_k: int, pull: float, diversify: bool,
+                 train_mask: bool) -> None:
+        super().__init__(pull, train_mask)
+        self.pool_size, self.prompt_length, self.top_k, self.diversify = pool_size, prompt_length, top_k, diversify
+        self.freq: torch.Tensor | None = None  # how often each prompt was selected by earlier tasks
+        self.usage: torch.Tensor | None = None  # (tasks, pool): selections while training each task
+
+    def build(self, model, n_tasks, gen):
+        self.freq = torch.zeros(self.pool_size, dtype=torch.float64)
+        self.usage = torch.zeros(n_tasks, self.pool_size, dtype=torch.float64)
+        return L2PPool(self.pool_size, self.prompt_length, model.embed_dim, gen)
+
+    def select(self, cos: torch.Tensor, training: bool) -> torch.Tensor:
+        if training and self.diversify and self.freq.sum() > 0:
+            h = (self.freq / self.freq.sum()).to(cos)
+            return ((1 - cos) * h).topk(self.top_k, dim=1, largest=False).indices  # Eq. 4
+        return cos.topk(self.top_k, dim=1).indices
+
+    def prompted(self, model, x, task):
+        q = model.features(x)
+        cos = _cosine(q, self.module.keys)
+        idx = self.select(cos, task is not None)
+        prompts = self.module.prompts[idx].flatten(1, 2)  # (batch, top_k * length, dim)
+        h = model.encode(x, prompts=prompts)
+        feats = h[:, 1 : 1 + prompts.shape[1]].mean(1)  # the prompt tokens' outputs
+        if task is None:
+            return feats, 0.0
+        self.usage[task] += torch.bincount(idx.flatten().cpu(), minlength=self.pool_size).double()
+        return feats, self.pull * (1 - cos.gather(1, idx)).sum(1).mean()
+
+    def after_experience(self, learner, exp) -> None:
+        super().after_experience(learner, exp)
+        self.freq = self.usage[: exp.index + 1].sum(0)
+
+    def selected_task(self, learner, x):
+        with torch.no_grad():
+            cos = _cosine(learner.model.features(x), self.module.keys)
+            owner = self.usage.argmax(0).to(cos.device)  # the task that trained each prompt most
+            return owner[cos.argmax(1)]
+
+    def extra_state(self):
+        return {"freq": self.freq.clone(), "usage": self.usage.clone()}
+
+    def load_extra(self, state):
+        self.freq, self.usage = state["freq"].clone(), state["usage"].clone()
+
+
+@register_strategy("l2p")
+def l2p(pool_size: int = 10, prompt_length: int = 5, top_k: int = 5, pull: float = 0.1, diversify: bool = True,
+        train_mask: bool = True) -> list[Plugin]:
+    """Learning to Prompt (Wang et al. 2022): key-matched prompt pool on a frozen ViT."""
+    for name, v in (("pool_size", pool_size), ("prompt_length", prompt_length), ("top_k", top_k)):
+        if v < 1:
+            raise ConfigError(f"strategy.{name}: {v} must be >= 1")
+    if top_k > pool_size:
+        raise ConfigError(f"strategy.top_k: {top_k} exceeds pool_size {pool_size}; lower top_k")
+    return [L2PPlugin(pool_size, prompt_length, top_k, pull, diversify, train_mask)]
+
+
+# --------------------------------------------------------------------------------------------- DualPrompt
+class DualPromptPool(nn.Module):
+    def __init__(self, n_g: int, g_length: int, pool: int, n_e: int, e_length: int, dim: int,
+                 gen: torch.Generator) -> None:
+        super().__init__()
+        self.g = _uniform(gen, n_g, 2, g_length, dim)  # (layer, key/value, length, dim)
+        self.e = _uniform(gen, pool, n_e, 2, e_length, dim)
+        self.keys = _uniform(gen, pool, dim)
+
+
+class DualPromptPlugin(PromptPlugin):
+    method = "dualprompt"
+
+    def __init__(self, g_layers: list[int], g_length: int, e_layers: list[int], e_length: int,
+                 pool_size: int | None, pull: float, train_mask: bool) -> None:
+        super().__init__(pull, train_mask)
+        self.g_layers, self.g_length, self.e_layers, self.e_length = g_layers, g_length, e_layers, e_length
+        self.pool_size = pool_size
+
+    def check(self, model, stream) -> None:
+        super().check(model, stream)
+        for name, layers in (("g_layers", self.g_layers), ("e_layers", self.e_layers)):
+            bad = [i for i in layers if not 0 <= i < model.depth]
+            if bad:
+                raise ConfigError(f"strategy.{name}: block {bad[0]} does not exist in a ViT of depth {model.depth}; "
+                                  f"use blocks 0..{model.depth - 1}")
+        if self.pool_size is not None and self.pool_size < len(stream):
+            raise ConfigError(f"strategy.pool_size: {self.pool_size} E-prompts for {len(stream)} tasks; use >= "
+                              f"{len(stream)} or leave it unset (one per task)")
+
+    def build(self, model, n_tasks, gen):
+        pool = self.pool_size or n_tasks
+        return DualPromptPool(len(self.g_layers), self.g_length, pool, len(self.e_layers), self.e_length,
+                              model.embed_dim, gen)
+
+    def prefixes(self, slots: torch.Tensor, batch: int) -> dict[int, Prefix]:
+        out: dict[int, list[torch.Tensor]] = {}
+        for i, layer in enumerate(self.g_layers):
+            out[layer] = [self.module.g[i, 0].expand(batch, -1, -1), self.module.g[i, 1].expand(batch, -1, -1)]
+        e = self.module.e[slots]  # (batch, layers, 2, length, dim)
+        for j, layer in enumerate(self.e_layers):
+            k, v = e[:, j, 0], e[:, j, 1]
+            if layer in out:  # a block with both prompts gets both prefixes
+                k, v = torch.cat((out[layer][0], k), 1), torch.cat((out[layer][1], v), 1)
+            out[layer] = [k, v]
+        return {layer: (k, v) for layer, (k, v) in out.items()}
+
+    def prompted(self, model, x, task):
+        q = model.features(x)
+        cos = _cosine(q, self.module.keys)
+        if task is None:
+            slots = cos.argmax(1)
+        else:
+            slots = torch.full((x.shape[0],), task, dtype=torch.long, device=x.device)
+        feats = model.pool(model.encode(x, prefixes=self.prefixes(slots, x.shape[0])))
+        if task is None:
+            return feats, 0.0
+        return feats, self.pull * (1 - cos[:, task]).mean()
+
+    def selected_task(self, learner, x):
+        with torch.no_grad():
+            return _cosine(learner.model.features(x), self.module.keys).argmax(1)
+
+
+@register_strategy("dualprompt")
+def dualprompt(g_layers: list[int] = [0, 1], g_length: int = 5, e_layers: list[int] = [2, 3, 4],  # noqa: B006
+               e_length: int = 5, pool_size: int | None = None, pull: float = 1.0,
+               train_mask: bool = True) -> list[Plugin]:
+    """DualPrompt (Wang et al. 2022): shared G-prompt + key-matched task E-prompts, prefix-tuned."""
+    if g_length < 1 or e_length < 1:
+        raise ConfigError("strategy.g_length/e_length: prompt lengths must be >= 1")
+    return [DualPromptPlugin(list(g_layers), g_length, list(e_layers), e_length, pool_size, pull, train_mask)]
+
+
+# -------------------------------------------------------------------------------------------- CODA-Prompt
+def _orthogonal_rows(existing: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random unit rows orthogonal to ``existing`` and to each other (Gram-Schmidt, float64)."""
+    basis = [r for r in F.normalize(existing.double(), dim=1)] if existing.numel() else []
+    out = []
+    while len(out) < n:
+        v = torch.randn(existing.shape[1], generator=gen, dtype=torch.float64)
+        for b in basis:
+            v = v - (v @ b) * b
+        norm = v.norm()
+        if norm < 1e-6:  # drawn inside the span (cannot happen below the dimension; redraw)
+            continue
+        v = v / norm
+        basis.append(v)
+        out.append(v)
+    return torch.stack(out).float()
+
+
+class CodaPool(nn.Module):
+    def __init__(self, n_layers: int, pool: int, length: int, dim: int) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(n_layers, pool, length, dim))  # components
+        self.k = nn.Parameter(torch.zeros(n_layers, pool, dim))  # keys
+        self.a = nn.Parameter(torch.zeros(n_layers, pool, dim))  # attention vectors
+
+
+class CodaPromptPlugin(PromptPlugin):
+    method = "coda_prompt"
+
+    def __init__(self, pool_size: int, prompt_length: int, layers: list[int], ortho: float,
+                 train_mask: bool) -> None:
+        super().__init__(0.0, train_mask)
+        self.pool_size, self.prompt_length, self.layers, self.ortho = pool_size, prompt_length, layers, ortho
+        self.per_task = 0
+        self.trained = 0  # tasks whose component slices are in use
+        self.seed = 0
+
+    def check(self, model, stream) -> None:
+        super().check(model, stream)
+        n_tasks = len(stream)
+        bad = [i for i in self.layers if not 0 <= i < model.depth]
+        if bad:
+            raise ConfigError(f"strategy.layers: block {bad[0]} does not exist in a ViT of depth {model.depth}; "
+                              f"use blocks 0..{model.depth - 1}")
+        if self.pool_size > model.embed_dim:
+            raise ConfigError(f"strategy.pool_size: {self.pool_size} components cannot be mutually orthogonal in "
+                              f"the backbone's {model.embed_dim} dimensions; use pool_size <= {model.embed_dim}")
+        if self.pool_size < n_tasks:
+            raise ConfigError(f"strategy.pool_size: {self.pool_size} components for {n_tasks} tasks; use >= "
+                              f"{n_tasks} (the paper uses 100 for 10 tasks)")
+
+    def build(self, model, n_tasks, gen):
+        self.per_task = self.pool_size // n_tasks
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        return CodaPool(len(self.layers), self.pool_size, self.prompt_length, model.embed_dim)
+
+    @torch.no_grad()
+    def before_experience(self, learner, exp) -> None:
+        super().before_experience(learner, exp)
+        t = exp.index
+        if t < self.trained:  # resumed after this slice was initialised
+            return
+        lo, hi = t * self.per_task, (t + 1) * self.per_task
+        gen = torch.Generator().manual_seed(self.seed + t)
+        m = self.module
+        for layer in range(len(self.layers)):  # new slice orthogonal to the earlier ones (Sec. 3.2)
+            for tensor in (m.p, m.k, m.a):
+                flat = tensor[layer].flatten(1)
+                flat[lo:hi] = _orthogonal_rows(flat[:lo].cpu(), hi - lo, gen).to(flat)
+        self.trained = t + 1
+
+    def _slices(self, tensor: torch.Tensor, task: int | None) -> torch.Tensor:
+        """Components in use: earlier tasks' frozen, the current task's trainable."""
+        if task is None:
+            return tensor[:, : self.trained * self.per_task]
+        lo, hi = task * self.per_task, (task + 1) * self.per_task
+        return torch.cat((tensor[:, :lo].detach(), tensor[:, lo:hi]), dim=1)
+
+    def weights(self, q: torch.Tensor, task: int | None) -> torch.Tensor:
+        """alpha (layers, batch, components) = cos(q * A_m, K_m) (Eq. 5 of the paper)."""
+        k, a = self._slices(self.module.k, task), self._slices(self.module.a, task)
+        aq = q[None, :, None, :] * a[:, None]  # (layers, batch, components, dim)
+        return F.cosine_similarity(aq, k[:, None], dim=-1)
+
+    def prompted(self, model, x, task):
+        q = model.features(x)
+        alpha = self.weights(q, task)
+        p = self._slices(self.module.p, task)
+        prompts = torch.einsum("lbm,lmcd->lbcd", alpha, p)  # (layers, batch, length, dim)
+        half = self.prompt_length // 2  # first half prefixes the keys, second half the values
+        prefixes = {layer: (prompts[i, :, :half], prompts[i, :, half:]) for i, layer in enumerate(self.layers)}
+        feats = model.pool(model.encode(x, prefixes=prefixes))
+        if task is None or self.ortho == 0:
+            return feats, 0.0
+        penalty = sum(_ortho_penalty(self._slices(t, task)) for t in (self.module.p, self.module.k, self.module.a))
+        return feats, self.ortho * penalty
+
+    def selected_task(self, learner, x):
+        with torch.no_grad():
+            alpha = self.weights(learner.model.features(x), None).abs().sum(0)  # (batch, components)
+            return alpha.view(alpha.shape[0], -1, self.per_task).sum(2).argmax(1)  # weight mass per task
+
+    def extra_state(self):
+        return {"trained": self.trained, "per_task": self.per_task, "seed": self.seed}
+
+    def load_extra(self, state):
+        self.trained, self.per_task, self.seed = int(state["trained"]), int(state["per_task"]), int(state["seed"])
+
+
+def _ortho_penalty(t: torch.Tensor) -> torch.Tensor:
+    flat = t.flatten(2)  # (layers, components, features)
+    gram = flat @ flat.transpose(1, 2)
+    eye = torch.eye(gram.shape[-1], device=t.device)
+    return ((gram - eye) ** 2).sum()
+
+
+@register_strategy("coda_prompt")
+def coda_prompt(pool_size: int = 100, prompt_length: int = 8, layers: list[int] = [0, 1, 2, 3, 4],  # noqa: B006
+                ortho: float = 0.0, train_mask: bool = True) -> list[Plugin]:
+    """CODA-Prompt (Smith et al. 2023): attention-weighted prompt components, orthogonal per task."""
+    if prompt_length < 2 or prompt_length % 2:
+        raise ConfigError(f"strategy.prompt_length: {prompt_length} must be even (half keys, half values)")
+    if ortho < 0:
+        raise ConfigError(f"strategy.ortho: {ortho} must be >= 0")
+    return [CodaPromptPlugin(pool_size, prompt_length, list(layers), ortho, train_mask)]
