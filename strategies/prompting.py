@@ -299,18 +299,23 @@ def dualprompt(g_layers: list[int] = [0, 1], g_length: int = 5, e_layers: list[i
 
 # -------------------------------------------------------------------------------------------- CODA-Prompt
 def _orthogonal_rows(existing: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` random unit rows orthogonal to ``existing`` and to each other (Gram-Schmidt, float64)."""
-    basis = [r for r in F.normalize(existing.double(), dim=1)] if existing.numel() else []
+    """``n`` random unit rows orthogonal to the rows of ``existing`` and to each other (Gram-Schmidt against an
+    orthonormal basis of ``existing``, float64)."""
+    dim = existing.shape[1]
+    if existing.shape[0]:
+        basis = torch.linalg.qr(existing.double().T).Q.T  # (rows, dim), orthonormal
+    else:
+        basis = torch.empty(0, dim, dtype=torch.float64)
     out = []
     while len(out) < n:
-        v = torch.randn(existing.shape[1], generator=gen, dtype=torch.float64)
-        for b in basis:
-            v = v - (v @ b) * b
+        v = torch.randn(dim, generator=gen, dtype=torch.float64)
+        for _ in range(2):  # twice is enough for full float64 orthogonality
+            v = v - basis.T @ (basis @ v)
         norm = v.norm()
         if norm < 1e-6:  # drawn inside the span (cannot happen below the dimension; redraw)
             continue
         v = v / norm
-        basis.append(v)
+        basis = torch.cat((basis, v[None]))
         out.append(v)
     return torch.stack(out).float()
 

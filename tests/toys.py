@@ -17,3 +17,21 @@ def two_task_stream() -> Stream:
         x = torch.randn(64, 8, generator=g) + 2.0 * F.one_hot(y, 8).float()
         exps.append(Experience(i, i, (2 * i, 2 * i + 1), x[:48], y[:48], x[48:], y[48:]))
     return Stream("toy", exps, 4, (8,), [0, 1, 2, 3], "class_incremental")
+
+
+def textured_task_stream(n_tasks: int = 4) -> Stream:
+    """Split sklearn digits (2 classes per task) where task k's images carry texture k (vertical stripes,
+    horizontal stripes, checkerboard, none): tasks a random-init ViT's [CLS] features tell apart, for
+    testing prompt selection."""
+    from cltoolbox.data import load_dataset
+
+    d = load_dataset("digits")
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    textures = [(xx % 2).float(), (yy % 2).float(), ((xx + yy) % 2).float(), torch.zeros(8, 8)]
+    exps = []
+    for k in range(n_tasks):
+        classes = (2 * k, 2 * k + 1)
+        tr, te = (d.y_train // 2) == k, (d.y_test // 2) == k
+        exps.append(Experience(k, 0, classes, d.x_train[tr] + 2 * textures[k], d.y_train[tr],
+                               d.x_test[te] + 2 * textures[k], d.y_test[te]))
+    return Stream("textured-digits", exps, 10, (1, 8, 8), list(range(10)), "class_incremental")

@@ -1,0 +1,127 @@
+"""l2p, dualprompt and coda_prompt on small random-init ViTs: frozen backbone, prompt selection, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import textured_task_stream
+
+import cltoolbox
+from cltoolbox.errors import ConfigError
+from cltoolbox.loop import Learner, TrainConfig
+from cltoolbox.models.vit import vit
+from cltoolbox.registry import STRATEGIES
+
+SMALL_VIT = {"patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 4}
+PARAMS = {"l2p": {"pool_size": 8, "top_k": 2}, "dualprompt": {"g_layers": [0], "e_layers": [1, 2]},
+          "coda_prompt": {"pool_size": 8, "layers": [0, 1, 2]}, "naive": {}}
+
+
+def fit(name: str, epochs: int = 8, n_tasks: int = 4):
+    stream = textured_task_stream(n_tasks)
+    torch.manual_seed(0)
+    model = vit((1, 8, 8), 10, **SMALL_VIT)
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    plugins = STRATEGIES.get(name).factory(**PARAMS[name])
+    learner = Learner(model, plugins, TrainConfig(epochs=epochs, batch_size=32, lr=0.05 if name != "naive" else
+                                                  1e-3, optimizer="adam"), seed=0)
+    learner.fit(stream)
+    return learner, stream, backbone
+
+
+def class_il_acc(learner: Learner, stream) -> float:
+    x = torch.cat([e.x_test for e in stream.experiences])
+    y = torch.cat([e.y_test for e in stream.experiences])
+    return float((learner.logits(x, torch.zeros_like(y)).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return {name: fit(name) for name in ("l2p", "dualprompt", "naive")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["l2p", "dualprompt"])
+def test_selection_picks_the_right_tasks_prompts(trained, name: str) -> None:
+    learner, stream, _ = trained[name]
+    for exp in stream.experiences:
+        picked = learner.plugins[0].selected_task(learner, exp.x_test)
+        assert float((picked == exp.index).float().mean()) >= 0.9, f"task {exp.index}: {picked.tolist()}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["l2p", "dualprompt"])
+def test_backbone_is_unchanged_and_only_prompts_and_head_train(trained, name: str) -> None:
+    learner, _, before = trained[name]
+    after = learner.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    head = learner.model.head.weight
+    assert not torch.equal(head, vit((1, 8, 8), 10, **SMALL_VIT).head.weight)  # trained (and seeded differently)
+    assert learner.plugins[0].cost()["prompt_params"] > 0
+
+
+@pytest.mark.slow
+def test_dualprompt_beats_naive_finetuning_in_class_il(trained) -> None:
+    dual = class_il_acc(*trained["dualprompt"][:2])
+    naive = class_il_acc(*trained["naive"][:2])  # measured: 0.36 vs 0.25 (naive keeps only the last task)
+    assert dual > naive + 0.05, (dual, naive)
+
+
+def test_coda_new_slice_is_orthogonal_to_the_trained_ones() -> None:
+    learner, stream, before = fit("coda_prompt", epochs=1, n_tasks=2)
+    plugin = learner.plugins[0]
+    per = plugin.per_task
+    assert per == 4 and plugin.trained == 2
+    assert all(torch.equal(before[k], v) for k, v in learner.model.backbone.state_dict().items())
+    # re-initialise task 1's slice against the trained task-0 slice (trained rows are no longer orthogonal)
+    plugin.trained = 1
+    plugin.before_experience(learner, stream.experiences[1])
+    for t in (plugin.module.p, plugin.module.k, plugin.module.a):
+        rows = t.detach()[0].flatten(1).double()
+        new = rows[per : 2 * per]
+        assert (new @ rows[:per].T).abs().max() < 1e-5  # orthogonal to the earlier task's components
+        assert torch.allclose(new @ new.T, torch.eye(per, dtype=torch.float64), atol=1e-5)  # orthonormal
+
+
+def test_coda_earlier_components_do_not_move() -> None:
+    stream = textured_task_stream(2)
+    torch.manual_seed(0)
+    model = vit((1, 8, 8), 10, **SMALL_VIT)
+    (plugin,) = STRATEGIES.get("coda_prompt").factory(**PARAMS["coda_prompt"])
+    learner = Learner(model, [plugin], TrainConfig(epochs=2, batch_size=32, lr=0.05, optimizer="adam"), seed=0)
+    learner.begin(stream)
+    learner.train_experience(stream.experiences[0])
+    per = plugin.per_task
+    first = [t[:, :per].detach().clone() for t in (plugin.module.p, plugin.module.k, plugin.module.a)]
+    learner.train_experience(stream.experiences[1])
+    now = [t[:, :per] for t in (plugin.module.p, plugin.module.k, plugin.module.a)]
+    assert all(torch.equal(a, b) for a, b in zip(first, now, strict=True))
+    assert not torch.equal(plugin.module.k[:, per : 2 * per], torch.zeros_like(plugin.module.k[:, :per]))
+
+
+def test_training_logits_are_masked_to_the_current_classes() -> None:
+    stream = textured_task_stream(2)
+    torch.manual_seed(0)
+    model = vit((1, 8, 8), 10, **SMALL_VIT)
+    (plugin,) = STRATEGIES.get("dualprompt").factory(**PARAMS["dualprompt"])
+    learner = Learner(model, [plugin], TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer="adam"), seed=0)
+    learner.begin(stream)
+    learner.experience = exp = stream.experiences[1]
+    plugin.before_experience(learner, exp)
+    logits = learner.forward(exp.x_train[:5], torch.zeros(5, dtype=torch.long))
+    others = [c for c in range(10) if c not in exp.classes]
+    assert (logits[:, others] <= -1e8).all() and (logits[:, list(exp.classes)] > -1e8).all()
+
+
+@pytest.mark.parametrize(("strategy", "model", "message"), [
+    ({"name": "l2p"}, {"name": "mlp"}, "strategy: l2p prompts a Vision Transformer; set model.name: vit"),
+    ({"name": "dualprompt"}, {"name": "vit", "depth": 3}, "strategy.e_layers: block 3 does not exist"),
+    ({"name": "coda_prompt"}, {"name": "vit", "embed_dim": 32}, "strategy.pool_size: 100 components cannot"),
+    ({"name": "l2p", "top_k": 20}, {"name": "vit"}, "strategy.top_k: 20 exceeds pool_size 10"),
+])
+def test_bad_combinations_fail_before_any_run(tmp_path, strategy, model, message) -> None:
+    config = {"name": "bad", "scenario": {"name": "class_incremental", "dataset": "digits", "n_experiences": 2},
+              "model": model, "strategy": strategy, "seeds": [0], "out": str(tmp_path / "runs")}
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        cltoolbox.run(config, quiet=True)
+    assert not (tmp_path / "runs").exists()
