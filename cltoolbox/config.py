@@ -5,7 +5,8 @@ Top-level keys::
     name: er_split_mnist                  # folder name of the experiment
     scenario: {name: class_incremental, dataset: mnist5k, root: null, download: false, <generator params>}
     model: {name: mlp, <model params>}
-    strategy: {name: er, <strategy params>, label: null, plugins: [{name: lwf, ...}]}   # or a list of these
+    strategy: {name: er, <strategy params>, label: null, plugins: [{name: lwf, ...}], train: {lr: ...}}
+                                                     # or a list of these; train: overrides the shared train
     train: {epochs, batch_size, optimizer, lr, ...}   # see cltoolbox.loop.TrainConfig
     seeds: [0, 1, 2]                      # a run's own config.yaml has `seed: 0` instead (seeds wins if both)
     out: runs
@@ -113,18 +114,26 @@ def _named(section: dict, field: str, registry) -> tuple[Any, dict]:
     return registry.get(section["name"], f"{field}.name"), section
 
 
-def _resolve_strategy(entry: Any, field: str) -> dict[str, Any]:
+def _resolve_strategy(entry: Any, field: str, top: bool = True) -> dict[str, Any]:
+    from cltoolbox.loop import TrainConfig
     from cltoolbox.registry import STRATEGIES
 
     if not isinstance(entry, dict):
         raise ConfigError(f"{field}: expected a mapping like {{name: er, memory_size: 500}}, got {entry!r}")
     reg, _ = _named(entry, field, STRATEGIES)
-    given = {k: v for k, v in entry.items() if k not in ("name", "label", "plugins")}
+    given = {k: v for k, v in entry.items() if k not in ("name", "label", "plugins", "train")}
     out: dict[str, Any] = {"name": entry["name"], **resolve(reg.params, given, field)}
+    if entry.get("train") is not None:  # this strategy's own training settings, over the shared `train:`
+        if not top:
+            raise ConfigError(f"{field}.train: plugins share their strategy's training; move `train:` up to it")
+        if not isinstance(entry["train"], dict):
+            raise ConfigError(f"{field}.train: expected a mapping like {{lr: 0.01}}, got {entry['train']!r}")
+        full = resolve(signature_params(TrainConfig), entry["train"], f"{field}.train")
+        out["train"] = {k: full[k] for k in entry["train"]}
     extra = entry.get("plugins") or []
     if not isinstance(extra, list):
         raise ConfigError(f"{field}.plugins: expected a list of strategy mappings, e.g. [{{name: lwf}}]")
-    out["plugins"] = [_resolve_strategy(p, f"{field}.plugins[{i}]") for i, p in enumerate(extra)]
+    out["plugins"] = [_resolve_strategy(p, f"{field}.plugins[{i}]", top=False) for i, p in enumerate(extra)]
     label = entry.get("label") or "+".join([entry["name"], *(p["name"] for p in out["plugins"])])
     if not isinstance(label, str) or not NAME_RE.match(label):
         raise ConfigError(f"{field}.label: {label!r} must be a folder-safe name (letters, digits, _ . + -)")
@@ -134,7 +143,7 @@ def _resolve_strategy(entry: Any, field: str) -> dict[str, Any]:
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check every field and fill every default; returns the resolved config (strategy is always a list)."""
-    from cltoolbox.loop import TrainConfig, resolve_device
+    from cltoolbox.loop import TrainConfig
     from cltoolbox.registry import DATASETS, MODELS, SCENARIOS
 
     for key in config:
@@ -179,19 +188,11 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 
     train_given = _section(config, "train", required=False)
     train = resolve(signature_params(TrainConfig), train_given, "train")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if train[key] < 1:
-            raise ConfigError(f"train.{key}: must be >= 1, got {train[key]}")
-    if not 0 < train["lr"] < math.inf:
-        raise ConfigError(f"train.lr: must be a finite number > 0, got {train['lr']}; e.g. `lr: 0.1`")
-    for key in ("momentum", "weight_decay"):
-        if not 0 <= train[key] < math.inf:
-            raise ConfigError(f"train.{key}: must be a finite number >= 0, got {train[key]}; e.g. `{key}: 0.0`")
-    if not 0 < train["gamma"] < math.inf:
-        raise ConfigError(f"train.gamma: must be a finite number > 0, got {train['gamma']}; e.g. `gamma: 0.1`")
-    if any(m < 1 for m in train["milestones"]):
-        raise ConfigError(f"train.milestones: epochs must be >= 1, got {train['milestones']}")
-    resolve_device(train["device"])  # `cuda` on a machine without one fails here, not mid-run
+    check_train(train, "train")
+    for i, entry in enumerate(strategies):  # per-strategy overrides, checked merged with the shared section
+        if "train" in entry:
+            field = f"strategy[{i}].train" if isinstance(strat, list) else "strategy.train"
+            check_train({**train, **entry["train"]}, field)
 
     seeds = config.get("seeds", [config["seed"]] if "seed" in config else [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -208,6 +209,25 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             "strategy": strategies, "train": train, "seeds": seeds, "out": out}
 
 
+def check_train(train: dict[str, Any], field: str) -> None:
+    """Value checks of a resolved train section (``field`` names it in errors)."""
+    from cltoolbox.loop import resolve_device
+
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if train[key] < 1:
+            raise ConfigError(f"{field}.{key}: must be >= 1, got {train[key]}")
+    if not 0 < train["lr"] < math.inf:
+        raise ConfigError(f"{field}.lr: must be a finite number > 0, got {train['lr']}; e.g. `lr: 0.1`")
+    for key in ("momentum", "weight_decay"):
+        if not 0 <= train[key] < math.inf:
+            raise ConfigError(f"{field}.{key}: must be a finite number >= 0, got {train[key]}; e.g. `{key}: 0.0`")
+    if not 0 < train["gamma"] < math.inf:
+        raise ConfigError(f"{field}.gamma: must be a finite number > 0, got {train['gamma']}; e.g. `gamma: 0.1`")
+    if any(m < 1 for m in train["milestones"]):
+        raise ConfigError(f"{field}.milestones: epochs must be >= 1, got {train['milestones']}")
+    resolve_device(train["device"])  # `cuda` on a machine without one fails here, not mid-run
+
+
 def _dataset_fields(root: str | None = None, download: bool = False, validation: float = 0.0) -> None:
     """Keys of the scenario section that every generator shares: local data root, permission to download,
     and the fraction of each experience's training data held out as its validation set (0 = test set)."""
@@ -220,8 +240,11 @@ def train_config(resolved: dict[str, Any]):
 
 
 def run_config(resolved: dict[str, Any], strategy: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The config of one run (one strategy, one seed), as written to its config.yaml."""
+    """The config of one run (one strategy, one seed), as written to its config.yaml; a strategy's own
+    ``train:`` overrides are merged into the run's ``train`` section."""
     cfg = {k: v for k, v in resolved.items() if k not in ("strategy", "seeds")}
+    cfg["train"] = {**resolved["train"], **strategy.get("train", {})}
+    strategy = {k: v for k, v in strategy.items() if k != "train"}
     return copy.deepcopy({**cfg, "strategy": strategy, "seed": seed})
 
 

@@ -29,7 +29,9 @@ Hook order (``Learner.fit``), tested in ``tests/test_conformance.py``::
 
 Plugins may own trainable tensors (prompts, keys, a weighting net): ``parameters()`` lists them and every
 optimizer the loop makes includes them. ``cost()`` adds entries (e.g. an ensemble's parameter count or its
-inference cost) to the ``cost`` section of metrics.json.
+inference cost) to the ``cost`` section of metrics.json; ``report(learner, stream)`` adds method-specific
+diagnostics (e.g. how often prompt selection picks the right task) to its ``strategy`` section after a
+finished run.
 
 ``state_dict``/``load_state_dict`` must hold only tensors, numbers, strings, lists and dicts (checkpoints
 are loaded with ``weights_only=True``). ``memory_usage`` reports stored items and bytes for metrics.json.
@@ -139,6 +141,10 @@ class Plugin:
 
     def cost(self) -> dict[str, float]:
         """Extra entries for metrics.json's ``cost`` section (e.g. ``ensemble_params``)."""
+        return {}
+
+    def report(self, learner: Learner, stream: Stream) -> dict[str, float]:
+        """Method-specific diagnostics for metrics.json's ``strategy`` section, computed once the run is done."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def run_dir_for(resolved: dict, strategy: dict, seed: int) -> Path:
 
 
 def build_plugins(strategy: dict[str, Any]) -> list[Plugin]:
-    params = {k: v for k, v in strategy.items() if k not in ("name", "label", "plugins")}
+    params = {k: v for k, v in strategy.items() if k not in ("name", "label", "plugins", "train")}
     made = STRATEGIES.get(strategy["name"]).factory(**params)
     plugins = [made] if isinstance(made, Plugin) else list(made)
     for extra in strategy.get("plugins", []):
@@ -298,6 +298,10 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
     if learner.device.type == "cuda":
         cost["peak_gpu_mb"] = torch.cuda.max_memory_allocated(learner.device) / 2**20
     summary["cost"] = cost
+    if status == "done":
+        diagnostics = {k: v for p in learner.plugins for k, v in p.report(learner, stream).items()}
+        if diagnostics:
+            summary["strategy"] = diagnostics
     summary["labels"] = {
         "experiment": run_cfg["name"], "strategy": run_cfg["strategy"]["label"],
         "scenario": scenario_label(run_cfg["scenario"]), "dataset": run_cfg["scenario"]["dataset"],

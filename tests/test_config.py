@@ -238,3 +238,29 @@ def test_run_config_yaml_runs_again_with_the_same_config(tmp_path):
     rewritten = load_yaml(Path(second["run_dir"]) / "config.yaml")
     assert {**rewritten, "out": None} == {**written, "out": None}
     assert second["class_il"]["acc"] == pytest.approx(first["class_il"]["acc"])  # same seed, same result
+
+
+def test_a_strategy_can_override_the_shared_train_section(tmp_path: Path) -> None:
+    resolved = validate(cfg(strategy=[{"name": "naive"}, {"name": "er", "train": {"lr": 0.01, "epochs": 2}}],
+                            out=str(tmp_path)))
+    naive, er = (run_config(resolved, s, 0) for s in resolved["strategy"])
+    assert naive["train"]["lr"] == 0.05 and naive["train"]["epochs"] == 1
+    assert er["train"]["lr"] == 0.01 and er["train"]["epochs"] == 2 and er["train"]["batch_size"] == 64
+    assert "train" not in er["strategy"]
+    summaries = cltoolbox.run(cfg(strategy=[{"name": "naive"}, {"name": "naive", "label": "slow",
+                                                                 "train": {"lr": 0.001}}], out=str(tmp_path)),
+                              quiet=True)
+    written = yaml.safe_load(Path(summaries[1]["run_dir"], "config.yaml").read_text())
+    assert written["train"]["lr"] == 0.001
+    assert summaries[0]["class_il"]["acc"] != summaries[1]["class_il"]["acc"]
+
+
+@pytest.mark.parametrize(("strategy", "message"), [
+    ({"name": "er", "train": {"lr": 0}}, r"strategy.train.lr: must be a finite number > 0"),
+    ({"name": "er", "train": {"lrr": 0.1}}, r"strategy.train.lrr: unknown key \(did you mean .lr.\?\)"),
+    ({"name": "er", "train": 0.1}, r"strategy.train: expected a mapping"),
+    ({"name": "er", "plugins": [{"name": "lwf", "train": {"lr": 0.1}}]}, r"plugins\[0\].train: plugins share"),
+])
+def test_bad_strategy_train_overrides(strategy, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg(strategy=strategy))
