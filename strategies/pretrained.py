@@ -58,21 +58,38 @@ def freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
 
 
+def _normalise_in_eval_mode(module: nn.Module, _inputs) -> None:
+    module.train(False)
+
+
 def adapt_first_experience(learner, exp, adapt: str) -> None:
-    """Train on the first experience with the standard loop: the whole model ("body"), or only the affine
-    parameters of normalisation layers plus the head ("film", see ``fsa``); "none" trains nothing."""
+    """Train on the first experience with the standard loop: the whole model ("body"), or FiLM adapters plus
+    the head ("film", see ``fsa``); "none" trains nothing."""
     if adapt == "none":
         return
     model = learner.model
     if hasattr(model, "set_frozen"):
         model.set_frozen(False)
-    model.requires_grad_(adapt == "body")
-    if adapt == "film":
-        for m in model.modules():
-            if isinstance(m, _NORM_LAYERS):
-                m.requires_grad_(True)
-        model.head.requires_grad_(True)
-    learner.train_data(exp.x_train, exp.y_train, torch.full_like(exp.y_train, exp.task_id))
+    task = torch.full_like(exp.y_train, exp.task_id)
+    if adapt == "body":
+        model.requires_grad_(True)
+        learner.train_data(exp.x_train, exp.y_train, task)
+        return
+    # FiLM (Perez et al. 2018) as FiT/FSA apply it to a pre-trained network: a per-channel scale and shift after
+    # every normalisation layer, i.e. the layers' affine parameters, with the normalisation statistics kept.
+    norms = [m for m in model.modules() if isinstance(m, _NORM_LAYERS) and getattr(m, "weight", None) is not None]
+    model.requires_grad_(False)
+    for m in norms:
+        m.requires_grad_(True)
+    model.head.requires_grad_(True)
+    # running statistics stay the pre-trained ones: these layers normalise in eval mode during adaptation
+    hooks = [m.register_forward_pre_hook(_normalise_in_eval_mode)
+             for m in norms if isinstance(m, nn.modules.batchnorm._NormBase)]
+    try:
+        learner.train_data(exp.x_train, exp.y_train, task)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 class FixedExtractorPlugin(Plugin):
@@ -85,11 +102,17 @@ class FixedExtractorPlugin(Plugin):
         self.n_classes = 0
         self._cache = SampleFeatureCache()
 
-    def before_fit(self, learner, stream) -> None:
-        model = learner.model
+    def check(self, model, stream) -> None:
         if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
             raise ConfigError(f"strategy: {self.method} needs a model with features(x) and a linear head; "
-                              "use model mlp, resnet18_reduced or efficientnet_lite0")
+                              "use model mlp, resnet18_reduced, efficientnet_lite0 or vit")
+        if self.adapt == "film" and not any(isinstance(m, _NORM_LAYERS) for m in model.modules()):
+            raise ConfigError("strategy.adapt: film modulates normalisation layers and this model has none; use "
+                              "adapt: body or a model with normalisation layers (resnet18_reduced, "
+                              "efficientnet_lite0, vit)")
+
+    def before_fit(self, learner, stream) -> None:
+        self.check(learner.model, stream)
         self.n_classes = stream.n_classes
 
     def train_experience(self, learner, exp) -> bool:
@@ -281,8 +304,9 @@ def fsa(adapt: Literal["none", "body", "film"] = "body", shrinkage: float = 1e-4
     """First Session Adaptation (Panos et al., ICCV 2023): adapt on experience 1, then incremental LDA head.
 
     ``adapt``: "body" fine-tunes the whole model (backbone + head) on the first experience with ``train.*``
-    (the paper's FSA); "film" trains only the affine scale/shift of the normalisation layers plus the head
-    (our stand-in for the paper's FiLM adapters, which modulate the same channels); "none" keeps the
+    (the paper's FSA); "film" trains FiLM adapters (a per-channel scale and shift after every normalisation
+    layer, as in FiT, Shysheya et al. ICLR 2023, which FSA follows) plus the head, with the pre-trained
+    normalisation statistics kept; "none" keeps the
     backbone as it is (a pre-trained frozen extractor). ``shrinkage``: ridge on the shared covariance,
     Sigma + shrinkage * (trace(Sigma)/d) I, keeping the LDA solvable when features outnumber samples.
     """

@@ -125,6 +125,19 @@ class PromptPlugin(Plugin):
     def parameters(self) -> list[torch.Tensor]:
         return [] if self.module is None else list(self.module.parameters())
 
+    @torch.no_grad()
+    def report(self, learner, stream) -> dict[str, float]:
+        """``selection_acc``: how often a test sample selects its own task's prompts (streams whose test
+        experiences are the training experiences, one task each)."""
+        tests = stream.eval_experiences
+        if self.module is None or len(tests) != len(stream) or stream.first_seen() != list(range(1, len(stream) + 1)):
+            return {}
+        was_training = learner.model.training
+        learner.model.eval()
+        right = sum(int((self.selected_task(learner, e.x_test) == i).sum()) for i, e in enumerate(tests))
+        learner.model.train(was_training)
+        return {"selection_acc": right / max(1, sum(e.n_test for e in tests))}
+
     def cost(self) -> dict[str, float]:
         return {"prompt_params": sum(p.numel() for p in self.parameters())}
 

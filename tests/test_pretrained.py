@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cltoolbox
+from cltoolbox.errors import ConfigError
 from cltoolbox.strategies.pretrained import FeTrILPlugin, IncrementalLDA, SimpleCILPlugin, translate
 
 
@@ -128,3 +129,29 @@ def test_learning_on_digits_beats_naive(tmp_path) -> None:
     assert fsa > 0.9, fsa
     assert fetril > 0.8, fetril
     assert simple > 0.7, simple  # class means of a random ReLU projection already separate digits
+
+
+def test_fsa_film_trains_only_norm_scale_shift_and_head_with_frozen_statistics() -> None:
+    from cltoolbox.data import load_dataset
+    from cltoolbox.loop import Learner, TrainConfig
+    from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES
+
+    stream = SCENARIOS.get("class_incremental").factory(load_dataset("digits"), 0, n_experiences=5)
+    torch.manual_seed(0)
+    model = MODELS.get("resnet18_reduced").factory((1, 8, 8), 10, nf=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learner = Learner(model, STRATEGIES.get("fsa").factory(adapt="film"), TrainConfig(epochs=1, lr=0.05), seed=0)
+    learner.begin(stream)
+    learner.train_experience(stream.experiences[0])
+    film = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+            for p in ("weight", "bias")}
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed & film and {"head.weight", "head.bias"} <= changed
+    assert changed <= film | {"head.weight", "head.bias"}, changed - film  # no conv weight, no running stats
+
+
+def test_fsa_film_needs_normalisation_layers(tmp_path) -> None:
+    config = {"name": "f", "scenario": {"name": "class_incremental", "dataset": "digits", "n_experiences": 2},
+              "model": {"name": "mlp"}, "strategy": {"name": "fsa", "adapt": "film"}, "out": str(tmp_path)}
+    with pytest.raises(ConfigError, match="strategy.adapt: film modulates normalisation layers"):
+        cltoolbox.run(config, quiet=True)
