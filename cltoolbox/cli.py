@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue unfinished runs, skip finished ones")
     r.add_argument("--overwrite", action="store_true", help="replace existing runs")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary table")
+    r.add_argument("--threads", type=int, help="torch threads (default: torch's, usually the number of cores; "
+                                                  "a resumed run keeps the threads it started with)")
 
     sw = sub.add_parser("sweep", parents=[debug],
                         help="run a sweep YAML (strategies x grid points x seeds) in parallel, locally or on Ray")
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from cltoolbox.runner import run
 
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise CLToolboxError(f"--threads: must be >= 1, got {args.threads}")
+                import torch
+
+                torch.set_num_threads(args.threads)
             run(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, resume=args.resume,
                 overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "sweep":

@@ -293,3 +293,21 @@ def test_help_does_not_import_torch(tmp_path):
                        timeout=60)
     assert p.returncode == 0, p.stderr
     assert "usage: cltoolbox" in p.stdout and "run" in p.stdout and "--overwrite" in p.stdout
+
+
+def test_threads_option(tmp_path, capsys):
+    import json
+
+    import torch
+
+    cfg = write_config(tmp_path)
+    rc, _, err = cli(capsys, "run", str(cfg), "--threads", "0", "--out", str(tmp_path / "a"))
+    assert_user_error(rc, err, "--threads: must be >= 1, got 0")
+    assert not (tmp_path / "a").exists()
+    before = torch.get_num_threads()
+    try:
+        assert cli(capsys, "run", str(cfg), "--threads", "1", "-q", "--out", str(tmp_path / "b"))[0] == 0
+    finally:
+        torch.set_num_threads(before)
+    (env,) = (tmp_path / "b").rglob("env.json")
+    assert json.loads(env.read_text())["torch_threads"] == 1
