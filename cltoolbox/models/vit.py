@@ -245,8 +245,9 @@ def vit(input_shape: tuple[int, ...], n_classes: int, arch: str | None = None, i
         kwargs = {"num_classes": 0, "drop_path_rate": drop_path}
         if img_size:
             kwargs["img_size"] = img_size
+        on_meta = torch.empty(0).is_meta  # config validation builds models on the meta device: no download
         try:
-            backbone = timm.create_model(arch, pretrained=pretrained, **kwargs)
+            backbone = timm.create_model(arch, pretrained=pretrained and not on_meta, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise ConfigError(f"model.arch: timm has no '{arch}'; see timm.list_models('vit_*')") from None
