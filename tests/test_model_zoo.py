@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import gaussian_pairs_stream
 
 import cltoolbox
 from cltoolbox.errors import ConfigError
@@ -17,23 +18,12 @@ from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.models.mlp import MLP
 from cltoolbox.strategies.memory import ClassBalancedMemory
 from cltoolbox.strategies.model_zoo import UNSEEN, ModelZooPlugin, boosting_probabilities, isolated, model_zoo
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Stream
 
 
 def _task_stream(n_tasks: int = 4, per_class: int = 40, dim: int = 8) -> Stream:
     """Task-IL: two Gaussian classes per task, task ids given."""
-    g = torch.Generator().manual_seed(0)
-    C = 2 * n_tasks
-    centres = 3.0 * torch.randn(C, dim, generator=g)
-    exps = []
-    for i in range(n_tasks):
-        y = torch.arange(2 * i, 2 * i + 2).repeat_interleave(per_class)
-        x = centres[y] + torch.randn(len(y), dim, generator=g)
-        perm = torch.randperm(len(y), generator=g)
-        x, y = x[perm], y[perm]
-        k = len(y) * 3 // 4
-        exps.append(Experience(i, i, (2 * i, 2 * i + 1), x[:k], y[:k], x[k:], y[k:]))
-    return Stream("toy", exps, C, (dim,), list(range(C)), "task_incremental", task_labels=True)
+    return gaussian_pairs_stream(n_tasks, per_class, dim, noise=1.0, task_labels=True, shuffle=True)
 
 
 def _learner(plugin: ModelZooPlugin, stream: Stream, seed: int = 0) -> Learner:

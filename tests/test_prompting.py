@@ -17,14 +17,19 @@ PARAMS = {"l2p": {"pool_size": 8, "top_k": 2}, "dualprompt": {"g_layers": [0], "
           "coda_prompt": {"pool_size": 8, "layers": [0, 1, 2]}, "naive": {}}
 
 
-def fit(name: str, epochs: int = 8, n_tasks: int = 4):
+def setup(name: str, epochs: int, n_tasks: int):
     stream = textured_task_stream(n_tasks)
     torch.manual_seed(0)
     model = vit((1, 8, 8), 10, **SMALL_VIT)
-    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     plugins = STRATEGIES.get(name).factory(**PARAMS[name])
-    learner = Learner(model, plugins, TrainConfig(epochs=epochs, batch_size=32, lr=0.05 if name != "naive" else
-                                                  1e-3, optimizer="adam"), seed=0)
+    lr = 1e-3 if name == "naive" else 0.05
+    learner = Learner(model, plugins, TrainConfig(epochs=epochs, batch_size=32, lr=lr, optimizer="adam"), seed=0)
+    return learner, stream
+
+
+def fit(name: str, epochs: int = 8, n_tasks: int = 4):
+    learner, stream = setup(name, epochs, n_tasks)
+    backbone = {k: v.clone() for k, v in learner.model.backbone.state_dict().items()}
     learner.fit(stream)
     return learner, stream, backbone
 
@@ -84,11 +89,8 @@ def test_coda_new_slice_is_orthogonal_to_the_trained_ones() -> None:
 
 
 def test_coda_earlier_components_do_not_move() -> None:
-    stream = textured_task_stream(2)
-    torch.manual_seed(0)
-    model = vit((1, 8, 8), 10, **SMALL_VIT)
-    (plugin,) = STRATEGIES.get("coda_prompt").factory(**PARAMS["coda_prompt"])
-    learner = Learner(model, [plugin], TrainConfig(epochs=2, batch_size=32, lr=0.05, optimizer="adam"), seed=0)
+    learner, stream = setup("coda_prompt", epochs=2, n_tasks=2)
+    (plugin,) = learner.plugins
     learner.begin(stream)
     learner.train_experience(stream.experiences[0])
     per = plugin.per_task
@@ -100,11 +102,8 @@ def test_coda_earlier_components_do_not_move() -> None:
 
 
 def test_training_logits_are_masked_to_the_current_classes() -> None:
-    stream = textured_task_stream(2)
-    torch.manual_seed(0)
-    model = vit((1, 8, 8), 10, **SMALL_VIT)
-    (plugin,) = STRATEGIES.get("dualprompt").factory(**PARAMS["dualprompt"])
-    learner = Learner(model, [plugin], TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer="adam"), seed=0)
+    learner, stream = setup("dualprompt", epochs=1, n_tasks=2)
+    (plugin,) = learner.plugins
     learner.begin(stream)
     learner.experience = exp = stream.experiences[1]
     plugin.before_experience(learner, exp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from toys import gaussian_pairs_stream
 
 import cltoolbox
 from cltoolbox.errors import ConfigError
@@ -15,21 +16,12 @@ from cltoolbox.plugin import Batch, Plugin
 from cltoolbox.strategies.der import DERPlugin, LogitMemory, der, derpp
 from cltoolbox.strategies.gdumb import GDumbPlugin, GreedyClassBalancedMemory, gdumb
 from cltoolbox.strategies.icarl import UNSEEN, ICaRLPlugin, herding, icarl
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Stream
 
 
 def _stream(n_exp: int = 3, per_class: int = 40, dim: int = 8) -> Stream:
     """Two well-separated Gaussian classes per experience."""
-    g = torch.Generator().manual_seed(0)
-    C = 2 * n_exp
-    centres = 3.0 * torch.randn(C, dim, generator=g)
-    exps = []
-    for i in range(n_exp):
-        y = torch.arange(2 * i, 2 * i + 2).repeat_interleave(per_class)
-        x = centres[y] + 0.5 * torch.randn(len(y), dim, generator=g)
-        k = len(y) * 3 // 4
-        exps.append(Experience(i, 0, (2 * i, 2 * i + 1), x[:k], y[:k], x[k:], y[k:]))
-    return Stream("toy", exps, C, (dim,), list(range(C)), "class_incremental")
+    return gaussian_pairs_stream(n_exp, per_class, dim)
 
 
 def _learner(plugins: list[Plugin], stream: Stream, **train) -> Learner:

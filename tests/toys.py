@@ -35,3 +35,23 @@ def textured_task_stream(n_tasks: int = 4) -> Stream:
         exps.append(Experience(k, 0, classes, d.x_train[tr] + 2 * textures[k], d.y_train[tr],
                                d.x_test[te] + 2 * textures[k], d.y_test[te]))
     return Stream("textured-digits", exps, 10, (1, 8, 8), list(range(10)), "class_incremental")
+
+
+def gaussian_pairs_stream(n_exp: int = 3, per_class: int = 40, dim: int = 8, noise: float = 0.5,
+                          task_labels: bool = False, shuffle: bool = False) -> Stream:
+    """Two Gaussian classes per experience (centres 3 std apart on average), 3/4 train, 1/4 test;
+    ``task_labels``: a task-incremental stream with task id = experience index."""
+    g = torch.Generator().manual_seed(0)
+    n_classes = 2 * n_exp
+    centres = 3.0 * torch.randn(n_classes, dim, generator=g)
+    exps = []
+    for i in range(n_exp):
+        y = torch.arange(2 * i, 2 * i + 2).repeat_interleave(per_class)
+        x = centres[y] + noise * torch.randn(len(y), dim, generator=g)
+        if shuffle:
+            perm = torch.randperm(len(y), generator=g)
+            x, y = x[perm], y[perm]
+        k = len(y) * 3 // 4
+        exps.append(Experience(i, i if task_labels else 0, (2 * i, 2 * i + 1), x[:k], y[:k], x[k:], y[k:]))
+    scenario = "task_incremental" if task_labels else "class_incremental"
+    return Stream("toy", exps, n_classes, (dim,), list(range(n_classes)), scenario, task_labels=task_labels)

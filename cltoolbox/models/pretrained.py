@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.cache import SampleFeatureCache
+from cltoolbox.models.backbone import BackboneClassifier
 from cltoolbox.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,50 +102,17 @@ def to_imagenet_input(x: torch.Tensor, input_shape: tuple[int, ...], resize: int
     return (x - mean) / std
 
 
-class PretrainedClassifier(nn.Module):
-    """Pre-trained backbone (pooled features) + linear head over the stream's classes."""
+class PretrainedClassifier(BackboneClassifier):
+    """Pre-trained backbone (pooled 1280-d features) + linear head over the stream's classes."""
 
     def __init__(self, backbone: nn.Module, input_shape: tuple[int, ...], n_classes: int, resize: int,
                  frozen: bool) -> None:
-        super().__init__()
+        super().__init__(backbone, FEATURE_DIM, n_classes, frozen)
         self.input_shape = tuple(input_shape)
         self.resize = resize
-        self.backbone = backbone
-        self.head = nn.Linear(FEATURE_DIM, n_classes)
-        self.cache = SampleFeatureCache()
-        self.frozen = False
-        self.set_frozen(frozen)
-
-    def set_frozen(self, frozen: bool) -> None:
-        """Freeze (no grads, eval-mode BatchNorm) or unfreeze the backbone; the head stays trainable."""
-        self.backbone.requires_grad_(not frozen)
-        self.backbone.train(self.training and not frozen)
-        if frozen != self.frozen:
-            self.cache.clear()
-        self.frozen = frozen
-
-    def train(self, mode: bool = True) -> PretrainedClassifier:
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.cache.clear()  # new weights, new features
-        super()._load_from_state_dict(*args, **kwargs)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(to_imagenet_input(x, self.input_shape, self.resize))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled 1280-d features (cached per sample while the backbone is frozen)."""
-        if self.frozen:
-            with torch.no_grad():
-                return self.cache(x, self._features)
-        return self._features(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 @register_model("efficientnet_lite0")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.cache import SampleFeatureCache
+from cltoolbox.models.backbone import BackboneClassifier
 from cltoolbox.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from cltoolbox.registry import register_model
 
@@ -77,13 +77,12 @@ def _block(blk: nn.Module, x: torch.Tensor, prefix: Prefix | None) -> torch.Tens
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(BackboneClassifier):
     """timm ViT backbone ([CLS] pre-logits features) + a linear head over the stream's classes."""
 
     def __init__(self, backbone: nn.Module, input_shape: tuple[int, ...], n_classes: int,
                  normalize: Literal["minmax", "imagenet"], frozen: bool) -> None:
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, int(backbone.embed_dim), n_classes, frozen)
         self.input_shape = tuple(input_shape)
         self.normalize = normalize
         self.embed_dim = int(backbone.embed_dim)
@@ -95,29 +94,6 @@ class ViTClassifier(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, -1, 1, 1),
                              persistent=False)
-        self.head = nn.Linear(self.embed_dim, n_classes)
-        self.cache = SampleFeatureCache()
-        self.frozen = False
-        self.set_frozen(frozen)
-
-    # -- freezing ------------------------------------------------------------------------------------
-    def set_frozen(self, frozen: bool) -> None:
-        """Freeze (no grads, eval mode, cached features) or unfreeze the backbone; the head stays trainable."""
-        self.backbone.requires_grad_(not frozen)
-        self.backbone.train(self.training and not frozen)
-        if frozen != self.frozen:
-            self.cache.clear()
-        self.frozen = frozen
-
-    def train(self, mode: bool = True) -> ViTClassifier:
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.cache.clear()  # new weights, new features
-        super()._load_from_state_dict(*args, **kwargs)
 
     # -- inputs and tokens ---------------------------------------------------------------------------
     def images(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,19 +135,8 @@ class ViTClassifier(nn.Module):
         """The backbone's own pre-logits pooling of an ``encode`` output ([CLS] for token pooling)."""
         return self.backbone.forward_head(h, pre_logits=True)
 
-    # -- features and logits -------------------------------------------------------------------------
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.images(x))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits [CLS] features (cached per sample while the backbone is frozen)."""
-        if self.frozen:
-            with torch.no_grad():
-                return self.cache(x, self._features)
-        return self._features(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def load_weights(backbone: nn.Module, path: str) -> None:
