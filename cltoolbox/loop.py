@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,10 +11,88 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from cltoolbox.errors import DivergenceError
 from cltoolbox.plugin import HOOKS, Batch, Plugin, implementers
 from cltoolbox.stream import Experience, Stream
+
+
+class PlainSGD:
+    """``step()`` and ``zero_grad()`` bit-identical to a plain ``torch.optim.SGD``'s (``set_to_none=True``),
+    without its per-call Python machinery (profiler span, hook dispatch, grouping by device and dtype).
+
+    At batch size 10 on a small MLP, ``SGD.step`` + ``zero_grad`` cost about 50 us of a ~400 us step. The
+    update is the arithmetic of torch's SGD (weight decay ``g + wd * p``; momentum buffer ``b = g`` at the
+    first step, then ``b = m * b + g``, kept in ``opt.state`` as torch keeps it; ``p -= lr * g``) with
+    ``torch._foreach_*`` ops, which compute per element exactly what torch's per-tensor loop computes (they
+    are its foreach path, the default on GPUs). Anything else (nesterov, dampening, maximize, differentiable,
+    fused, a tensor learning rate, sparse gradients, registered step hooks) goes to ``opt.step()``.
+    """
+
+    def __init__(self, opt: torch.optim.SGD) -> None:
+        self.opt = opt
+
+    @staticmethod
+    def supports(opt: torch.optim.Optimizer) -> bool:
+        return type(opt) is torch.optim.SGD
+
+    def zero_grad(self) -> None:
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def _plain(self, group: dict) -> bool:
+        return not (group.get("nesterov") or group.get("dampening", 0) != 0 or group.get("maximize")
+                    or group.get("differentiable") or group.get("fused") or isinstance(group["lr"], torch.Tensor))
+
+    def step(self) -> None:
+        opt = self.opt
+        if (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _GLOBAL_STEP_HOOKS[0]
+                or _GLOBAL_STEP_HOOKS[1] or not all(self._plain(g) for g in opt.param_groups)):
+            opt.step()
+            return
+        updates = []
+        for group in opt.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                opt.step()
+                return
+            updates.append((group, params, grads))
+        grad_mode = torch.is_grad_enabled()  # a plain switch: the torch.no_grad decorator costs ~5 us a call
+        torch.set_grad_enabled(False)
+        try:
+            self._update(updates)
+        finally:
+            torch.set_grad_enabled(grad_mode)
+
+    def _update(self, updates: list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]]) -> None:
+        opt = self.opt
+        for group, params, grads in updates:
+            if not params:
+                continue
+            wd, momentum = group["weight_decay"], group["momentum"]
+            if wd != 0:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if momentum != 0:
+                bufs = []
+                for p, g in zip(params, grads, strict=True):
+                    state = opt.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = g.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(g)
+                    bufs.append(buf)
+                grads = bufs
+            torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+
+# torch's global optimizer step hooks (register_optimizer_step_pre_hook / _post_hook): PlainSGD defers to
+# opt.step() while any is registered
+_GLOBAL_STEP_HOOKS = (getattr(torch_optimizer, "_global_optimizer_pre_hooks", {}),
+                      getattr(torch_optimizer, "_global_optimizer_post_hooks", {}))
 
 
 @dataclass
@@ -70,6 +149,7 @@ class Learner:
         self.train_log: list[dict[str, Any]] = []
         self.train_seconds = 0.0
         self.on_epoch_end: Callable[[dict[str, Any]], None] | None = None  # progress display
+        self._test_set: tuple[Stream, Any] | None = None  # evaluate_stream's per-stream cache
 
     # -- optimisation ---------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -114,6 +194,14 @@ class Learner:
         scheduler = self._make_scheduler((n + bs - 1) // bs, epochs)
         h = self.hooks
         model, opt = self.model, self.optimizer
+        # per-batch work kept to what the step needs: hook lists bound once, gathers with index_select (a
+        # third of x[idx]'s cost), plain SGD's update without torch's per-call machinery (PlainSGD)
+        transform, criterion, extra_loss = h["transform_batch"], h["criterion"], h["loss"]
+        after_backward, after_step = h["after_backward"], h["after_step"]
+        # a scheduler checks that opt.step() ran before it: only then is the optimizer's own step needed
+        plain = PlainSGD(opt) if scheduler is None and PlainSGD.supports(opt) else None
+        zero_grad = plain.zero_grad if plain is not None else lambda: opt.zero_grad(set_to_none=True)
+        step = plain.step if plain is not None else opt.step
         model.train()
         for epoch in range(epochs):
             self.epoch = epoch
@@ -123,31 +211,31 @@ class Learner:
             order = torch.randperm(n, generator=self.generator).to(self.device)
             for s in range(0, n, bs):
                 idx = order[s : s + bs]
-                batch = Batch(x[idx], y[idx], t[idx])
-                for p in h["transform_batch"]:
+                batch = Batch(x.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx))
+                for p in transform:
                     batch = p.transform_batch(self, batch)
                 logits = self.forward(batch.x, batch.t)
                 loss = None
-                for p in h["criterion"]:
+                for p in criterion:
                     loss = p.criterion(self, batch, logits)
                     if loss is not None:
                         break
                 if loss is None:
                     loss = F.cross_entropy(logits, batch.y)
-                for p in h["loss"]:
+                for p in extra_loss:
                     loss = loss + p.loss(self, batch, logits)
-                opt.zero_grad(set_to_none=True)
+                zero_grad()
                 loss.backward()
-                for p in h["after_backward"]:
+                for p in after_backward:
                     p.after_backward(self, batch)
-                opt.step()
+                step()
                 self.step += 1
-                for p in h["after_step"]:
+                for p in after_step:
                     p.after_step(self, batch)
                 loss_sum += loss.detach()
                 n_batches += 1
             mean_loss = float(loss_sum) / max(1, n_batches)
-            if not torch.isfinite(torch.tensor(mean_loss)):
+            if not math.isfinite(mean_loss):
                 raise DivergenceError(
                     f"training loss became {mean_loss} at experience {exp.index if exp else '?'}, epoch {epoch}; "
                     "lower train.lr or check the data"

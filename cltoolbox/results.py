@@ -29,7 +29,7 @@ PER_CLASS_FIELDS = ["trained_exp", "eval_exp", "setting", "class", "n_samples", 
 TRAIN_LOG_FIELDS = ["experience", "epoch", "step", "loss", "lr", "samples_per_s"]
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
+def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview, durable: bool = False) -> None:
     """Write to a temporary name and rename: a killed process never leaves a half-written file.
 
     ``durable`` also fsyncs, against power loss. Runs sync everything once before their DONE marker

@@ -74,7 +74,7 @@ class ExperienceMemory:
         if y.shape[0] <= n:
             return x, y, t
         idx = torch.randint(y.shape[0], (n,), generator=generator).to(y.device)
-        return x[idx], y[idx], t[idx]
+        return x.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx)
 
     def state_dict(self) -> dict:
         return {"x": list(self.x), "y": list(self.y), "t": list(self.t)}
@@ -110,12 +110,13 @@ def write_flat_grad(params: list[torch.nn.Parameter], vec: torch.Tensor) -> None
 
 
 def memory_grad(learner, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                t: torch.Tensor) -> torch.Tensor:
-    """Flat gradient of the cross-entropy on (x, y, t) at the current weights; leaves every .grad untouched."""
+                t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat gradient of the cross-entropy on (x, y, t) at the current weights; leaves every .grad untouched.
+    ``out``: a preallocated vector to write it into (a row of GEM's constraint matrix)."""
     loss = F.cross_entropy(learner.forward(x, t), y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     pairs = zip(grads, params, strict=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in pairs])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in pairs], out=out)
 
 
 def _require_quadprog() -> None:
@@ -134,12 +135,12 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float, eps: float = 1e
     import quadprog
 
     k = G.shape[0]
-    Gd = G.double()
+    Gd, gd = G.double(), g.double()
     P = (Gd @ Gd.T).cpu().numpy()
     P = 0.5 * (P + P.T) + eps * np.eye(k)
-    q = -(Gd @ g.double()).cpu().numpy()  # quadprog minimises 1/2 v'Pv - q'v subject to C'v >= b
+    q = -(Gd @ gd).cpu().numpy()  # quadprog minimises 1/2 v'Pv - q'v subject to C'v >= b
     v = quadprog.solve_qp(P, q, np.eye(k), np.full(k, float(margin)))[0]
-    return (g.double() + torch.from_numpy(v).to(Gd) @ Gd).to(g.dtype)
+    return (gd + torch.from_numpy(v).to(Gd) @ Gd).to(g.dtype)
 
 
 # -- plugins ----------------------------------------------------------------------------------------------
@@ -155,7 +156,9 @@ class GEMPlugin(Plugin):
         params = trainable(learner.model)
         g = flat_grad(params)  # saved before the memory passes; those use autograd.grad, not .grad
         mem = self.memory
-        G = torch.stack([memory_grad(learner, params, mem.x[k], mem.y[k], mem.t[k]) for k in range(len(mem))])
+        G = g.new_empty((len(mem), g.shape[0]))  # each memory gradient is concatenated into its row
+        for k in range(len(mem)):
+            memory_grad(learner, params, mem.x[k], mem.y[k], mem.t[k], out=G[k])
         if bool((G @ g < 0).any()):
             write_flat_grad(params, gem_project(g, G, self.memory_strength))
             self.projections += 1

@@ -29,7 +29,7 @@ class Memory:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.randint(self.size, (n,), generator=generator).to(self.x.device)
-        return self.x[idx], self.y[idx], self.t[idx]
+        return self.x.index_select(0, idx), self.y.index_select(0, idx), self.t.index_select(0, idx)
 
     def state_dict(self) -> dict:
         return {"size": self.size, "x": self.x, "y": self.y, "t": self.t, **self._extra_state()}
@@ -101,7 +101,7 @@ class ClassBalancedMemory(Memory):
         if self.priority is None:
             self.priority = torch.zeros(self.capacity)
         n = self.size
-        all_x, all_y, all_t = torch.cat((self.x[:n], x)), torch.cat((self.y[:n], y)), torch.cat((self.t[:n], t))
+        all_y, all_t = torch.cat((self.y[:n], y)), torch.cat((self.t[:n], t))
         all_p = torch.cat((self.priority[:n], torch.rand(y.shape[0], generator=generator)))
         labels = all_y.cpu()
         classes = torch.unique(labels)
@@ -112,9 +112,15 @@ class ClassBalancedMemory(Memory):
             k = min(len(idx), quota + (1 if rank < extra else 0))
             keep.append(idx[torch.topk(all_p[idx], k).indices.sort().values])
         keep = torch.cat(keep)
+        dev = keep.to(self.x.device)
+        # the kept inputs, in the order of `keep`, gathered from the memory and the new data directly: no
+        # concatenation of all inputs (memory + a whole experience) just to select up to `capacity` of them
+        old = dev < n
+        kept_x = self.x.new_empty((len(keep), *self.x.shape[1:]))
+        kept_x[old] = self.x[dev[old]]
+        kept_x[~old] = x[dev[~old] - n]
         self.size = len(keep)
-        dev = keep.to(all_x.device)
-        self.x[: self.size], self.y[: self.size], self.t[: self.size] = all_x[dev], all_y[dev], all_t[dev]
+        self.x[: self.size], self.y[: self.size], self.t[: self.size] = kept_x, all_y[dev], all_t[dev]
         self.priority[: self.size] = all_p[keep]
 
     def _extra_state(self) -> dict:

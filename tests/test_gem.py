@@ -96,8 +96,21 @@ def test_gem_plugin_projects_against_every_past_memory() -> None:
     out = flat_grad(params)
     if (G @ g < 0).any():
         assert (G @ out >= -1e-3 * G.norm(dim=1) * g.norm()).all()
+        assert torch.equal(out, gem_project(g, G, 0.0))  # the rows written in place: the stacked result
     else:  # no conflict: the gradient is left exactly as it was (no stale memory gradients)
         assert torch.equal(out, g)
+
+
+def test_memory_grad_into_a_preallocated_row_is_the_same_vector() -> None:
+    plugin = GEMPlugin(patterns_per_experience=16, memory_strength=0.0)
+    learner, _ = _learner(plugin)
+    params = trainable(learner.model)
+    m = plugin.memory
+    G = torch.full((2, sum(p.numel() for p in params)), float("nan"))
+    for k in range(2):
+        row = memory_grad(learner, params, m.x[k], m.y[k], m.t[k], out=G[k])
+        assert row.data_ptr() == G[k].data_ptr()
+        assert torch.equal(G[k], memory_grad(learner, params, m.x[k], m.y[k], m.t[k]))
 
 
 def test_agem_plugin_removes_conflict_with_reference_gradient() -> None:

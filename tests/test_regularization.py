@@ -187,6 +187,85 @@ def test_mas_accumulates_importance_by_summing() -> None:
     assert mas.memory_usage() == (0, 2 * first.numel() * 4)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+def _importance(n: int, seed: int) -> torch.Tensor:
+    """Non-negative weights spanning many magnitudes, with zeros and subnormals (where rounding differs)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, generator=g) * 10.0 ** torch.randint(-12, 3, (n,), generator=g).float()
+    w[::17] = 0.0
+    w[::23] = torch.rand(w[::23].shape, generator=g) * 1e-40
+    return w
+
+
+@pytest.mark.parametrize("kind", ["ewc", "si", "mas"])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.37])
+def test_penalty_value_and_gradient_are_autograd_bit_for_bit(kind: str, grad_scale: float) -> None:
+    """The closed-form penalty (_WeightedSquare) against the plain expression differentiated by autograd,
+    added to a cross-entropy as in the loop (the two gradients meet in each parameter's accumulation)."""
+    plugin = {"ewc": EWCPlugin(3.0, online=False), "si": SIPlugin(0.1, 0.1), "mas": MASPlugin(0.7)}[kind]
+    learner, stream = _learner([plugin])
+    params = list(learner.model.parameters())
+    n = sum(p.numel() for p in params)
+    g = torch.Generator().manual_seed(3)
+    if kind == "ewc":
+        plugin.fisher = torch.stack([_importance(n, 1), _importance(n, 2)])
+        plugin.anchor = torch.stack([flat_parameters(params).detach() + 0.01 * torch.randn(n, generator=g)
+                                     for _ in range(2)])
+        f_sum, mean, const = plugin._collapse()
+
+        def reference(theta):
+            return 0.5 * 3.0 * ((f_sum * (theta - mean).square()).sum() + const)
+    else:
+        plugin.omega = _importance(n, 4)
+        plugin.anchor = flat_parameters(params).detach() + 0.01 * torch.randn(n, generator=g)
+        scale = 0.1 if kind == "si" else 0.7
+
+        def reference(theta):
+            return scale * (plugin.omega * (theta - plugin.anchor).square()).sum()
+    x, y = stream[0].x_train[:32], stream[0].y_train[:32]
+    results = []
+    for use_plugin in (True, False):
+        for _ in range(2):  # twice: the cached gradient factor is used from the second step on
+            learner.step += 1
+            for p in params:
+                p.grad = None
+            pen = plugin.loss(learner, None, None) if use_plugin else reference(flat_parameters(params))
+            loss = F.cross_entropy(learner.model(x), y) + pen
+            (loss * grad_scale).backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    (value, grads), (want_value, want_grads) = results
+    assert torch.equal(_bits(value), _bits(want_value))
+    for a, b in zip(grads, want_grads, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def test_si_gradient_correction_matches_the_plain_formula_bit_for_bit() -> None:
+    """after_backward's task-loss gradient, p.grad - 2c Omega (theta - theta*): reused from the penalty's
+    backward when the two factors agree bit for bit, recomputed when they do not (subnormal c Omega)."""
+    for subnormal in (False, True):
+        si_plugin = SIPlugin(si_c=0.3, xi=0.1)
+        learner, stream = _learner([si_plugin])
+        params = list(learner.model.parameters())
+        n = sum(p.numel() for p in params)
+        si_plugin.omega = _importance(n, 5) if subnormal else torch.rand(n, generator=torch.Generator().manual_seed(5))
+        si_plugin.anchor = flat_parameters(params).detach() + 0.01
+        x, y = stream[0].x_train[:32], stream[0].y_train[:32]
+        for _ in range(2):
+            learner.step += 1
+            for p in params:
+                p.grad = None
+            (F.cross_entropy(learner.model(x), y) + si_plugin.loss(learner, None, None)).backward()
+            si_plugin.after_backward(learner, None)
+            theta = flat_parameters(params).detach()
+            want = torch.cat([p.grad.reshape(-1) for p in params]) - 2 * 0.3 * si_plugin.omega * (
+                theta - si_plugin.anchor)
+            assert torch.equal(_bits(si_plugin._grad), _bits(want))
+        assert si_plugin._correction[5] is not subnormal  # which path was taken
+
+
 STATE_PARAMS = {"ewc": {"ewc_lambda": 10.0}, "online_ewc": {"ewc_lambda": 10.0}, "si": {}, "mas": {}}
 
 
