@@ -220,6 +220,10 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
         history.load_state_dict(state["history"])
         start, prior = int(state["next_experience"]), state["timing"]
         env["resumed_at_experience"] = start
+        try:  # a run keeps its first start time (reports order runs by it)
+            env["start_time"] = json.loads((run_dir / "env.json").read_text())["start_time"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     else:
         # libyaml's emitter when present: the same text as yaml.safe_dump, ~4x faster (about 1 ms per run)
         dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)

@@ -131,3 +131,17 @@ def test_resume_refuses_a_run_started_from_another_config(tiny_config, tmp_path:
     tiny_config["train"]["lr"] = 0.01
     with pytest.raises(RunExistsError, match="train.lr"):
         cltoolbox.run(tiny_config, resume=True, quiet=True)
+
+
+def test_a_resumed_run_keeps_its_first_start_time(tiny_config, tmp_path: Path) -> None:
+    tiny_config["out"] = str(tmp_path)
+    cltoolbox.run(tiny_config, quiet=True)
+    run = _only_run(tmp_path)
+    (run / "DONE").unlink()  # as if killed after its last checkpoint
+    env = json.loads((run / "env.json").read_text())
+    env["start_time"] = "2000-01-01T00:00:00+00:00"
+    (run / "env.json").write_text(json.dumps(env))
+    cltoolbox.run(tiny_config, resume=True, quiet=True)
+    env = json.loads((run / "env.json").read_text())
+    assert env["start_time"] == "2000-01-01T00:00:00+00:00" and env["resumed_at_experience"] == 5
+    assert (run / "DONE").exists()
