@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import Batch, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.memory import ReservoirMemory
+from cltoolbox.strategies.memory import MemoryPlugin, ReservoirMemory
 
 
 class LogitMemory(ReservoirMemory):
@@ -61,7 +61,7 @@ class LogitMemory(ReservoirMemory):
         self.x_shape = [int(s) for s in state["x_shape"]]
 
 
-class DERPlugin(Plugin):
+class DERPlugin(MemoryPlugin):
     """Logit (and, with beta > 0, label) replay from a reservoir memory; see the module docstring."""
 
     def __init__(self, memory_size: int, alpha: float, beta: float, mem_batch_size: int | None) -> None:
@@ -89,14 +89,6 @@ class DERPlugin(Plugin):
         self.memory.add_with_logits(b.x, b.y, b.t, self._logits, learner.generator)
         self._batch = self._logits = None
 
-    def state_dict(self) -> dict:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state)
-
-    def memory_usage(self) -> tuple[int, int]:
-        return self.memory.usage()  # inputs, labels, task ids and stored logits
 
 
 def _check(memory_size: int, alpha: float, beta: float, mem_batch_size: int | None) -> None:

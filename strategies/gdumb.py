@@ -26,7 +26,7 @@ import torch
 from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.memory import Memory
+from cltoolbox.strategies.memory import Memory, MemoryPlugin
 
 
 class GreedyClassBalancedMemory(Memory):
@@ -99,7 +99,7 @@ def reinitialise(model: torch.nn.Module, seed: int, device: torch.device) -> Non
                 m.reset_parameters()
 
 
-class GDumbPlugin(Plugin):
+class GDumbPlugin(MemoryPlugin):
     def __init__(self, memory_size: int, epochs: int) -> None:
         self.memory = GreedyClassBalancedMemory(memory_size)
         self.epochs = epochs
@@ -114,14 +114,6 @@ class GDumbPlugin(Plugin):
         learner.train_data(*self.memory.tensors(), epochs=self.epochs)
         return True
 
-    def state_dict(self) -> dict:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state)
-
-    def memory_usage(self) -> tuple[int, int]:
-        return self.memory.usage()
 
 
 @register_strategy("gdumb")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cltoolbox.plugin import tensor_bytes
+from cltoolbox.plugin import Plugin, tensor_bytes
 
 
 class Memory:
@@ -129,3 +129,18 @@ class ClassBalancedMemory(Memory):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.priority = state.get("priority")
+
+
+class MemoryPlugin(Plugin):
+    """A plugin whose whole state is its replay ``memory``: checkpoints and memory accounting delegate to it."""
+
+    memory: Memory
+
+    def state_dict(self) -> dict:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.load_state_dict(state)
+
+    def memory_usage(self) -> tuple[int, int]:
+        return self.memory.usage()

@@ -13,10 +13,10 @@ from typing import Literal
 from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import Batch, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.memory import ClassBalancedMemory, ReservoirMemory
+from cltoolbox.strategies.memory import ClassBalancedMemory, MemoryPlugin, ReservoirMemory
 
 
-class ReplayPlugin(Plugin):
+class ReplayPlugin(MemoryPlugin):
     def __init__(self, memory_size: int, policy: str, mem_batch_size: int | None) -> None:
         self.policy = policy
         self.mem_batch_size = mem_batch_size
@@ -41,14 +41,6 @@ class ReplayPlugin(Plugin):
             t = torch.full_like(exp.y_train, exp.task_id)
             self.memory.update(exp.x_train, exp.y_train, t, learner.generator)
 
-    def state_dict(self) -> dict:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state)
-
-    def memory_usage(self) -> tuple[int, int]:
-        return self.memory.usage()
 
 
 @register_strategy("er")

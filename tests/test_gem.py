@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from toys import two_task_stream
+from toys import fit_small_mlp
 
 import cltoolbox
 from cltoolbox.errors import ConfigError
-from cltoolbox.loop import Learner, TrainConfig
+from cltoolbox.loop import Learner
 from cltoolbox.plugin import Batch
 from cltoolbox.strategies.gem import (
     AGEMPlugin,
@@ -69,12 +69,7 @@ def test_flat_grad_roundtrip() -> None:
 
 
 def _learner(plugin) -> tuple[Learner, Stream]:
-    torch.manual_seed(0)
-    stream = two_task_stream()
-    learner = Learner(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), [plugin],
-                      TrainConfig(batch_size=8, lr=0.1, device="cpu"))
-    learner.fit(stream)
-    return learner, stream
+    return fit_small_mlp(plugin)
 
 
 def _current_grad(learner: Learner, exp: Experience) -> torch.Tensor:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from toys import two_task_stream
+from toys import fit_small_mlp
 
 import cltoolbox
 from cltoolbox.errors import ConfigError
-from cltoolbox.loop import Learner, TrainConfig
+from cltoolbox.loop import Learner
 from cltoolbox.plugin import Batch
 from cltoolbox.strategies.rer import RelationNet, RERPlugin, rer
 from cltoolbox.stream import Stream
@@ -20,12 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _fit(plugin: RERPlugin) -> tuple[Learner, Stream]:
-    torch.manual_seed(0)
-    stream = two_task_stream()
-    learner = Learner(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), [plugin],
-                      TrainConfig(batch_size=8, lr=0.1, device="cpu"))
-    learner.fit(stream)
-    return learner, stream
+    return fit_small_mlp(plugin)
 
 
 def test_relation_net_gives_pairwise_weights_in_unit_interval() -> None:

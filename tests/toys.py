@@ -55,3 +55,17 @@ def gaussian_pairs_stream(n_exp: int = 3, per_class: int = 40, dim: int = 8, noi
         exps.append(Experience(i, i if task_labels else 0, (2 * i, 2 * i + 1), x[:k], y[:k], x[k:], y[k:]))
     scenario = "task_incremental" if task_labels else "class_incremental"
     return Stream("toy", exps, n_classes, (dim,), list(range(n_classes)), scenario, task_labels=task_labels)
+
+
+def fit_small_mlp(plugin) -> tuple:
+    """An 8-16-4 MLP trained with ``plugin`` on :func:`two_task_stream` (seeded); returns (learner, stream)."""
+    from torch import nn
+
+    from cltoolbox.loop import Learner, TrainConfig
+
+    torch.manual_seed(0)
+    stream = two_task_stream()
+    learner = Learner(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), [plugin],
+                      TrainConfig(batch_size=8, lr=0.1, device="cpu"))
+    learner.fit(stream)
+    return learner, stream
