@@ -163,16 +163,6 @@ def _vmap_path(model, named, x, t, y, objective, transform) -> torch.Tensor:
     return torch.cat([sums[n].reshape(-1) for n, _ in named])
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are equal bit for bit (``torch.equal`` has -0.0 == 0.0 and NaN != NaN)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_as_int(a), _as_int(b))
-
-
-def _as_int(t: torch.Tensor) -> torch.Tensor:
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-    return t.contiguous().view(ints[t.element_size()])
-
-
 def _task_logits(learner, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Training logits as the loop sees them: masked to the sample's task in multi-head streams."""
     if learner.multi_head:
@@ -213,7 +203,6 @@ class _WeightedSquare(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         factor = ctx.owner._scaled_weight(ctx.weight, ctx.scale, grad_out)
         flat = factor * ctx.diff
-        ctx.owner._grad_flat = (ctx.diff, factor, flat)  # SI's correction reuses it when its factor is equal
         grads, offset = [], 0
         for shape in ctx.shapes:
             n = shape.numel()
@@ -233,7 +222,6 @@ class _QuadraticPenalty(Plugin):
         self._flat: tuple[tuple, torch.Tensor] | None = None  # (step and version counters, theta)
         self._weight_cache: tuple[torch.Tensor, int, float, torch.Tensor] | None = None
         self._diff: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (theta, anchor, difference)
-        self._grad_flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (difference, factor, grad)
 
     def params(self, learner) -> list[nn.Parameter]:
         if self._model is not learner.model:
@@ -427,7 +415,7 @@ class SIPlugin(_ImportancePenalty):
         self._path: torch.Tensor | None = None  # running path integral omega of this experience
         self._grad: torch.Tensor | None = None
         self._before: torch.Tensor | None = None
-        self._correction: tuple | None = None  # (omega, its version, si_c, 2 si_c Omega), once per experience
+        self._correction: tuple | None = None  # (Omega, 2 si_c Omega), computed once per experience
 
     def before_experience(self, learner, exp) -> None:
         theta = self.theta(learner).detach()
@@ -450,24 +438,11 @@ class SIPlugin(_ImportancePenalty):
             # the importance measures the task loss's path integral (Zenke et al.'s "unregularised"
             # gradient), so our own penalty's gradient 2c Omega (theta - theta*) is removed; 2c Omega is
             # computed once per experience, theta - theta* comes from this step's penalty
-            c = self._correction
-            if c is None or c[0] is not self.omega or c[1] != self.omega._version or c[2] != self.si_c:
-                # (omega, its version, si_c, 2 si_c Omega, the penalty's cached gradient factor, and whether
-                # the two factors are equal bit for bit), computed once per experience
-                c = (self.omega, self.omega._version, self.si_c, 2 * self.si_c * self.omega, None, False)
-                self._correction = c
-            d = self._diff
+            if self._correction is None or self._correction[0] is not self.omega:  # a new Omega each experience
+                self._correction = (self.omega, 2 * self.si_c * self.omega)
+            d = self._diff  # theta - theta* of this step's penalty, when it ran on this theta
             diff = d[2] if d is not None and d[0] is theta and d[1] is self.anchor else theta - self.anchor
-            g, w = self._grad_flat, self._weight_cache
-            if g is not None and g[0] is diff and w is not None and g[1] is w[3]:
-                if c[4] is not g[1]:
-                    self._correction = c = (*c[:4], g[1], _same_bits(g[1], c[3]))
-                same = c[5]
-            else:
-                same = False
-            # the penalty's backward computed 2 (c Omega) (theta - theta*); with the same factor bit for bit
-            # (doubling is exact unless c Omega is subnormal) it is this correction: no second pass over P
-            grad -= g[2] if same else c[3] * diff
+            grad -= self._correction[1] * diff
         self._grad, self._before = grad, theta
 
     @torch.no_grad()
