@@ -181,47 +181,45 @@ class L2PPlugin(PromptPlugin):
                  train_mask: bool) -> None:
         super().__init__(pull, train_mask)
         self.pool_size, self.prompt_length, self.top_k, self.diversify = pool_size, prompt_length, top_k, diversify
-        self.freq: torch.Tensor | None = None  # how often each prompt was selected by earlier tasks
         self.usage: torch.Tensor | None = None  # (tasks, pool): selections while training each task
 
     def build(self, model, n_tasks, gen):
-        self.freq = torch.zeros(self.pool_size, dtype=torch.float64)
-        self.usage = torch.zeros(n_tasks, self.pool_size, dtype=torch.float64)
+        device = model.head.weight.device  # selection counts stay beside the keys: no per-batch copy
+        self.usage = torch.zeros(n_tasks, self.pool_size, dtype=torch.float64, device=device)
         return L2PPool(self.pool_size, self.prompt_length, model.embed_dim, gen)
 
-    def select(self, cos: torch.Tensor, training: bool) -> torch.Tensor:
-        if training and self.diversify and self.freq.sum() > 0:
-            h = (self.freq / self.freq.sum()).to(cos)
-            return ((1 - cos) * h).topk(self.top_k, dim=1, largest=False).indices  # Eq. 4
+    def select(self, cos: torch.Tensor, task: int | None) -> torch.Tensor:
+        """Top-k prompts by key-query cosine; while training task > 0 with ``diversify``, by distance
+        weighted with how often earlier tasks selected each prompt (the paper's Eq. 4)."""
+        if task and self.diversify:
+            freq = self.usage[:task].sum(0)
+            h = (freq / freq.sum()).to(cos)
+            return ((1 - cos) * h).topk(self.top_k, dim=1, largest=False).indices
         return cos.topk(self.top_k, dim=1).indices
 
     def prompted(self, model, x, task):
         q = model.features(x)
         cos = _cosine(q, self.module.keys)
-        idx = self.select(cos, task is not None)
+        idx = self.select(cos, task)
         prompts = self.module.prompts[idx].flatten(1, 2)  # (batch, top_k * length, dim)
         h = model.encode(x, prompts=prompts)
         feats = h[:, 1 : 1 + prompts.shape[1]].mean(1)  # the prompt tokens' outputs
         if task is None:
             return feats, 0.0
-        self.usage[task] += torch.bincount(idx.flatten().cpu(), minlength=self.pool_size).double()
+        self.usage[task] += torch.bincount(idx.flatten(), minlength=self.pool_size).double()
         return feats, self.pull * (1 - cos.gather(1, idx)).sum(1).mean()
-
-    def after_experience(self, learner, exp) -> None:
-        super().after_experience(learner, exp)
-        self.freq = self.usage[: exp.index + 1].sum(0)
 
     def selected_task(self, learner, x):
         with torch.no_grad():
             cos = _cosine(learner.model.features(x), self.module.keys)
-            owner = self.usage.argmax(0).to(cos.device)  # the task that trained each prompt most
+            owner = self.usage.argmax(0)  # the task that trained each prompt most
             return owner[cos.argmax(1)]
 
     def extra_state(self):
-        return {"freq": self.freq.clone(), "usage": self.usage.clone()}
+        return {"usage": self.usage.clone()}
 
     def load_extra(self, state):
-        self.freq, self.usage = state["freq"].clone(), state["usage"].clone()
+        self.usage.copy_(state["usage"])
 
 
 @register_strategy("l2p")
