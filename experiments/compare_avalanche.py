@@ -516,6 +516,62 @@ def run_bare(stream: Stream, seed: int, run_cfg: dict[str, Any], strategy: str =
 BARE = ("naive", "si", "agem", "gem")  # strategies with a hand-written reference loop
 
 
+def gemm_floor(stream: Stream, seed: int, run_cfg: dict[str, Any], strategy: str = "naive") -> float:
+    """CPU seconds of the matrix products alone that any implementation of ``strategy``'s algorithm must
+    compute in this run (fp32, torch's BLAS, one thread), with nothing else: no activation, loss, optimiser,
+    projection, QP, penalty, data handling or Python loop work.
+
+    Per pass of n samples through the model's linear layers: the forward products (n x in) @ (in x out),
+    the weight gradients (out x n) @ (n x in) and the input gradients of every layer but the first (the data
+    needs none). Passes: every training batch; A-GEM's reference sample (min(sample_size, memory) rows)
+    at every step once a memory exists; GEM's memories of all past experiences at every step, arranged as
+    cheaply as its algorithm allows: forward and input gradients over all memory rows in one product each,
+    weight gradients one product per past experience (GEM needs each experience's gradient apart); one
+    forward over the test set (Avalanche's single evaluation). Timed on random tensors of those shapes.
+    Avalanche / this time bounds the ratio any implementation of the same algorithm could reach here.
+    """
+    layers = [m for m in initial_model(run_cfg, stream, seed).modules() if isinstance(m, torch.nn.Linear)]
+    spec = SPECS[strategy].ours
+    weights = [m.weight.detach().clone() for m in layers]
+    rows = max(EVAL_BATCH, 2000)
+    acts = [torch.randn(rows, w.shape[1]) for w in weights]  # layer inputs
+    grads = [torch.randn(rows, w.shape[0]) for w in weights]  # gradients at layer outputs
+
+    def forward(n: int) -> None:
+        for w, a in zip(weights, acts, strict=True):
+            a[:n].mm(w.t())
+
+    def backward(n: int, groups: int = 1) -> None:
+        for k, (w, a, g) in enumerate(zip(weights, acts, grads, strict=True)):
+            if k > 0:
+                g[:n].mm(w)
+            size = n // groups
+            for j in range(groups):
+                g[j * size : (j + 1) * size].t().mm(a[j * size : (j + 1) * size])
+
+    mem_rows: list[int] = []
+    c0 = time.process_time()
+    for exp in stream:
+        n = exp.n_train
+        for s in range(0, n, BATCH):
+            b = min(BATCH, n - s)
+            forward(b)
+            backward(b)
+            if strategy == "agem" and mem_rows:
+                r = min(sum(mem_rows), spec["sample_size"])
+                forward(r)
+                backward(r)
+            elif strategy == "gem" and mem_rows:
+                forward(sum(mem_rows))
+                backward(sum(mem_rows), groups=len(mem_rows))
+        if strategy in ("agem", "gem"):
+            mem_rows.append(min(n, spec["patterns_per_experience"]))
+    for exp in stream:
+        for s in range(0, exp.n_test, EVAL_BATCH):
+            forward(min(EVAL_BATCH, exp.n_test - s))
+    return time.process_time() - c0
+
+
 @contextlib.contextmanager
 def si_snapshot_copies() -> Iterator[None]:
     """Patch Avalanche's SI so its parameter snapshots are copies (``.clone()``), not views of the live
@@ -659,7 +715,8 @@ def _compare(strategies: list[str], seeds: list[int], streams: list[str], si_pat
                     if name in BARE:
                         hand = run_bare(stream, seed, run_cfg, name)
                         bare.append({"stream": stream_key, "seed": seed, "strategy": name, "result": hand,
-                                     "same_result": hand.per_exp == ours.per_exp})
+                                     "same_result": hand.per_exp == ours.per_exp,
+                                     "floor_s": gemm_floor(stream, seed, run_cfg, name)})
                     log(f"{stream_key:>8} seed {seed} {name:>6}: ACC {ours.acc:.4f} vs {theirs.acc:.4f}  "
                         f"time {ours.total_s:6.2f} s vs {theirs.total_s:6.2f} s  "
                         f"(x{theirs.total_s / ours.total_s:.1f})  steps {ours.steps} vs {theirs.steps}")
@@ -878,7 +935,8 @@ def _passes(s: dict[str, Any]) -> str:
 
 
 def bare_section(result: dict[str, Any], stream_key: str) -> list[str]:
-    """The hand-written reference loops of one stream, against both libraries (paired per seed, CPU time)."""
+    """The hand-written reference loops and the GEMM floors of one stream, against both libraries (paired per
+    seed, CPU time)."""
     rows, beyond = [], []
     for name in BARE:
         pairs = [(b, r) for b in result["bare"] if b["stream"] == stream_key and b["strategy"] == name
@@ -889,25 +947,30 @@ def bare_section(result: dict[str, Any], stream_key: str) -> list[str]:
         hand = [b["result"] for b, _ in pairs]
         us = [r["ours"].cpu_s / b["result"].cpu_s for b, r in pairs]
         av = [r["theirs"].cpu_s / b["result"].cpu_s for b, r in pairs]
+        floor = [b["floor_s"] for b, _ in pairs]
+        av_floor = [r["theirs"].cpu_s / b["floor_s"] for b, r in pairs]
+        us_floor = [r["ours"].cpu_s / b["floor_s"] for b, r in pairs]
         same = all(b["same_result"] for b, _ in pairs)
         target = TARGETS.get(name)
-        if target is not None and statistics.mean(av) < target:
-            beyond.append(f"{name} ({target:g}x vs {statistics.mean(av):.2f}x)")
-        rows.append(f"| {name} | {_ms([h.total_s for h in hand], 1, 2)} | {_ms([h.cpu_s for h in hand], 1, 2)} | "
-                    f"{_ms(us, 1, 2)} | {_ms(av, 1, 2)} | {'' if target is None else f'>= {target:g}x'} | "
-                    f"{'yes' if same else '**no**'} |")
+        if target is not None and statistics.mean(av_floor) < target:
+            beyond.append(f"{name} (target {target:g}x, Avalanche / GEMM floor {statistics.mean(av_floor):.2f}x)")
+        rows.append(f"| {name} | {_ms([h.cpu_s for h in hand], 1, 2)} | {_ms(us, 1, 2)} | {_ms(av, 1, 2)} | "
+                    f"{_ms(floor, 1, 2)} | {_ms(us_floor, 1, 2)} | {_ms(av_floor, 1, 2)} | "
+                    f"{'' if target is None else f'>= {target:g}x'} | {'yes' if same else '**no**'} |")
     if not rows:
         return []
-    return ["", "Hand-written PyTorch loops (reference; CPU-time ratios paired per seed):", "",
-            "| strategy | hand-written s (wall) | hand-written s (CPU) | cltoolbox / hand-written | "
-            "Avalanche / hand-written (max gain over Avalanche) | target | same per-experience ACC as cltoolbox |",
-            "|---|---|---|---|---|---|---|", *rows,
-            *(["", "Targets above what the hand-written loop itself achieves over Avalanche here: "
-                   f"{', '.join(beyond)}. Meeting them would take a run (6 evaluations, checkpoints and result "
-                   "files included) well below a direct plain-PyTorch implementation of the same algorithm with "
-                   "one evaluation (the 'cltoolbox / hand-written' column says where cltoolbox stands); for agem "
-                   "and gem most of that time is the forward and backward passes over memory samples, the same "
-                   "arithmetic on both sides."] if beyond else [])]
+    return ["", "What the same work costs at least (CPU time, ratios paired per seed): a hand-written PyTorch loop "
+            "of the same algorithm, and the GEMM floor, the matrix products alone that the algorithm must compute "
+            "(`gemm_floor`: every batch's forward and backward products, A-GEM's reference sample and GEM's "
+            "per-experience memory gradients at every step, one evaluation; nothing else). Avalanche / GEMM "
+            "floor is the largest ratio any implementation of that algorithm could reach on this machine.", "",
+            "| strategy | hand-written s | cltoolbox / hand-written | Avalanche / hand-written | GEMM floor s | "
+            "cltoolbox / floor | Avalanche / floor (max possible ratio) | target | same per-experience ACC as "
+            "cltoolbox |",
+            "|---|---|---|---|---|---|---|---|---|", *rows,
+            *(["", f"Out of reach for any implementation here: {'; '.join(beyond)}. Even a library that did "
+                   "nothing but the required matrix products would be less than the target faster than "
+                   "Avalanche."] if beyond else [])]
 
 
 def si_section(diag: dict[str, list[dict[str, Any]]]) -> list[str]:
