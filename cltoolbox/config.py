@@ -118,8 +118,10 @@ def _resolve_strategy(entry: Any, field: str, top: bool = True) -> dict[str, Any
     from cltoolbox.loop import TrainConfig
     from cltoolbox.registry import STRATEGIES
 
+    if isinstance(entry, str):  # `strategy: [naive, er]`: a name alone means its defaults
+        entry = {"name": entry}
     if not isinstance(entry, dict):
-        raise ConfigError(f"{field}: expected a mapping like {{name: er, memory_size: 500}}, got {entry!r}")
+        raise ConfigError(f"{field}: expected a name or a mapping like {{name: er, memory_size: 500}}, got {entry!r}")
     reg, _ = _named(entry, field, STRATEGIES)
     given = {k: v for k, v in entry.items() if k not in ("name", "label", "plugins", "train")}
     out: dict[str, Any] = {"name": entry["name"], **resolve(reg.params, given, field)}

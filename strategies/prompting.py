@@ -166,6 +166,16 @@ def _cosine(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T
 
 
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for a long tensor ``idx`` of any shape, reproducible in its gradient.
+
+    Selected prompts repeat across a batch. The backward of ``table[idx]`` adds the repeated rows' gradients
+    with parallel atomic adds on CPU (large tensors, several threads), in a different order every call, so
+    runs with the same seed differed at the last bit; ``index_select``'s backward adds them in index order.
+    """
+    return table.index_select(0, idx.flatten()).view(*idx.shape, *table.shape[1:])
+
+
 # ---------------------------------------------------------------------------------------------------- L2P
 class L2PPool(nn.Module):
     def __init__(self, pool: int, length: int, dim: int, gen: torch.Generator) -> None:
@@ -201,7 +211,7 @@ class L2PPlugin(PromptPlugin):
         q = model.features(x)
         cos = _cosine(q, self.module.keys)
         idx = self.select(cos, task)
-        prompts = self.module.prompts[idx].flatten(1, 2)  # (batch, top_k * length, dim)
+        prompts = _rows(self.module.prompts, idx).flatten(1, 2)  # (batch, top_k * length, dim)
         h = model.encode(x, prompts=prompts)
         feats = h[:, 1 : 1 + prompts.shape[1]].mean(1)  # the prompt tokens' outputs
         if task is None:
@@ -273,7 +283,7 @@ class DualPromptPlugin(PromptPlugin):
         out: dict[int, list[torch.Tensor]] = {}
         for i, layer in enumerate(self.g_layers):
             out[layer] = [self.module.g[i, 0].expand(batch, -1, -1), self.module.g[i, 1].expand(batch, -1, -1)]
-        e = self.module.e[slots]  # (batch, layers, 2, length, dim)
+        e = _rows(self.module.e, slots)  # (batch, layers, 2, length, dim)
         for j, layer in enumerate(self.e_layers):
             k, v = e[:, j, 0], e[:, j, 1]
             if layer in out:  # a block with both prompts gets both prefixes

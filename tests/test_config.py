@@ -264,3 +264,15 @@ def test_a_strategy_can_override_the_shared_train_section(tmp_path: Path) -> Non
 def test_bad_strategy_train_overrides(strategy, message) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(cfg(strategy=strategy))
+
+
+def test_strategy_names_alone_mean_their_defaults() -> None:
+    listed = validate(cfg(strategy=["naive", "er", {"name": "er", "label": "er_lwf", "plugins": ["lwf"]}]))
+    full = validate(cfg(strategy=[{"name": "naive"}, {"name": "er"},
+                                  {"name": "er", "label": "er_lwf", "plugins": [{"name": "lwf"}]}]))
+    assert listed["strategy"] == full["strategy"]
+    assert validate(cfg(strategy="er"))["strategy"] == full["strategy"][1:2]
+    with pytest.raises(ConfigError, match=r"strategy\[1\].name: unknown .*did you mean 'gem'"):
+        validate(cfg(strategy=["naive", "gemm"]))
+    with pytest.raises(ConfigError, match=r"strategy\[0\]: expected a name or a mapping"):
+        validate(cfg(strategy=[3]))
