@@ -172,7 +172,7 @@ def test_strategy_contract(name: str, tmp_path: Path) -> None:
     cltoolbox.run(_config(name, c, seed=1), quiet=True)  # another seed: different
     assert (run / "accuracy.csv").read_bytes() != (_run_dir(c, name, seed=1) / "accuracy.csv").read_bytes()
 
-    with pytest.raises(Crash):  # killed after experience 1 was checkpointed, while finishing experience 2
+    with pytest.raises(Crash):  # killed while finishing experience 2 (after a checkpoint, or before any)
         Recorder.crash_at = 2
         try:
             cltoolbox.run(_config(name, d), quiet=True)

@@ -145,3 +145,48 @@ def test_a_resumed_run_keeps_its_first_start_time(tiny_config, tmp_path: Path) -
     env = json.loads((run / "env.json").read_text())
     assert env["start_time"] == "2000-01-01T00:00:00+00:00" and env["resumed_at_experience"] == 5
     assert (run / "DONE").exists()
+
+
+@pytest.mark.parametrize(("ratio", "saved"), [(0, [1, 2, 3, 4, 5]), (1e9, [1, 5])])
+def test_checkpoints_that_would_dominate_the_work_are_skipped_and_resume_stays_exact(
+        tiny_config, tmp_path: Path, monkeypatch, ratio: float, saved: list[int]) -> None:
+    import io
+
+    import torch
+
+    from cltoolbox import runner
+
+    # ratio 0: every experience; 1e9: no experience is worth a checkpoint but the first (nothing to compare
+    # with yet) and the last (always saved)
+    monkeypatch.setattr(runner, "CHECKPOINT_WORK_RATIO", ratio)
+    writes: list[int] = []
+    real_write = runner.atomic_write_bytes
+
+    def spy(path: Path, data) -> None:
+        if path.name == "state.pt":
+            writes.append(int(torch.load(io.BytesIO(bytes(data)), weights_only=True)["next_experience"]))
+        real_write(path, data)
+
+    monkeypatch.setattr(runner, "atomic_write_bytes", spy)
+    cltoolbox.run({**tiny_config, "out": str(tmp_path / "whole")}, quiet=True)
+    assert writes == saved
+
+    real_eval = runner.evaluate_stream
+
+    def crash_in_experience_3(learner, stream, row, history) -> None:
+        if row == 3:
+            raise KeyboardInterrupt
+        real_eval(learner, stream, row, history)
+
+    monkeypatch.setattr(runner, "evaluate_stream", crash_in_experience_3)
+    with pytest.raises(KeyboardInterrupt):
+        cltoolbox.run({**tiny_config, "out": str(tmp_path / "killed")}, quiet=True)
+    monkeypatch.setattr(runner, "evaluate_stream", real_eval)
+    (killed,) = [p.parent.parent for p in (tmp_path / "killed").rglob("state.pt")]
+    assert not (killed / "DONE").exists()
+    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=True)
+    assert state["next_experience"] == (3 if ratio == 0 else 1)  # killed while evaluating experience 3
+    cltoolbox.run({**tiny_config, "out": str(tmp_path / "killed")}, resume=True, quiet=True)
+    whole = _only_run(tmp_path / "whole")
+    for name in ("accuracy.csv", "per_class.csv", "matrices/accuracy_class_il.csv"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
