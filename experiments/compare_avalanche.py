@@ -26,8 +26,9 @@ Timing (``time.perf_counter``, one thread: ``torch.set_num_threads(1)`` for both
 warm-up run of each library; imports, data loading and stream/benchmark construction are not timed):
 
 * cltoolbox ``total``: the whole ``execute_run`` call: model construction, the learner, training, the
-  evaluation of every test experience before training and after every experience (6 passes), a
-  checkpoint after every experience and all result files (a superset of "train + one evaluation");
+  evaluation of every test experience before training and after every experience (6 passes), its
+  checkpoints (after every experience unless one would cost over 5% of the work since the last; here
+  3-5 of 5) and all result files (a superset of "train + one evaluation");
   ``train``: the learner's ``train_seconds`` (every hook of every experience, no evaluation).
 * Avalanche ``total``: strategy construction, ``strategy.train(exp)`` for every experience and one
   ``strategy.eval(test_stream)``; ``train``: the ``train`` calls only. Its evaluator only records
@@ -829,7 +830,7 @@ def markdown(result: dict[str, Any], argv: list[str], started: str, elapsed: flo
         "(before training and after each experience but the last, with the RNGs restored around them so that "
         "its training and ACC are unchanged, checked) are timed apart; this column is (Avalanche total + those "
         "5 passes) / cltoolbox total, i.e. the same evaluation work on both sides. cltoolbox's total still "
-        "includes its checkpoint after every experience and its ~15 result files, which Avalanche does not "
+        "includes its checkpoints (3-5 per run here) and its ~15 result files, which Avalanche does not "
         "write. The whole-run ratio (`ratio wall`) is the one `met` refers to.",
         "",
         "`hand-written` loops (below each table): the same model, data, SGD and batches in plain PyTorch with "
