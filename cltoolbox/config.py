@@ -227,6 +227,9 @@ def check_train(train: dict[str, Any], field: str) -> None:
         raise ConfigError(f"{field}.gamma: must be a finite number > 0, got {train['gamma']}; e.g. `gamma: 0.1`")
     if any(m < 1 for m in train["milestones"]):
         raise ConfigError(f"{field}.milestones: epochs must be >= 1, got {train['milestones']}")
+    if train["augment_crop"] < 0:
+        raise ConfigError(f"{field}.augment_crop: must be >= 0 (padding in pixels, 0 = off), got "
+                          f"{train['augment_crop']}; e.g. 4")
     resolve_device(train["device"])  # `cuda` on a machine without one fails here, not mid-run
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
+from cltoolbox.augment import BatchAugment, make_augment
 from cltoolbox.errors import DivergenceError
 from cltoolbox.plugin import HOOKS, Batch, Plugin, implementers
 from cltoolbox.stream import Experience, Stream
@@ -110,6 +111,8 @@ class TrainConfig:
     gamma: float = 0.1
     eval_batch_size: int = 1024
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    augment_crop: int = 0  # random crop after padding by this many pixels (0 = off); CIFAR recipe: 4
+    augment_hflip: bool = False  # random horizontal flip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,6 +153,8 @@ class Learner:
         self.train_seconds = 0.0
         self.on_epoch_end: Callable[[dict[str, Any]], None] | None = None  # progress display
         self._test_set: tuple[Stream, Any] | None = None  # evaluate_stream's per-stream cache
+        self.augment: BatchAugment | None = None  # train.augment_*, built for the stream in begin()
+        self._augmented: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its augmentation)
 
     # -- optimisation ---------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -170,8 +175,11 @@ class Learner:
         return None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Training logits (a plugin's ``forward`` or the model's); multi-head streams mask each row to its
-        task's classes."""
+        """Training logits (a plugin's ``forward`` or the model's) of ``x``, augmented when ``train.augment_*``
+        are on; multi-head streams mask each row to its task's classes."""
+        if self.augment is not None:
+            raw, x = x, self.augment(x, self.generator)
+            self._augmented = (raw, x)
         logits = None
         for p in self.hooks["forward"]:
             logits = p.forward(self, x, t)
@@ -182,6 +190,12 @@ class Learner:
         if self.multi_head:
             logits = logits.masked_fill(~self.task_mask[t], -1e9)
         return logits
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model saw for ``x`` in the latest training forward: its augmentation, or ``x`` itself.
+        Distillation targets (LwF, iCaRL) are computed on it, so teacher and student see the same image."""
+        a = self._augmented
+        return a[1] if a is not None and a[0] is x else x
 
     # -- the loop ----------------------------------------------------------------------------------
     def train_data(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, epochs: int | None = None) -> None:
@@ -285,6 +299,8 @@ class Learner:
     def begin(self, stream: Stream) -> None:
         self.stream = stream
         self.multi_head = stream.task_labels
+        self.augment = make_augment(self.config.augment_crop, self.config.augment_hflip,
+                                    [e.x_train for e in stream.experiences])
         self.task_mask = stream.task_class_mask().to(self.device)
         for p in self.hooks["before_fit"]:
             p.before_fit(self, stream)

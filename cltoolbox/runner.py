@@ -19,6 +19,7 @@ import torch
 
 from cltoolbox import config as cfgmod
 from cltoolbox import metrics
+from cltoolbox.augment import check_augment
 from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
@@ -431,6 +432,10 @@ def check_buildable(resolved: dict, data) -> Stream:
     """Build the first seed's stream, every strategy's plugins and the model (on the meta device, free),
     so that bad generator, strategy or model parameters fail before any run starts; returns the stream."""
     stream = build_stream(resolved, data, resolved["seeds"][0])
+    for i, strategy in enumerate(resolved["strategy"]):
+        given = strategy.get("train", {})
+        where = f"strategy[{i}].train" if any(k.startswith("augment_") for k in given) else "train"
+        check_augment({**resolved["train"], **given}, stream.input_shape, where)
     plugins = [build_plugins(strategy) for strategy in resolved["strategy"]]
     with torch.device("meta"):  # validates the model's parameters without paying for its initialisation
         model = build_model(resolved, stream)

@@ -71,9 +71,10 @@ class LwFPlugin(Plugin):
         if self.old_state is None or alpha == 0:
             return 0.0
         tap = self._tap
-        new = tap.out if tap.x is batch.x and tap.out is not None else learner.model(batch.x)
+        x = learner.model_input(batch.x)  # the augmented batch when train.augment_* are on
+        new = tap.out if tap.x is x and tap.out is not None else learner.model(x)
         with torch.no_grad():
-            old = self._old_model(learner)(batch.x)
+            old = self._old_model(learner)(x)
         # task-IL: one softmax per old task head (as the paper's per-task output layers); otherwise one
         # over every class seen before. Only those columns enter, never the -1e9 task mask.
         groups = self.old_tasks.values() if learner.multi_head else [sorted({c for cs in self.old_tasks.values()

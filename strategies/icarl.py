@@ -111,7 +111,7 @@ class ICaRLPlugin(Plugin):
         target = F.one_hot(batch.y, logits.shape[1]).to(logits.dtype)
         if self._old_model is not None and self._old_classes is not None:
             with torch.no_grad():
-                old = self._old_model(batch.x)
+                old = self._old_model(learner.model_input(batch.x))  # the image the new logits saw
                 if learner.multi_head:
                     old = old.masked_fill(~learner.task_mask[batch.t], -1e9)
             cols = self._old_classes
