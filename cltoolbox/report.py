@@ -136,9 +136,15 @@ def mean_matrices(accuracy: Any, setting: str) -> dict[tuple[str, str], np.ndarr
 
 def seen_accuracy_curves(accuracy: Any, setting: str) -> Any:
     """Average accuracy over the experiences seen so far after each experience, one row per run."""
-    a = accuracy[(accuracy.setting == setting) & (accuracy.trained_exp >= 0)]
-    a = a[a.eval_exp <= a.trained_exp]
+    a = accuracy[(accuracy.setting == setting) & accuracy.seen]
     return a.groupby(["scenario", "strategy", "seed", "trained_exp"], sort=False).accuracy.mean().reset_index()
+
+
+def _ticks(n: int, most: int = 12) -> list[int]:
+    """Every index up to ``most`` of them, else about ``most`` evenly spaced ones including the first and last."""
+    if n <= most:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
 
 
 def plot_heatmaps(accuracy: Any, setting: str, out: Path) -> list[Path]:
@@ -153,16 +159,17 @@ def plot_heatmaps(accuracy: Any, setting: str, out: Path) -> list[Path]:
         fig, axes = plt.subplots(rows, cols, figsize=(COLUMN_WIDTH_IN * 2 if cols > 1 else COLUMN_WIDTH_IN,
                                                       2.2 * rows + 0.3), squeeze=False, layout="constrained")
         for k, (ax, (strategy, m)) in enumerate(zip(axes.flat, items, strict=False)):
-            im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            T = m.shape[1]
+            im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
+            n_rows, T = m.shape  # rows: init + training experiences (more than T on online/recurring streams)
             ax.set_title(strategy)
             ax.set_xlabel("evaluated experience")
             if k % cols == 0:
                 ax.set_ylabel("trained up to")
-            ax.set_xticks(range(T))
-            ax.set_yticks(range(T + 1), ["init", *map(str, range(T))])
-            if T <= 10:
-                for i in range(m.shape[0]):
+            ax.set_xticks(_ticks(T))
+            rows = _ticks(n_rows)
+            ax.set_yticks(rows, ["init" if r == 0 else str(r - 1) for r in rows])
+            if n_rows <= 11 and T <= 10:  # numbers only while they stay legible
+                for i in range(n_rows):
                     for j in range(T):
                         if m[i, j] == m[i, j]:
                             ax.text(j, i, f"{m[i, j] * 100:.0f}", ha="center", va="center", fontsize=5,
@@ -186,7 +193,7 @@ def plot_curves(accuracy: Any, setting: str, out: Path) -> list[Path]:
             stats = s.groupby("trained_exp").accuracy.agg(["mean", "std", "count"])
             x = stats.index.to_numpy() + 1
             std = stats["std"].fillna(0).to_numpy()
-            ax.plot(x, stats["mean"], marker="o", markersize=2.5, label=strategy)
+            ax.plot(x, stats["mean"], marker="o" if len(x) <= 30 else None, markersize=2.5, label=strategy)
             ax.fill_between(x, stats["mean"] - std, stats["mean"] + std, alpha=0.2)
         ax.set_xlabel("experiences trained")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))

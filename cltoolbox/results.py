@@ -113,9 +113,22 @@ def _run_labels(run_dir: Path) -> dict[str, Any]:
     return {"run": str(run_dir), **meta.get("labels", {})}
 
 
+def _seen(accuracy: Any, run: Path) -> Any:
+    """Per row: had training reached the evaluated experience? From stream.json's ``first_seen`` (row of its
+    first training experience, 1-based, 0 = never), which differs from ``eval_exp <= trained_exp`` on
+    streams whose training experiences are chunks or repetitions of the evaluated tasks (online, recurring)."""
+    try:
+        first = json.loads((run / "stream.json").read_text())["first_seen"]
+    except (OSError, ValueError, KeyError):
+        return accuracy.eval_exp <= accuracy.trained_exp
+    first = accuracy.eval_exp.map(dict(enumerate(first)))
+    return (first > 0) & (first <= accuracy.trained_exp + 1)
+
+
 def load(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
-    """DataFrames over one or many run folders: ``accuracy`` (tidy), ``metrics`` (one row per run and
-    setting), ``train_log``. Each row carries the run's labels (experiment, strategy, scenario, seed)."""
+    """DataFrames over one or many run folders: ``accuracy`` (tidy, with ``seen``: the evaluated experience
+    had been trained by that row), ``metrics`` (one row per run and setting), ``train_log``. Each row carries
+    the run's labels (experiment, strategy, scenario, seed)."""
     import pandas as pd
 
     if isinstance(paths, (str, Path)):
@@ -124,6 +137,7 @@ def load(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
     for run in sorted(find_runs(paths), key=_start_time):  # run order = config order in tables and legends
         labels = _run_labels(run)
         a = pd.read_csv(run / "accuracy.csv")
+        a["seen"] = _seen(a, run)
         log_df = pd.read_csv(run / "train_log.csv")
         for k, v in labels.items():
             a[k] = v

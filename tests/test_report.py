@@ -52,3 +52,27 @@ def test_report_writes_figures_and_tables_with_the_right_numbers(runs: Path, tmp
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{" + f"{er_mean:.1f}" in tex
     csv = (tmp_path / "table_class_il.csv").read_text().splitlines()
     assert csv[0].startswith("scenario,strategy,n_seeds,acc_mean,acc_std") and len(csv) == 3
+
+
+def test_long_online_streams_average_what_was_trained_and_stay_legible(tmp_path: Path) -> None:
+    # an online stream trains chunks of tasks: row r has seen the tasks whose first chunk came by r, which
+    # is not `eval_exp <= trained_exp` (that counted one more task per chunk)
+    cltoolbox.run({
+        "name": "onl", "scenario": {"name": "online", "dataset": "digits", "n_tasks": 2, "chunk_size": 100},
+        "model": {"name": "mlp", "hidden": [16]}, "strategy": "naive",
+        "train": {"epochs": 1, "batch_size": 10, "lr": 0.05}, "seeds": [0], "out": str(tmp_path / "runs"),
+    }, quiet=True)
+    (run,) = [p.parent for p in (tmp_path / "runs").rglob("DONE")]
+    first_seen = json.loads((run / "stream.json").read_text())["first_seen"]
+    assert first_seen[0] == 1 and first_seen[1] > 3  # several chunks of task 0 before task 1's first
+    acc = cltoolbox.load_results(run)["accuracy"]
+    curve = report.seen_accuracy_curves(acc, "class_il").set_index("trained_exp").accuracy
+    rows = acc[acc.setting == "class_il"].set_index(["trained_exp", "eval_exp"]).accuracy
+    for r in range(len(curve)):
+        seen = [j for j, f in enumerate(first_seen) if 0 < f <= r + 1]
+        assert curve[r] == pytest.approx(statistics.mean(rows[(r, j)] for j in seen))
+    written = report.report([run], tmp_path / "report")
+    assert any(p.name == "heatmap_class_il_online-digits.png" for p in written["figures"])
+    assert report._ticks(5) == [0, 1, 2, 3, 4]
+    ticks = report._ticks(len(curve) + 1)
+    assert ticks[0] == 0 and ticks[-1] == len(curve) and len(ticks) <= 12
