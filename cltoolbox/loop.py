@@ -15,6 +15,7 @@ from torch.optim import optimizer as torch_optimizer
 
 from cltoolbox.augment import BatchAugment, make_augment
 from cltoolbox.errors import DivergenceError
+from cltoolbox.models.cache import uncached
 from cltoolbox.plugin import HOOKS, Batch, Plugin, implementers
 from cltoolbox.stream import Experience, Stream
 
@@ -180,16 +181,20 @@ class Learner:
         if self.augment is not None:
             raw, x = x, self.augment(x, self.generator)
             self._augmented = (raw, x)
-        logits = None
-        for p in self.hooks["forward"]:
-            logits = p.forward(self, x, t)
-            if logits is not None:
-                break
-        if logits is None:
-            logits = self.model(x)
+            with uncached():  # an augmented image occurs once: caching its frozen features would only cost
+                logits = self._logits_of(x, t)
+        else:
+            logits = self._logits_of(x, t)
         if self.multi_head:
             logits = logits.masked_fill(~self.task_mask[t], -1e9)
         return logits
+
+    def _logits_of(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        for p in self.hooks["forward"]:
+            logits = p.forward(self, x, t)
+            if logits is not None:
+                return logits
+        return self.model(x)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the model saw for ``x`` in the latest training forward: its augmentation, or ``x`` itself.

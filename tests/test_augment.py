@@ -132,3 +132,18 @@ def test_random_crops_improve_an_overfitting_mlp_on_real_digits(tmp_path: Path) 
     config.update(seeds=[0], out=str(tmp_path))
     plain, crop = (r["class_il"]["acc"] for r in cltoolbox.run(config, quiet=True))
     assert crop > plain + 0.005, (plain, crop)
+
+
+def test_augmented_batches_bypass_the_frozen_feature_cache() -> None:
+    from cltoolbox.models.vit import vit
+
+    resolved = validate(copy.deepcopy(BASE))
+    stream = build_stream(resolved, load_dataset("digits"), 0)
+    torch.manual_seed(0)
+    model = vit(stream.input_shape, stream.n_classes, patch_size=4, embed_dim=16, depth=1, num_heads=2, frozen=True)
+    learner = Learner(model, STRATEGIES.get("naive").factory(), TrainConfig(**resolved["train"]), seed=0)
+    learner.fit(stream)
+    assert len(model.cache) == 0 and model.cache.misses == 0  # training saw augmented images only: not cached
+    n_test = sum(e.n_test for e in stream.eval_experiences)
+    learner.logits(torch.cat([e.x_test for e in stream.eval_experiences]), torch.zeros(n_test, dtype=torch.long))
+    assert len(model.cache) == n_test  # evaluation still caches its (fixed) images

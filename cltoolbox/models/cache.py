@@ -11,11 +11,24 @@ Call ``clear`` whenever the extractor's weights change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
 _MIX = 2**31 - 1
+_bypass = [False]
+
+
+@contextlib.contextmanager
+def uncached() -> Iterator[None]:
+    """Features computed without the cache: for inputs seen once (augmented training batches), which would only
+    fill it."""
+    before, _bypass[0] = _bypass[0], True
+    try:
+        yield
+    finally:
+        _bypass[0] = before
 
 
 def _weights(n: int, seed: int) -> torch.Tensor:
@@ -60,7 +73,7 @@ class SampleFeatureCache:
 
     def __call__(self, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Features of ``x``: cached rows are looked up, the others computed with ``compute`` and stored."""
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 or _bypass[0]:
             return compute(x)
         keys, checks = self._fingerprints(x)
         pos = torch.searchsorted(self._keys, keys).clamp_max(max(len(self) - 1, 0))
