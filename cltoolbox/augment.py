@@ -60,7 +60,6 @@ def make_augment(crop_padding: int, hflip: bool, x_train: list[torch.Tensor]) ->
     """The learner's augmentation for a stream's training tensors, or None when both are off."""
     if not crop_padding and not hflip:
         return None
-    c = x_train[0].shape[1]
-    fill = torch.stack([x.transpose(0, 1).reshape(c, -1).amin(1) for x in x_train if x.numel()]).amin(0)
+    fill = torch.stack([x.amin(dim=(0, 2, 3)) for x in x_train if x.numel()]).amin(0)  # no copy of the data
     return BatchAugment(crop_padding, hflip, fill.cpu())
 
