@@ -147,3 +147,30 @@ def test_augmented_batches_bypass_the_frozen_feature_cache() -> None:
     n_test = sum(e.n_test for e in stream.eval_experiences)
     learner.logits(torch.cat([e.x_test for e in stream.eval_experiences]), torch.zeros(n_test, dtype=torch.long))
     assert len(model.cache) == n_test  # evaluation still caches its (fixed) images
+
+
+def test_a_killed_augmented_run_resumes_to_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    from cltoolbox import runner
+
+    config = {**copy.deepcopy(BASE), "strategy": [{"name": "der", "memory_size": 50}]}
+    cltoolbox.run({**config, "out": str(tmp_path / "whole")}, quiet=True)
+    real_eval = runner.evaluate_stream
+
+    def crash_in_experience_2(learner, stream, row, history) -> None:
+        if row == 2:
+            raise KeyboardInterrupt
+        real_eval(learner, stream, row, history)
+
+    monkeypatch.setattr(runner, "CHECKPOINT_WORK_RATIO", 0)  # a checkpoint after every experience
+    monkeypatch.setattr(runner, "evaluate_stream", crash_in_experience_2)
+    with pytest.raises(KeyboardInterrupt):
+        cltoolbox.run({**config, "out": str(tmp_path / "killed")}, quiet=True)
+    monkeypatch.setattr(runner, "evaluate_stream", real_eval)
+    cltoolbox.run({**config, "out": str(tmp_path / "killed")}, resume=True, quiet=True)
+    (whole,) = [p.parent for p in (tmp_path / "whole").rglob("DONE")]
+    (killed,) = [p.parent for p in (tmp_path / "killed").rglob("DONE")]
+    for name in ("accuracy.csv", "per_class.csv", "train_log.csv"):
+        a, b = ((d / name).read_text().splitlines() for d in (whole, killed))
+        if name == "train_log.csv":  # samples_per_s is a timing
+            a, b = ([line.rsplit(",", 1)[0] for line in lines] for lines in (a, b))
+        assert a == b, name
