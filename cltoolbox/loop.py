@@ -155,7 +155,8 @@ class Learner:
         self.on_epoch_end: Callable[[dict[str, Any]], None] | None = None  # progress display
         self._test_set: tuple[Stream, Any] | None = None  # evaluate_stream's per-stream cache
         self.augment: BatchAugment | None = None  # train.augment_*, built for the stream in begin()
-        self._augmented: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its augmentation)
+        # (input, its augmentation) of this step's training forwards (the batch, then e.g. DER's memory batch)
+        self._augmented: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- optimisation ---------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -180,7 +181,7 @@ class Learner:
         are on; multi-head streams mask each row to its task's classes."""
         if self.augment is not None:
             raw, x = x, self.augment(x, self.generator)
-            self._augmented = (raw, x)
+            self._augmented.append((raw, x))
             with uncached():  # an augmented image occurs once: caching its frozen features would only cost
                 logits = self._logits_of(x, t)
         else:
@@ -197,10 +198,9 @@ class Learner:
         return self.model(x)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the model saw for ``x`` in the latest training forward: its augmentation, or ``x`` itself.
+        """What the model saw for ``x`` in this step's training forwards: its augmentation, or ``x`` itself.
         Distillation targets (LwF, iCaRL) are computed on it, so teacher and student see the same image."""
-        a = self._augmented
-        return a[1] if a is not None and a[0] is x else x
+        return next((aug for raw, aug in self._augmented if raw is x), x)
 
     # -- the loop ----------------------------------------------------------------------------------
     def train_data(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, epochs: int | None = None) -> None:
@@ -231,6 +231,7 @@ class Learner:
             for s in range(0, n, bs):
                 idx = order[s : s + bs]
                 batch = Batch(x.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx))
+                self._augmented.clear()
                 for p in transform:
                     batch = p.transform_batch(self, batch)
                 logits = self.forward(batch.x, batch.t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -103,14 +104,16 @@ def test_the_model_trains_on_augmented_inputs_while_batches_and_memories_stay_da
     stream = build_stream(resolved, load_dataset("digits"), 0)
     torch.manual_seed(0)
     probe = _SeesModelInput(torch.cat([e.x_train for e in stream.experiences]))
-    er = STRATEGIES.get("er").factory(memory_size=60)
-    learner = Learner(mlp(stream.input_shape, stream.n_classes, hidden=[32]), [*er, probe],
+    # DER forwards a memory batch in its loss hook, before the probe's: the batch's augmentation is still known
+    der = STRATEGIES.get("der").factory(memory_size=60)
+    learner = Learner(mlp(stream.input_shape, stream.n_classes, hidden=[32]), [*der, probe],
                       TrainConfig(**resolved["train"]), seed=0)
     learner.fit(stream)
     steps = learner.step
     assert probe.augmented == steps and probe.from_data == steps
-    memory = er[0].memory
-    assert all(tuple(r.tolist()) in probe.rows for r in memory.x[: memory.size].flatten(1))
+    memory = der[0].memory  # rows: the flattened input, then its logits
+    stored = memory.x[: memory.size, : math.prod(stream.input_shape)]
+    assert memory.size == 60 and all(tuple(r.tolist()) in probe.rows for r in stored)
 
 
 def test_runs_with_augmentation_are_reproducible_and_differ_from_plain_ones(tmp_path: Path) -> None:
