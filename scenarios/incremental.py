@@ -113,3 +113,31 @@ def task_incremental(
 ) -> Stream:
     """The class splits of class_incremental with task ids given in training and test (multi-head task-IL)."""
     return split_by_class(data, seed, n_experiences, class_order, first_classes, classes_per_exp, True)
+
+
+@register_scenario("domain_incremental")
+def domain_incremental(
+    data: TensorData,
+    seed: int,
+    n_experiences: int | None = None,
+    class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
+) -> Stream:
+    """Split domain-IL: the class splits of class_incremental, each label replaced by its position in its split.
+
+    The "domain-incremental" Split MNIST / Split CIFAR-100 of van de Ven et al. (2019, "Three scenarios for
+    continual learning"; 2022, "Three types of incremental learning", Nature Machine Intelligence): every
+    experience is the same K-way problem (e.g. first vs second digit of the pair), one shared output per
+    position, no task ids. Splits must be equal; class-IL accuracy of such a stream is domain-IL accuracy.
+    """
+    split = split_by_class(data, seed, n_experiences, class_order, None, None, False)
+    per = len(split.experiences[0].classes)
+    position = torch.empty(data.n_classes, dtype=torch.long)
+    experiences = []
+    for e in split.experiences:
+        position[list(e.classes)] = torch.arange(per)
+        experiences.append(Experience(
+            index=e.index, task_id=0, classes=tuple(range(per)),
+            x_train=e.x_train, y_train=position[e.y_train], x_test=e.x_test, y_test=position[e.y_test],
+        ))
+    return Stream(f"domain_incremental-{data.name}", experiences, per, data.input_shape, list(range(per)),
+                  "domain_incremental", False, info={"splits": [list(e.classes) for e in split.experiences]})
