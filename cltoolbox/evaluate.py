@@ -114,7 +114,7 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
     if not tests:
         history.rows_done[row] = True
         return
-    cached = getattr(learner, "_test_set", None)
+    cached = learner._test_set
     if cached is None or cached[0] is not stream:
         learner._test_set = cached = (stream, _TestSet(stream, learner.device))
     ts = cached[1]

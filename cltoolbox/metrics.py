@@ -120,11 +120,17 @@ def acc_weighted(R: np.ndarray, n_samples: np.ndarray, first_seen: np.ndarray | 
     return float((w[ok] * R[T, ok]).sum() / total) if total > 0 else float("nan")
 
 
+def seen_mask(first_seen, n_rows: int) -> np.ndarray:
+    """(n_rows, K) bool: row i has trained column j (0 < first_seen_j <= i; row 0 is the init row)."""
+    fs = np.nan_to_num(np.asarray(first_seen, dtype=float), nan=0.0)
+    return (fs > 0)[None, :] & (fs[None, :] <= np.arange(n_rows)[:, None])
+
+
 def aia(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
     """Average incremental accuracy (iCaRL): mean_{i=1..T} of the mean of row i over the experiences
     trained by then (columns with first_seen <= i); the init row is not used."""
     R, T, fs = _check(R, first_seen)
-    seen = (fs > 0)[None, :] & (fs[None, :] <= np.arange(T + 1)[:, None])
+    seen = seen_mask(fs, T + 1)
     return _mean([_mean(R[i, seen[i]]) for i in range(1, T + 1)])
 
 

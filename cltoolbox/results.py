@@ -114,15 +114,18 @@ def _run_labels(run_dir: Path) -> dict[str, Any]:
 
 
 def _seen(accuracy: Any, run: Path) -> Any:
-    """Per row: had training reached the evaluated experience? From stream.json's ``first_seen`` (row of its
-    first training experience, 1-based, 0 = never), which differs from ``eval_exp <= trained_exp`` on
-    streams whose training experiences are chunks or repetitions of the evaluated tasks (online, recurring)."""
+    """Per row: had training reached the evaluated experience (``metrics.seen_mask`` of stream.json's
+    ``first_seen``)? Not ``eval_exp <= trained_exp`` on streams whose training experiences are chunks or
+    repetitions of the evaluated tasks (online, recurring); that is the default for older run folders."""
+    from cltoolbox.metrics import seen_mask
+
+    n_cols = int(accuracy.eval_exp.max()) + 1
     try:
         first = json.loads((run / "stream.json").read_text())["first_seen"]
     except (OSError, ValueError, KeyError):
-        return accuracy.eval_exp <= accuracy.trained_exp
-    first = accuracy.eval_exp.map(dict(enumerate(first)))
-    return (first > 0) & (first <= accuracy.trained_exp + 1)
+        first = range(1, n_cols + 1)
+    mask = seen_mask(first, int(accuracy.trained_exp.max()) + 2)
+    return mask[accuracy.trained_exp.to_numpy() + 1, accuracy.eval_exp.to_numpy()]
 
 
 def load(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
