@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.models.cache import SampleFeatureCache
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.memory import Memory, MemoryPlugin
@@ -97,6 +98,8 @@ def reinitialise(model: torch.nn.Module, seed: int, device: torch.device) -> Non
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+            if isinstance(getattr(m, "cache", None), SampleFeatureCache):
+                m.cache.clear()  # new weights, new features (a frozen backbone's cache)
 
 
 class GDumbPlugin(MemoryPlugin):

@@ -126,3 +126,28 @@ def test_named_timm_arch_and_flat_inputs() -> None:
     assert m(torch.randn(2, 784)).shape == (2, 10)  # 28x28 grey -> 32x32 RGB
     with pytest.raises(ConfigError, match="not square images"):
         vit((40,), 10)
+
+
+def test_new_weights_or_a_copy_never_serve_stale_cached_features() -> None:
+    import copy
+
+    from cltoolbox.strategies.gdumb import reinitialise
+
+    torch.manual_seed(0)
+    model = vit((1, 8, 8), 10, patch_size=4, embed_dim=16, depth=1, num_heads=2, frozen=True)
+    x = torch.randn(5, 1, 8, 8)
+    before = model.features(x)
+    assert len(model.cache) == 5
+    assert len(copy.deepcopy(model).cache) == 0  # a copy (an ensemble member) starts with an empty cache
+    reinitialise(model, seed=1, device=torch.device("cpu"))  # Model Zoo's fresh member
+    assert len(model.cache) == 0
+    after = model.features(x)
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, model._features(x))
+
+
+def test_grey_inputs_use_the_average_of_rgb_statistics() -> None:
+    model = vit((1, 8, 8), 10, patch_size=4, embed_dim=16, depth=1, num_heads=2, normalize="imagenet")
+    assert model.in_chans == 1
+    assert model.mean.flatten().tolist() == pytest.approx([(0.485 + 0.456 + 0.406) / 3])
+    assert model.std.flatten().tolist() == pytest.approx([(0.229 + 0.224 + 0.225) / 3])

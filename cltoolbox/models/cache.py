@@ -61,6 +61,9 @@ class SampleFeatureCache:
         self._feats: torch.Tensor | None = None
         self.hits = self.misses = 0
 
+    def __deepcopy__(self, memo: dict) -> SampleFeatureCache:
+        return SampleFeatureCache(self.max_items)  # a copied model (an ensemble member) recomputes its own
+
     def __len__(self) -> int:
         return int(self._keys.numel())
 

@@ -81,19 +81,18 @@ class ViTClassifier(BackboneClassifier):
     """timm ViT backbone ([CLS] pre-logits features) + a linear head over the stream's classes."""
 
     def __init__(self, backbone: nn.Module, input_shape: tuple[int, ...], n_classes: int,
-                 normalize: Literal["minmax", "imagenet"], frozen: bool) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], frozen: bool) -> None:
         super().__init__(backbone, int(backbone.embed_dim), n_classes, frozen)
         self.input_shape = tuple(input_shape)
-        self.normalize = normalize
         self.embed_dim = int(backbone.embed_dim)
         self.depth = len(backbone.blocks)
         self.img_size = tuple(backbone.patch_embed.img_size)
         self.in_chans = int(backbone.patch_embed.proj.in_channels)
-        cfg = getattr(backbone, "pretrained_cfg", None) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, -1, 1, 1),
-                             persistent=False)
+        mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        if mean_t.shape[1] != self.in_chans:  # a grey backbone with RGB statistics: their channel average
+            mean_t, std_t = mean_t.mean(1, keepdim=True), std_t.mean(1, keepdim=True)
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
 
     # -- inputs and tokens ---------------------------------------------------------------------------
     def images(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,10 +106,7 @@ class ViTClassifier(BackboneClassifier):
             x = x.mean(1, keepdim=True).expand(-1, self.in_chans, -1, -1)
         if tuple(x.shape[-2:]) != self.img_size:
             x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False)
-        mean, std = self.mean[:, : self.in_chans], self.std[:, : self.in_chans]
-        if mean.shape[1] != self.in_chans:  # grey backbone with RGB statistics
-            mean, std = mean.mean(1, keepdim=True), std.mean(1, keepdim=True)
-        return (x - mean) / std
+        return (x - self.mean) / self.std
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Embedded tokens ([CLS] first, position embeddings added), before the first block."""
@@ -191,8 +187,8 @@ def vit(input_shape: tuple[int, ...], n_classes: int, arch: str | None = None, i
         raise ConfigError(f"model.weights: no file at {weights}; give the path of a saved ViT state dict")
     if pretrained and weights is not None:
         raise ConfigError("model.pretrained: choose either pretrained: true (hub) or weights: path, not both")
-    side = img_size or as_images(torch.zeros(1, *input_shape), tuple(input_shape)).shape[-1]
-    channels = as_images(torch.zeros(1, *input_shape), tuple(input_shape)).shape[1]
+    probe = as_images(torch.zeros(1, *input_shape), tuple(input_shape))
+    side, channels = img_size or probe.shape[-1], probe.shape[1]
     if arch is None:
         if pretrained:
             raise ConfigError("model.pretrained: hub weights need a named arch, e.g. arch: vit_base_patch16_224")
@@ -224,10 +220,9 @@ def vit(input_shape: tuple[int, ...], n_classes: int, arch: str | None = None, i
         load_weights(backbone, weights)
     if normalize == "auto":
         normalize = "imagenet" if arch is not None and (pretrained or weights) else "minmax"
-    cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
     if normalize == "minmax":  # [0, 1] -> [-1, 1]
-        cfg.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    elif "mean" not in cfg:
-        cfg.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    backbone.pretrained_cfg = cfg
-    return ViTClassifier(backbone, input_shape, n_classes, normalize, frozen)
+        mean, std = (0.5,), (0.5,)
+    else:  # the weights' own statistics (timm's config), else ImageNet's
+        mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    return ViTClassifier(backbone, input_shape, n_classes, mean, std, frozen)
