@@ -402,10 +402,15 @@ class CodaPromptPlugin(PromptPlugin):
         return torch.cat((tensor[:, :lo].detach(), tensor[:, lo:hi]), dim=1)
 
     def weights(self, q: torch.Tensor, task: int | None) -> torch.Tensor:
-        """alpha (layers, batch, components) = cos(q * A_m, K_m) (Eq. 5 of the paper)."""
+        """alpha (layers, batch, components) = cos(q * A_m, K_m) (Eq. 5 of the paper).
+
+        Written as three contractions over the feature dimension, as F.cosine_similarity computes it
+        (x . y / max(|x| |y|, 1e-8)), so q * A_m (layers x batch x components x dim, ~390 MB per batch of 256
+        with ViT-B's defaults) is never formed."""
         k, a = self._slices(self.module.k, task), self._slices(self.module.a, task)
-        aq = q[None, :, None, :] * a[:, None]  # (layers, batch, components, dim)
-        return F.cosine_similarity(aq, k[:, None], dim=-1)
+        dot = torch.einsum("bd,lmd->lbm", q, a * k)
+        aq_norm = torch.einsum("bd,lmd->lbm", q.square(), a.square()).sqrt()
+        return dot / (aq_norm * k.norm(dim=-1)[:, None, :]).clamp_min(1e-8)
 
     def prompted(self, model, x, task):
         q = model.features(x)
