@@ -16,7 +16,7 @@ from torch.optim import optimizer as torch_optimizer
 from cltoolbox.augment import BatchAugment, make_augment
 from cltoolbox.errors import DivergenceError
 from cltoolbox.models.cache import uncached
-from cltoolbox.plugin import HOOKS, Batch, Plugin, implementers
+from cltoolbox.plugin import HOOKS, MASKED_LOGIT, Batch, Plugin, implementers
 from cltoolbox.stream import Experience, Stream
 
 
@@ -187,7 +187,7 @@ class Learner:
         else:
             logits = self._logits_of(x, t)
         if self.multi_head:
-            logits = logits.masked_fill(~self.task_mask[t], -1e9)
+            logits = logits.masked_fill(~self.task_mask[t], MASKED_LOGIT)
         return logits
 
     def _logits_of(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,10 @@ if TYPE_CHECKING:
     from cltoolbox.loop import Learner
     from cltoolbox.stream import Experience, Stream
 
+# the logit of a class a sample cannot be: another task's class in task-IL training, a class not seen yet in a
+# strategy's predictions. Finite, so softmax and cross-entropy stay finite.
+MASKED_LOGIT = -1e9
+
 HOOKS = (
     "before_fit",
     "before_experience",

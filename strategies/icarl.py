@@ -29,10 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.plugin import Batch, Plugin, tensor_bytes
+from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-
-UNSEEN = -1e9  # NME logit of a class without exemplars (finite, like the loop's task masking)
 
 
 @torch.no_grad()
@@ -113,7 +111,7 @@ class ICaRLPlugin(Plugin):
             with torch.no_grad():
                 old = self._old_model(learner.model_input(batch.x))  # the image the new logits saw
                 if learner.multi_head:
-                    old = old.masked_fill(~learner.task_mask[batch.t], -1e9)
+                    old = old.masked_fill(~learner.task_mask[batch.t], MASKED_LOGIT)
             cols = self._old_classes
             target[:, cols] = torch.sigmoid(old[:, cols]).to(logits.dtype)
         # summed over outputs as in the paper's Alg. 3 (so its scale matches CE at the same lr), mean over the batch
@@ -167,7 +165,7 @@ class ICaRLPlugin(Plugin):
             return None
         feats = normalised_features(learner.model, x, x.shape[0])
         seen = torch.tensor(self.seen, device=feats.device)
-        out = torch.full((x.shape[0], self.means.shape[0]), UNSEEN, device=feats.device, dtype=feats.dtype)
+        out = torch.full((x.shape[0], self.means.shape[0]), MASKED_LOGIT, device=feats.device, dtype=feats.dtype)
         out[:, seen] = -torch.cdist(feats, self.means[seen])
         return out
 

@@ -73,12 +73,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.plugin import Plugin, tensor_bytes
+from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.gdumb import reinitialise
 from cltoolbox.strategies.memory import ClassBalancedMemory
-
-UNSEEN = -1e9  # logit of a class of no seen task (finite, like the loop's task masking)
 
 
 def boosting_probabilities(losses: torch.Tensor) -> torch.Tensor:
@@ -285,7 +283,7 @@ class ModelZooPlugin(Plugin):
             cols = self._classes(k, x.device)
             out[:, cols] = torch.logaddexp(out[:, cols], log_q[k][:, None] + lp)
             seen[cols] = True
-        return out.masked_fill(~seen, UNSEEN)
+        return out.masked_fill(~seen, MASKED_LOGIT)
 
     def predict(self, learner, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor | None:
         if not self.member_tasks:

@@ -34,10 +34,8 @@ from torch import nn
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import SampleFeatureCache
-from cltoolbox.plugin import Plugin, tensor_bytes
+from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-
-UNSEEN = -1e9  # logit of a class not seen yet (finite, like the loop's task masking)
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -196,7 +194,7 @@ class SimpleCILPlugin(FixedExtractorPlugin):
 
     def logits(self, feats):
         cos = F.normalize(feats.double(), dim=1) @ F.normalize(self.prototypes(), dim=1).T
-        return (self.scale * cos).masked_fill(~self.stats.seen, UNSEEN)
+        return (self.scale * cos).masked_fill(~self.stats.seen, MASKED_LOGIT)
 
     def state_dict(self):
         return self.stats.state()
@@ -284,7 +282,7 @@ class FSAPlugin(FixedExtractorPlugin):
     def logits(self, feats):
         if self._w is None:  # derived from the statistics; recomputed lazily (also after a resume)
             self._w, self._b = self.lda.classifier(self.shrinkage)
-        return (feats.double() @ self._w.T + self._b).masked_fill(~self.lda.means.seen, UNSEEN)
+        return (feats.double() @ self._w.T + self._b).masked_fill(~self.lda.means.seen, MASKED_LOGIT)
 
     def state_dict(self):
         return self.lda.state()
@@ -364,7 +362,7 @@ class FeTrILPlugin(FixedExtractorPlugin):
         opt = torch.optim.Adam([w, b], lr=self.lr, weight_decay=self.weight_decay)
         with torch.enable_grad():
             for _ in range(self.steps):
-                logits = (x @ w.T + b).masked_fill(~seen, UNSEEN)
+                logits = (x @ w.T + b).masked_fill(~seen, MASKED_LOGIT)
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -376,7 +374,7 @@ class FeTrILPlugin(FixedExtractorPlugin):
 
     def logits(self, feats):
         z = F.normalize(feats.float(), dim=1) @ self.weight.T + self.bias
-        return z.masked_fill(~self.centroids.seen, UNSEEN)
+        return z.masked_fill(~self.centroids.seen, MASKED_LOGIT)
 
     def state_dict(self):
         if self.weight is None:

@@ -37,10 +37,9 @@ from torch import nn
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.vit import Prefix, ViTClassifier
-from cltoolbox.plugin import Plugin
+from cltoolbox.plugin import MASKED_LOGIT, Plugin
 from cltoolbox.registry import register_strategy
 
-UNSEEN = -1e9  # logit of a class not trained yet (finite, like the loop's task masking)
 _INIT_SEED = 7919  # prompt initialisation draws from its own generator: data order stays the stream's
 
 
@@ -106,7 +105,7 @@ class PromptPlugin(Plugin):
         feats, self._aux = self.prompted(learner.model, x, learner.experience.index)
         logits = learner.model.head(feats)
         if self.train_mask:
-            logits = logits.masked_fill(~self.current, UNSEEN)
+            logits = logits.masked_fill(~self.current, MASKED_LOGIT)
         return logits
 
     def loss(self, learner, batch, logits):
@@ -120,7 +119,7 @@ class PromptPlugin(Plugin):
         if self.module is None or not bool(self.seen.any()):
             return None
         feats, _ = self.prompted(learner.model, x, None)
-        return learner.model.head(feats).float().masked_fill(~self.seen, UNSEEN)
+        return learner.model.head(feats).float().masked_fill(~self.seen, MASKED_LOGIT)
 
     def parameters(self) -> list[torch.Tensor]:
         return [] if self.module is None else list(self.module.parameters())

@@ -41,7 +41,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.plugin import Batch, Plugin, tensor_bytes
+from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 
 # Elements (samples x parameters) held at once by the per-sample gradient chunks (~128 MiB in float32).
@@ -166,7 +166,7 @@ def _vmap_path(model, named, x, t, y, objective, transform) -> torch.Tensor:
 def _task_logits(learner, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Training logits as the loop sees them: masked to the sample's task in multi-head streams."""
     if learner.multi_head:
-        return logits.masked_fill(~learner.task_mask[t], -1e9)
+        return logits.masked_fill(~learner.task_mask[t], MASKED_LOGIT)
     return logits
 
 

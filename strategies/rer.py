@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.plugin import Batch, Plugin, tensor_bytes
+from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.replay import ReplayPlugin
 
@@ -160,7 +160,7 @@ class RERPlugin(ReplayPlugin):
         xv, yv, tv = self.memory.sample(n, learner.generator)
         out = functional_call(model, fast, (xv,))
         if learner.multi_head:
-            out = out.masked_fill(~learner.task_mask[tv], -1e9)
+            out = out.masked_fill(~learner.task_mask[tv], MASKED_LOGIT)
         meta_loss = F.cross_entropy(out, yv)
         meta_grads = torch.autograd.grad(meta_loss, list(self.net.parameters()))
         for p, g in zip(self.net.parameters(), meta_grads, strict=True):

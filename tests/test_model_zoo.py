@@ -16,8 +16,9 @@ import cltoolbox
 from cltoolbox.errors import ConfigError
 from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.models.mlp import MLP
+from cltoolbox.plugin import MASKED_LOGIT
 from cltoolbox.strategies.memory import ClassBalancedMemory
-from cltoolbox.strategies.model_zoo import UNSEEN, ModelZooPlugin, boosting_probabilities, isolated, model_zoo
+from cltoolbox.strategies.model_zoo import ModelZooPlugin, boosting_probabilities, isolated, model_zoo
 from cltoolbox.stream import Stream
 
 
@@ -164,7 +165,7 @@ def test_task_il_logits_are_the_weighted_average_of_the_right_members(one_thread
     for cols, p in (([0, 1], p0), ([2, 3], p1)):
         assert torch.allclose(torch.softmax(logits[:, cols], 1), p, atol=1e-12)  # per-task: Model Zoo's average
         assert torch.equal(logits[:, cols].argmax(1), p.argmax(1))  # task-IL decision
-    assert torch.all(logits[:, 4:] == UNSEEN)
+    assert torch.all(logits[:, 4:] == MASKED_LOGIT)
     # class-IL: the joint q(T|x) p_T(c|x); member 1 splits its prior mass 2/2 by its softmax over classes 0-3,
     # members 0 and 2 put 1/2 on their own task and the prior 1/2 on the task they never saw
     s1 = torch.softmax(z[1][:, :4], 1)

@@ -12,10 +12,10 @@ import cltoolbox
 from cltoolbox.errors import ConfigError
 from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.models.mlp import MLP
-from cltoolbox.plugin import Batch, Plugin
+from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.strategies.der import DERPlugin, LogitMemory, der, derpp
 from cltoolbox.strategies.gdumb import GDumbPlugin, GreedyClassBalancedMemory, gdumb
-from cltoolbox.strategies.icarl import UNSEEN, ICaRLPlugin, herding, icarl
+from cltoolbox.strategies.icarl import ICaRLPlugin, herding, icarl
 from cltoolbox.stream import Stream
 
 
@@ -165,8 +165,8 @@ def test_icarl_budget_reduction_and_nme() -> None:
     feats = F.normalize(learner.model.features(x), dim=1)
     nearest = torch.cdist(feats, plugin.means).argmin(1)
     assert torch.equal(out.argmax(1), nearest) and (out <= 0).all()
-    plugin.seen = plugin.seen[:4]  # classes without exemplars get the UNSEEN logit
-    assert (plugin.predict(learner, x, torch.zeros(len(x), dtype=torch.long))[:, 4:] == UNSEEN).all()
+    plugin.seen = plugin.seen[:4]  # classes without exemplars get the MASKED_LOGIT logit
+    assert (plugin.predict(learner, x, torch.zeros(len(x), dtype=torch.long))[:, 4:] == MASKED_LOGIT).all()
     with pytest.raises(ConfigError, match="strategy.classifier"):
         icarl(classifier="svm")
 
