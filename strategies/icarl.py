@@ -31,16 +31,12 @@ import torch.nn.functional as F
 from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.pretrained import extract_features
 
 
-@torch.no_grad()
 def normalised_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """L2-normalised ``model.features`` of ``x`` in eval mode (restores the previous mode)."""
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model.features(x[s : s + batch_size]).flatten(1) for s in range(0, x.shape[0], batch_size)])
-    model.train(was_training)
-    return F.normalize(out, dim=1)
+    return F.normalize(extract_features(model, x, batch_size), dim=1)
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:

@@ -122,16 +122,16 @@ class FixedExtractorPlugin(Plugin):
         self.update(learner, feats, exp.y_train)
         return True
 
-    def features(self, learner, x: torch.Tensor) -> torch.Tensor:
-        bs = learner.config.eval_batch_size
-        if getattr(learner.model, "frozen", False):  # the model caches its own frozen features
-            return extract_features(learner.model, x, bs)
-        return self._cache(x, lambda rows: extract_features(learner.model, rows, bs))
-
     def predict(self, learner, x, task_ids):
         if not self.ready():
             return None  # nothing learned yet (evaluation before the first experience): the model's logits
-        return self.logits(self.features(learner, x)).to(torch.float32)
+        # the loop already batches and switches the model to eval mode for prediction
+        model = learner.model
+        if getattr(model, "frozen", False):  # the model caches its own frozen features
+            feats = model.features(x).flatten(1)
+        else:
+            feats = self._cache(x, lambda rows: model.features(rows).flatten(1))
+        return self.logits(feats).to(torch.float32)
 
     # subclass API
     def update(self, learner, feats: torch.Tensor, y: torch.Tensor) -> None:
