@@ -186,14 +186,11 @@ class _WeightedSquare(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, owner: _QuadraticPenalty, learner, weight: torch.Tensor, anchor: torch.Tensor, scale: float,
+    def forward(ctx, owner: _QuadraticPenalty, diff: torch.Tensor, weight: torch.Tensor, scale: float,
                 const: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
-        theta = owner.flat_theta(learner)
-        diff = theta - anchor
         total = diff.square().mul_(weight).sum()  # = (weight * diff.square()).sum(), one temporary less
         if const is not None:
             total = total + const
-        owner._diff = (theta, anchor, diff)  # SI's gradient correction reuses theta - anchor of this step
         ctx.owner, ctx.weight, ctx.scale, ctx.diff = owner, weight, scale, diff
         ctx.shapes = [p.shape for p in params]
         return total * scale
@@ -209,7 +206,7 @@ class _WeightedSquare(torch.autograd.Function):
             grads.append(flat[offset : offset + n].view(shape))
             offset += n
         ctx.diff = ctx.weight = None
-        return (None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 class _QuadraticPenalty(Plugin):
@@ -221,7 +218,6 @@ class _QuadraticPenalty(Plugin):
         self._model: nn.Module | None = None
         self._flat: tuple[tuple, torch.Tensor] | None = None  # (step and version counters, theta)
         self._weight_cache: tuple[torch.Tensor, int, float, torch.Tensor] | None = None
-        self._diff: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (theta, anchor, difference)
 
     def params(self, learner) -> list[nn.Parameter]:
         if self._model is not learner.model:
@@ -247,7 +243,12 @@ class _QuadraticPenalty(Plugin):
                 const: torch.Tensor | None = None) -> torch.Tensor:
         """``scale * ((weight * (theta - anchor).square()).sum() [+ const])``, bit-identical in value and
         gradient to that expression on ``self.theta(learner)``."""
-        return _WeightedSquare.apply(self, learner, weight, anchor, scale, const, *self.params(learner))
+        return self.penalty_at(learner, self.flat_theta(learner) - anchor, weight, scale, const)
+
+    def penalty_at(self, learner, diff: torch.Tensor, weight: torch.Tensor, scale: float,
+                   const: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`penalty` for a precomputed ``diff = theta - anchor`` of this step (SI reuses it)."""
+        return _WeightedSquare.apply(self, diff, weight, scale, const, *self.params(learner))
 
     def _scaled_weight(self, weight: torch.Tensor, scale: float, grad_out: torch.Tensor) -> torch.Tensor:
         """``2 * ((grad_out * scale) * weight)``, the gradient factor of :class:`_WeightedSquare`."""
@@ -416,6 +417,7 @@ class SIPlugin(_ImportancePenalty):
         self._grad: torch.Tensor | None = None
         self._before: torch.Tensor | None = None
         self._correction: tuple | None = None  # (Omega, 2 si_c Omega), computed once per experience
+        self._diff: tuple[torch.Tensor, torch.Tensor] | None = None  # (theta, theta - anchor) of this step's penalty
 
     def before_experience(self, learner, exp) -> None:
         theta = self.theta(learner).detach()
@@ -427,7 +429,9 @@ class SIPlugin(_ImportancePenalty):
     def loss(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | float:
         if self.omega is None or self.si_c == 0:
             return 0.0
-        return self.penalty(learner, self.omega, self.anchor, self.si_c)
+        theta = self.flat_theta(learner)
+        self._diff = (theta, theta - self.anchor)  # reused by the gradient correction in after_backward
+        return self.penalty_at(learner, self._diff[1], self.omega, self.si_c)
 
     @torch.no_grad()
     def after_backward(self, learner, batch: Batch) -> None:
@@ -441,17 +445,16 @@ class SIPlugin(_ImportancePenalty):
             if self._correction is None or self._correction[0] is not self.omega:  # a new Omega each experience
                 self._correction = (self.omega, 2 * self.si_c * self.omega)
             d = self._diff  # theta - theta* of this step's penalty, when it ran on this theta
-            diff = d[2] if d is not None and d[0] is theta and d[1] is self.anchor else theta - self.anchor
+            diff = d[1] if d is not None and d[0] is theta else theta - self.anchor
             grad -= self._correction[1] * diff
         self._grad, self._before = grad, theta
 
     @torch.no_grad()
     def after_step(self, learner, batch: Batch) -> None:
         # flat vectors rather than torch._foreach_* over the parameter tensors: on CPU the per-tensor
-        # dispatch of the foreach ops cost more than the concatenation saves (measured for a 2x100 MLP);
-        # in place on the fresh concatenation: path -= grad * (theta_after - theta_before)
-        delta = flat_parameters(self.params(learner)).sub_(self._before)
-        self._path -= delta.mul_(self._grad)
+        # dispatch of the foreach ops cost more than the concatenation saves (measured for a 2x100 MLP).
+        # path -= grad * (theta_after - theta_before); theta_after is cached for the next step's penalty
+        self._path -= (self.flat_theta(learner) - self._before).mul_(self._grad)
 
     @torch.no_grad()
     def after_experience(self, learner, exp) -> None:
@@ -461,7 +464,7 @@ class SIPlugin(_ImportancePenalty):
         # push parameters away from the anchor)
         self.omega = (new if self.omega is None else self.omega + new).clamp_(min=0)
         self.anchor = theta
-        self._start = self._path = self._grad = self._before = None
+        self._start = self._path = self._grad = self._before = self._diff = None
 
 
 @register_strategy("si")
