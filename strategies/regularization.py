@@ -20,7 +20,8 @@ Implementation notes shared by all of them:
   form, ``2 (c w) (theta - a)``, which is bit-for-bit what autograd derives through the cat, square, product
   and sum (tests/test_regularization.py checks it), without the cat's and the power's backward nodes and
   their temporaries (each op over P values costs ~12 us for a 2x100 MLP; the penalty's graph was ~1/3 of
-  an EWC step). ``c w`` is computed once per importance, not per step.
+  an EWC step). On CPU, for the loop's backward (grad_out == 1), ``2 c w`` is computed once per
+  importance, not per step.
 * Per-sample statistics (EWC's Fisher, MAS's importance) are computed exactly, once per experience, on
   the experience's training data, with the model in eval mode (dropout off, BatchNorm on running
   statistics: the importance of the trained model, not of a noisy sub-network); see
@@ -480,8 +481,9 @@ def si(si_c: float = 0.1, xi: float = 0.1) -> list[Plugin]:
     Defaults si_c=0.1, xi=0.1: the paper's Permuted-MNIST values (its code: xi=0.1, c swept up to 0.1);
     si_c=0.1 was also the best of {0.03, 0.1, 0.3} here on Permuted-MNIST-5k with SGD lr 0.1 (0.3
     diverged). For Split-MNIST the paper uses si_c=1, xi=1e-3 (experiments/si_task_split_mnist5k.yaml).
-    Working memory: 4 extra model-sized vectors while training (start, path, grad, previous parameters);
-    memory_usage reports the 2 that persist (Omega, theta*).
+    Working memory while training: about 7 extra model-sized vectors (start, path, grad, previous and
+    current flattened parameters, theta - theta*, 2 c Omega); memory_usage reports the 2 that persist
+    (Omega, theta*).
     """
     _check_nonneg("si_c", si_c)
     if not xi > 0:
