@@ -90,7 +90,6 @@ class DERPlugin(MemoryPlugin):
         self._batch = self._logits = None
 
 
-
 def _check(memory_size: int, alpha: float, beta: float, mem_batch_size: int | None) -> None:
     if memory_size < 1:
         raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")

@@ -118,7 +118,6 @@ class GDumbPlugin(MemoryPlugin):
         return True
 
 
-
 @register_strategy("gdumb")
 def gdumb(memory_size: int = 500, epochs: int = 10) -> list[Plugin]:
     """GDumb (Prabhu et al. 2020): greedy class-balanced memory; retrain from scratch on it each experience.

@@ -42,7 +42,6 @@ class ReplayPlugin(MemoryPlugin):
             self.memory.update(exp.x_train, exp.y_train, t, learner.generator)
 
 
-
 @register_strategy("er")
 def er(
     memory_size: int = 500,
