@@ -1,8 +1,8 @@
 """Fixed-size episodic memories on the training device, shared by the replay strategies.
 
-Every memory (reservoir, class-balanced, and GDumb's greedy one) keeps its samples in preallocated tensors;
-sampling a replay batch is one randint and
-one gather, so its cost does not depend on the memory size.
+Every memory (reservoir, class-balanced, and GDumb's greedy one) keeps its samples in preallocated
+tensors; sampling a replay batch is one randint and one gather, so its cost does not depend on the
+memory size.
 """
 
 from __future__ import annotations
