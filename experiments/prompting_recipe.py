@@ -21,7 +21,6 @@ from pathlib import Path
 import cltoolbox
 
 HERE = Path(__file__).parent
-WEIGHTS = "{out}/vit_pretrain_mnist5k/pretrain/class_incremental-mnist5k/seed_0/checkpoint/state.pt"
 
 
 def fmt(values: list[float]) -> str:
@@ -47,9 +46,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs")
     ap.add_argument("--write", default=str(HERE / "results" / "prompting_recipe.md"))
     args = ap.parse_args()
-    weights = WEIGHTS.format(out=args.out)
-
     (pre,) = cltoolbox.run(HERE / "vit_pretrain_mnist5k.yaml", out=args.out, resume=True, quiet=True)
+    weights = Path(pre["run_dir"]) / "checkpoint" / "state.pt"
     print(f"pretrained ViT: MNIST-5k test accuracy {pre['class_il']['acc']:.3f}")
     common = [f"model.weights={weights}"]
     def run(*overrides: str) -> list[dict]:

@@ -102,7 +102,6 @@ class ModelZooPlugin(Plugin):
         # members in order of creation; the newest is learner.model, the others are frozen state dicts
         self.member_tasks: list[list[int]] = []  # first entry: the task of its experience
         self.member_weights: list[list[float]] = []
-        self.member_losses: list[list[float]] = []  # zoo loss of each past candidate when the member was made
         self.frozen: list[dict[str, torch.Tensor]] = []
         self.params_per_member = 0
         self.flops_per_member = 0.0
@@ -154,7 +153,7 @@ class ModelZooPlugin(Plugin):
         task = self._current = self._task_of(exp)
         if self.member_tasks:  # learner.model holds the previous member: keep a frozen copy
             self.frozen.append({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
-        past, losses = self.select_past_tasks(learner, task)
+        past, _ = self.select_past_tasks(learner, task)
         n_cur = exp.n_train
         xs, ys, ts = [exp.x_train], [exp.y_train], [torch.full_like(exp.y_train, exp.task_id)]
         weights = [float(n_cur)]
@@ -173,7 +172,6 @@ class ModelZooPlugin(Plugin):
         learner.train_data(torch.cat(xs), torch.cat(ys), torch.cat(ts))
         self.member_tasks.append([task, *past])
         self.member_weights.append(weights)
-        self.member_losses.append(losses)
         return True
 
     def _memory_indices(self, task: int) -> torch.Tensor:
@@ -320,7 +318,6 @@ class ModelZooPlugin(Plugin):
             "task_classes": [list(c) for c in self.task_classes],
             "member_tasks": [list(t) for t in self.member_tasks],
             "member_weights": [list(w) for w in self.member_weights],
-            "member_losses": [list(v) for v in self.member_losses],
             "frozen": list(self.frozen),
             "params_per_member": self.params_per_member, "flops_per_member": self.flops_per_member,
         }
@@ -333,7 +330,6 @@ class ModelZooPlugin(Plugin):
         self.task_classes = [[int(c) for c in cs] for cs in state["task_classes"]]
         self.member_tasks = [[int(k) for k in ts] for ts in state["member_tasks"]]
         self.member_weights = [[float(w) for w in ws] for ws in state["member_weights"]]
-        self.member_losses = [[float(v) for v in vs] for vs in state["member_losses"]]
         self.frozen = list(state["frozen"])
         self.params_per_member = int(state["params_per_member"])
         self.flops_per_member = float(state["flops_per_member"])
