@@ -85,17 +85,13 @@ class PromptPlugin(Plugin):
     def before_fit(self, learner, stream) -> None:
         model = learner.model
         self.check(model, stream)
-        model.set_frozen(True)
-        model.head.requires_grad_(True)
+        model.set_frozen(True)  # the backbone; the head stays trainable
         if self.module is None:
             gen = torch.Generator().manual_seed(learner.seed * 1_000_003 + _INIT_SEED)
             self.module = self.build(model, len(stream), gen).to(learner.device)
             self.seen = torch.zeros(stream.n_classes, dtype=torch.bool, device=learner.device)
             if self._pending is not None:
-                self.module.load_state_dict(self._pending["module"])
-                self.seen.copy_(self._pending["seen"])
-                self.load_extra(self._pending)
-                self._pending = None
+                self._restore(self._pending)
 
     def before_experience(self, learner, exp) -> None:
         self.current = torch.zeros_like(self.seen)
@@ -150,10 +146,20 @@ class PromptPlugin(Plugin):
         if state:
             self._pending = state  # applied once before_fit has built the module for this model
             if self.module is not None:
-                self.module.load_state_dict(state["module"])
-                self.seen.copy_(state["seen"])
-                self.load_extra(state)
-                self._pending = None
+                self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.seen.copy_(state["seen"])
+        self.load_extra(state)
+        self._pending = None
+
+    @staticmethod
+    def _check_blocks(name: str, layers: list[int], model: ViTClassifier) -> None:
+        bad = [i for i in layers if not 0 <= i < model.depth]
+        if bad:
+            raise ConfigError(f"strategy.{name}: block {bad[0]} does not exist in a ViT of depth {model.depth}; "
+                              f"use blocks 0..{model.depth - 1}")
 
     def extra_state(self) -> dict:
         return {}
@@ -264,11 +270,8 @@ class DualPromptPlugin(PromptPlugin):
 
     def check(self, model, stream) -> None:
         super().check(model, stream)
-        for name, layers in (("g_layers", self.g_layers), ("e_layers", self.e_layers)):
-            bad = [i for i in layers if not 0 <= i < model.depth]
-            if bad:
-                raise ConfigError(f"strategy.{name}: block {bad[0]} does not exist in a ViT of depth {model.depth}; "
-                                  f"use blocks 0..{model.depth - 1}")
+        self._check_blocks("g_layers", self.g_layers, model)
+        self._check_blocks("e_layers", self.e_layers, model)
         if self.pool_size is not None and self.pool_size < len(stream):
             raise ConfigError(f"strategy.pool_size: {self.pool_size} E-prompts for {len(stream)} tasks; use >= "
                               f"{len(stream)} or leave it unset (one per task)")
@@ -362,10 +365,7 @@ class CodaPromptPlugin(PromptPlugin):
     def check(self, model, stream) -> None:
         super().check(model, stream)
         n_tasks = len(stream)
-        bad = [i for i in self.layers if not 0 <= i < model.depth]
-        if bad:
-            raise ConfigError(f"strategy.layers: block {bad[0]} does not exist in a ViT of depth {model.depth}; "
-                              f"use blocks 0..{model.depth - 1}")
+        self._check_blocks("layers", self.layers, model)
         if self.pool_size > model.embed_dim:
             raise ConfigError(f"strategy.pool_size: {self.pool_size} components cannot be mutually orthogonal in "
                               f"the backbone's {model.embed_dim} dimensions; use pool_size <= {model.embed_dim}")
@@ -429,11 +429,11 @@ class CodaPromptPlugin(PromptPlugin):
             alpha = self.weights(learner.model.features(x), None).abs().sum(0)  # (batch, components)
             return alpha.view(alpha.shape[0], -1, self.per_task).sum(2).argmax(1)  # weight mass per task
 
-    def extra_state(self):
-        return {"trained": self.trained, "per_task": self.per_task, "seed": self.seed}
+    def extra_state(self):  # per_task and seed are rebuilt by build() from the run's seed before a restore
+        return {"trained": self.trained}
 
     def load_extra(self, state):
-        self.trained, self.per_task, self.seed = int(state["trained"]), int(state["per_task"]), int(state["seed"])
+        self.trained = int(state["trained"])
 
 
 def _ortho_penalty(t: torch.Tensor) -> torch.Tensor:
