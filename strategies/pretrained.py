@@ -2,7 +2,7 @@
 
 Three replay-free methods that never train the backbone after the first experience and classify from
 class statistics of ``model.features(x)``. They work with any model that has ``features(x)`` and a linear
-``head`` (the built-in ``mlp``, ``resnet18_reduced`` and ``efficientnet_lite0``).
+``head`` (the built-in ``mlp``, ``resnet18_reduced``, ``efficientnet_lite0`` and ``vit``).
 
 * ``simplecil`` - Zhou, Cai, Ye and Zhan 2023, "Revisiting Class-Incremental Learning with Pre-Trained Models:
   Generalizability and Adaptivity are All You Need" (IJCV 2024; the PILOT toolbox's SimpleCIL): frozen

@@ -4,7 +4,9 @@ A frozen backbone maps the same sample to the same feature vector for the whole 
 embedded once: training batches (any order, any mix with replayed samples) and evaluation batches look their
 rows up by content. Rows are keyed by two independent 64-bit fingerprints of their exact bytes (integer
 arithmetic, so a sample always gets the same key; a false hit needs both to collide, ~2^-128). Lookups are
-vectorised (``searchsorted``), so a batch costs a few tensor ops, never a Python loop over samples.
+vectorised (``searchsorted``), so a batch costs a few tensor ops, never a Python loop over samples. Keys
+and features live on the CPU: a lookup copies the batch there and the features back (on a GPU, one host
+round trip per batch, small next to a frozen ViT's forward pass).
 
 Call ``clear`` whenever the extractor's weights change.
 """
