@@ -67,6 +67,15 @@ def summary_table(metrics: Any, setting: str = "class_il") -> Any:
     return pd.DataFrame(rows)
 
 
+def mean_std(values: Iterable[float], digits: int = 3, scale: float = 1.0) -> str:
+    """'mean ± sample std' of per-seed values (std 0 for a single value), as the tables print them."""
+    import statistics
+
+    v = [float(x) * scale for x in values]
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}"
+
+
 def _formatted(table: Any, bold: tuple[str, str], percent: bool = True) -> list[list[str]]:
     """Cells 'mean ± std' per metric, the best mean per scenario and column wrapped in ``bold``."""
     metrics = {**TABLE_METRICS, **COST_METRICS}

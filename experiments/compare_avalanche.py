@@ -71,6 +71,7 @@ from cltoolbox import config as cfgmod
 from cltoolbox.data import load_dataset
 from cltoolbox.errors import DivergenceError
 from cltoolbox.interop.avalanche import TensorPairs
+from cltoolbox.report import mean_std
 from cltoolbox.runner import build_model, build_stream, execute_run
 from cltoolbox.strategies.gem import flat_grad, gem_project, write_flat_grad
 from cltoolbox.stream import Stream
@@ -747,8 +748,7 @@ def _compare(strategies: list[str], seeds: list[int], streams: list[str], si_pat
 
 # -- report ---------------------------------------------------------------------------------------------------
 def _ms(v: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v) * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+    return mean_std(v, digits, scale)  # ACC in points by default
 
 
 def summarise(runs: list[dict[str, Any]], stream_key: str, name: str) -> dict[str, Any] | None:

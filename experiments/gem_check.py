@@ -25,14 +25,11 @@ from pathlib import Path
 import torch
 
 import cltoolbox
+from cltoolbox.report import mean_std
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = ("gem_split_mnist5k.yaml", "rer_split_mnist5k.yaml", "agem_permuted_mnist5k.yaml")
 
-
-def ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def table(title: str, results: list[dict]) -> dict[str, dict[str, float]]:
@@ -50,7 +47,8 @@ def table(title: str, results: list[dict]) -> dict[str, dict[str, float]]:
         acc = [r["class_il"]["acc"] for r in rs]
         fgt = [r["class_il"]["forgetting"] for r in rs]
         c = rs[0]["cost"]
-        print(f"{k:<10}{len(rs):>6}{ms(acc):>16}{ms(fgt):>16}{ms([r['task_il']['acc'] for r in rs]):>16}"
+        task_il = [r["task_il"]["acc"] for r in rs]
+        print(f"{k:<10}{len(rs):>6}{mean_std(acc):>16}{mean_std(fgt):>16}{mean_std(task_il):>16}"
               f"{c['memory_items']:>10}{c['memory_bytes'] / 1024:>9.0f}"
               f"{statistics.mean(r['cost']['train_s'] for r in rs):>9.1f}")
         means[k] = {"acc": statistics.mean(acc), "forgetting": statistics.mean(fgt)}

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cltoolbox
 from cltoolbox.models.mlp import mlp
+from cltoolbox.report import mean_std
 
 MEMORY = 500
 STRATEGIES = [
@@ -44,10 +45,6 @@ STRATEGIES = [
 ]
 PARITY = [{"name": "naive", "label": "naive_2x400"}, {"name": "er", "memory_size": MEMORY, "label": "er_2x400"}]
 
-
-def ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
 def model_flops(hidden: list[int]) -> float:
@@ -99,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         width = "2x400" if k.endswith("2x400") else "2x100"
         per_seed = " ".join(f"{r['task_il']['acc']:.3f}" for r in rs)
         lines.append(
-            f"| {k} | MLP {width} | {ms([r['task_il']['acc'] for r in rs])} | "
+            f"| {k} | MLP {width} | {mean_std([r['task_il']['acc'] for r in rs], 4)} | "
             f"{per_seed} | "
-            f"{ms([r['task_il']['forgetting'] for r in rs])} | {ms([r['class_il']['acc'] for r in rs])} | "
+            f"{mean_std([r['task_il']['forgetting'] for r in rs], 4)} | "
+            f"{mean_std([r['class_il']['acc'] for r in rs], 4)} | "
             f"{params:,} | {c.get('inference_forwards_per_sample', 1.0):.0f} | {flops[k] / 1e6:.3f} | "
             f"{c['memory_items']} | {c['memory_bytes'] / 1024:.0f} | "
             f"{statistics.mean(r['cost']['train_s'] for r in rs):.1f} |")

@@ -33,11 +33,7 @@ import pandas as pd
 import torch
 
 import cltoolbox
-
-
-def ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+from cltoolbox.report import mean_std
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for label, rs in results.items():
-        print(f"{label:<12}{ms([r['class_il']['acc'] for r in rs]):>16}"
-              f"{ms([r['class_il']['forgetting'] for r in rs]):>16}"
-              f"{ms([r['final_per_task'][0] for r in rs]):>16}"
+        print(f"{label:<12}{mean_std([r['class_il']['acc'] for r in rs]):>16}"
+              f"{mean_std([r['class_il']['forgetting'] for r in rs]):>16}"
+              f"{mean_std([r['final_per_task'][0] for r in rs]):>16}"
               f"{statistics.mean(r['cost']['train_s'] for r in rs):>9.1f}")
     print()
     for label, rs in results.items():

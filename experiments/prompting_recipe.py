@@ -19,12 +19,9 @@ import statistics as st
 from pathlib import Path
 
 import cltoolbox
+from cltoolbox.report import mean_std
 
 HERE = Path(__file__).parent
-
-
-def fmt(values: list[float]) -> str:
-    return f"{st.mean(values):.3f} ± {st.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def rows(summaries: list[dict], backbone: str) -> list[str]:
@@ -34,9 +31,10 @@ def rows(summaries: list[dict], backbone: str) -> list[str]:
     out = []
     for label, runs in by.items():
         sel = [r["strategy"]["selection_acc"] for r in runs if "selection_acc" in r.get("strategy", {})]
-        out.append(f"| {label} | {backbone} | {fmt([r['class_il']['acc'] for r in runs])} | "
-                   f"{fmt([r['task_il']['acc'] for r in runs])} | {fmt([r['class_il']['forgetting'] for r in runs])} | "
-                   f"{fmt(sel) if sel else '-'} | {int(runs[0]['cost'].get('prompt_params', 0)):,} | "
+        acc, task_acc = [r["class_il"]["acc"] for r in runs], [r["task_il"]["acc"] for r in runs]
+        fgt = [r["class_il"]["forgetting"] for r in runs]
+        out.append(f"| {label} | {backbone} | {mean_std(acc)} | {mean_std(task_acc)} | {mean_std(fgt)} | "
+                   f"{mean_std(sel) if sel else '-'} | {int(runs[0]['cost'].get('prompt_params', 0)):,} | "
                    f"{st.mean(r['cost']['wall_s'] for r in runs):.1f} |")
     return out
 

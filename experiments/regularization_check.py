@@ -21,6 +21,7 @@ import tempfile
 import torch
 
 import cltoolbox
+from cltoolbox.report import mean_std
 
 MODEL = {"name": "mlp", "hidden": [100, 100]}
 TRAIN = {"epochs": 1, "batch_size": 10, "optimizer": "sgd", "lr": 0.1}
@@ -56,14 +57,12 @@ def run_benchmark(title: str, scenario: dict, strategies: list[dict], setting: s
         acc = [r[setting]["acc"] for r in rs]
         forg = [r[setting]["forgetting"] for r in rs]
 
-        def ms(v: list[float]) -> str:
-            return f"{statistics.mean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}"
 
         if strategy["name"] == "naive":
             naive_forgetting = statistics.mean(forg)
         elif statistics.mean(forg) >= naive_forgetting:
             failures.append(label(strategy))
-        rows.append(f"  {label(strategy):<40}{ms(acc):>18}{ms(forg):>18}   per seed: "
+        rows.append(f"  {label(strategy):<40}{mean_std(acc, 4):>18}{mean_std(forg, 4):>18}   per seed: "
                     + " ".join(f"{f:.4f}" for f in forg))
     header = f"  {'strategy':<40}{'ACC':>18}{'forgetting':>18}"
     print(f"\n{title}  ({setting} metrics, seeds {seeds})\n{header}\n  {'-' * (len(header) - 2)}")

@@ -23,6 +23,7 @@ import tempfile
 import torch
 
 import cltoolbox
+from cltoolbox.report import mean_std
 
 STRATEGIES = [
     {"name": "naive"},
@@ -34,10 +35,6 @@ STRATEGIES = [
     {"name": "icarl", "memory_size": 500, "classifier": "logits", "label": "icarl_logits"},
 ]
 
-
-def ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for k, rs in runs.items():
         c = rs[0]["cost"]
-        print(f"{k:<14}{ms(acc[k]):>16}{ms([r['class_il']['forgetting'] for r in rs]):>16}"
-              f"{ms([r['task_il']['acc'] for r in rs]):>16}{c['memory_items']:>14}{c['memory_bytes'] / 1024:>12.0f}"
+        fgt, task_il = [r["class_il"]["forgetting"] for r in rs], [r["task_il"]["acc"] for r in rs]
+        print(f"{k:<14}{mean_std(acc[k]):>16}{mean_std(fgt):>16}"
+              f"{mean_std(task_il):>16}{c['memory_items']:>14}{c['memory_bytes'] / 1024:>12.0f}"
               f"{statistics.mean(r['cost']['train_s'] for r in rs):>9.1f}")
 
     checks = [(f"{k} >= naive + 0.25", mean[k] >= mean["naive"] + 0.25) for k in ("der", "derpp", "gdumb", "icarl")]

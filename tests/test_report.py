@@ -76,3 +76,9 @@ def test_long_online_streams_average_what_was_trained_and_stay_legible(tmp_path:
     assert report._ticks(5) == [0, 1, 2, 3, 4]
     ticks = report._ticks(len(curve) + 1)
     assert ticks[0] == 0 and ticks[-1] == len(curve) and len(ticks) <= 12
+
+
+def test_mean_std_is_the_tables_format() -> None:
+    assert report.mean_std([0.5, 0.7]) == "0.600 ± 0.141"
+    assert report.mean_std([0.5]) == "0.500 ± 0.000"  # one seed: no spread
+    assert report.mean_std([0.25, 0.35], digits=1, scale=100) == "30.0 ± 7.1"

@@ -19,15 +19,13 @@ statistics stay ImageNet's); only the head is trainable, and ``features`` are ca
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.backbone import BackboneClassifier
+from cltoolbox.models.backbone import BackboneClassifier, to_backbone_input
 from cltoolbox.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,25 +79,9 @@ def efficientnet_lite0_imagenet(pretrained: bool = True) -> nn.Module:
 
 def to_imagenet_input(x: torch.Tensor, input_shape: tuple[int, ...], resize: int) -> torch.Tensor:
     """Stream images -> ImageNet-normalised RGB ``resize`` x ``resize`` batches."""
-    if len(input_shape) == 1:  # flat square images (e.g. 784 = 28 x 28)
-        side = math.isqrt(input_shape[0])
-        x = x.reshape(-1, 1, side, side)
-    elif len(input_shape) == 2:
-        x = x.reshape(-1, 1, *input_shape)
-    else:
-        x = x.reshape(-1, *input_shape)
-    x = x.float()
-    # per-image min-max: undoes whatever normalisation the dataset applied (MNIST mean/std, digits 0..16)
-    lo = x.amin(dim=(1, 2, 3), keepdim=True)
-    hi = x.amax(dim=(1, 2, 3), keepdim=True)
-    x = (x - lo) / (hi - lo).clamp_min(1e-8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != resize or x.shape[-2] != resize:
-        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return to_backbone_input(x, input_shape, (resize, resize), 3, mean, std)
 
 
 class PretrainedClassifier(BackboneClassifier):

@@ -17,7 +17,6 @@ sample for the run (``SampleFeatureCache``): L2P-style queries and linear probes
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 
@@ -26,23 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.backbone import BackboneClassifier
+from cltoolbox.models.backbone import BackboneClassifier, as_images, to_backbone_input
 from cltoolbox.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from cltoolbox.registry import register_model
 
 Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (batch, length, embed_dim)
-
-
-def as_images(x: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """Stream inputs -> (batch, channels, height, width); flat inputs must be square images."""
-    if len(input_shape) == 3:
-        return x.reshape(-1, *input_shape)
-    if len(input_shape) == 2:
-        return x.reshape(-1, 1, *input_shape)
-    side = math.isqrt(int(input_shape[0]))
-    if side * side != input_shape[0]:
-        raise ConfigError(f"model: a ViT needs images; inputs of shape {tuple(input_shape)} are not square images")
-    return x.reshape(-1, 1, side, side)
 
 
 def _timm():
@@ -98,15 +85,7 @@ class ViTClassifier(BackboneClassifier):
     def images(self, x: torch.Tensor) -> torch.Tensor:
         """Stream inputs -> the backbone's input: per-image min-max scaling (undoes any dataset normalisation,
         so datasets are interchangeable), channel match, resize, then mean/std."""
-        x = as_images(x, self.input_shape).float()
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        x = (x - lo) / (hi - lo).clamp_min(1e-8)
-        if x.shape[1] != self.in_chans:
-            x = x.mean(1, keepdim=True).expand(-1, self.in_chans, -1, -1)
-        if tuple(x.shape[-2:]) != self.img_size:
-            x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False)
-        return (x - self.mean) / self.std
+        return to_backbone_input(x, self.input_shape, self.img_size, self.in_chans, self.mean, self.std)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Embedded tokens ([CLS] first, position embeddings added), before the first block."""
