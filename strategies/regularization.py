@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.gem import flat_grad
 
 # Elements (samples x parameters) held at once by the per-sample gradient chunks (~128 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 25
@@ -58,11 +59,6 @@ def trained_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def flat_parameters(params: list[nn.Parameter]) -> torch.Tensor:
     """One vector of all parameters (differentiable: gradients flow back to each parameter)."""
     return torch.cat([p.reshape(-1) for p in params])
-
-
-def flat_gradients(params: list[nn.Parameter]) -> torch.Tensor:
-    """One vector of all ``.grad`` (zeros where a parameter received no gradient)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
 
 def per_sample_mean(
@@ -438,7 +434,7 @@ class SIPlugin(_ImportancePenalty):
     def after_backward(self, learner, batch: Batch) -> None:
         params = self.params(learner)
         theta = self.flat_theta(learner)  # computed by this step's loss when the penalty is on
-        grad = flat_gradients(params)  # a copy: a later plugin may edit p.grad in place (gradient surgery)
+        grad = flat_grad(params)  # a copy: a later plugin may edit p.grad in place (gradient surgery)
         if self.omega is not None and self.si_c != 0:
             # the importance measures the task loss's path integral (Zenke et al.'s "unregularised"
             # gradient), so our own penalty's gradient 2c Omega (theta - theta*) is removed; 2c Omega is
