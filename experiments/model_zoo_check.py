@@ -27,11 +27,11 @@ import tempfile
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import cltoolbox
 from cltoolbox.models.mlp import mlp
 from cltoolbox.report import mean_std
+from cltoolbox.strategies.model_zoo import forward_flops
 
 MEMORY = 500
 STRATEGIES = [
@@ -46,12 +46,8 @@ STRATEGIES = [
 PARITY = [{"name": "naive", "label": "naive_2x400"}, {"name": "er", "memory_size": MEMORY, "label": "er_2x400"}]
 
 
-
 def model_flops(hidden: list[int]) -> float:
-    model = mlp((784,), 10, hidden=hidden).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 784))
-    return float(counter.get_total_flops())
+    return forward_flops(mlp((784,), 10, hidden=hidden), torch.zeros(1, 784))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,13 +70,17 @@ def main(argv: list[str] | None = None) -> int:
                  "strategy": PARITY}, [400, 400])]
     runs: dict[str, list[dict]] = {}
     flops: dict[str, float] = {}
+    widths: dict[str, str] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for config, hidden in configs:
             for r in cltoolbox.run(config, out=args.out or tmp, overwrite=True, quiet=True):
                 label = r["labels"]["strategy"]
                 runs.setdefault(label, []).append(r)
-                flops[label] = r["cost"].get("inference_flops_per_sample", model_flops(hidden))
+                widths[label] = f"{len(hidden)}x{hidden[0]}"
+                cost = r["cost"]  # a single model's FLOPs unless the strategy reports an ensemble's
+                flops[label] = cost["inference_flops_per_sample"] if "inference_flops_per_sample" in cost \
+                    else model_flops(hidden)
 
     mean = {k: statistics.mean(r["task_il"]["acc"] for r in rs) for k, rs in runs.items()}
     title = (f"Task-IL Split-MNIST-5k (5 tasks x 2 classes, task ids given), SGD lr 0.1, {args.epochs} epoch(s), "
@@ -93,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, rs in runs.items():
         c = rs[0]["cost"]
         params = int(c.get("ensemble_params", c["n_params"]))
-        width = "2x400" if k.endswith("2x400") else "2x100"
         per_seed = " ".join(f"{r['task_il']['acc']:.3f}" for r in rs)
         lines.append(
-            f"| {k} | MLP {width} | {mean_std([r['task_il']['acc'] for r in rs], 4)} | "
+            f"| {k} | MLP {widths[k]} | {mean_std([r['task_il']['acc'] for r in rs], 4)} | "
             f"{per_seed} | "
             f"{mean_std([r['task_il']['forgetting'] for r in rs], 4)} | "
             f"{mean_std([r['class_il']['acc'] for r in rs], 4)} | "

@@ -79,6 +79,16 @@ from cltoolbox.strategies.gdumb import reinitialise
 from cltoolbox.strategies.memory import ClassBalancedMemory
 
 
+def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one eval-mode forward of ``x`` (torch's FlopCounterMode: matmuls and convolutions); the model
+    is left in training mode, no dropout is drawn and no normalisation statistics change."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train()
+    return float(counter.get_total_flops())
+
+
 def boosting_probabilities(losses: torch.Tensor) -> torch.Tensor:
     """Sampling probabilities of past tasks from the zoo's losses on them (authors' normalised-exp weights)."""
     losses = losses.double()
@@ -223,11 +233,7 @@ class ModelZooPlugin(Plugin):
         if not self.params_per_member:  # every member has the configured architecture
             model = learner.model
             self.params_per_member = sum(p.numel() for p in model.parameters())
-            model.eval()  # no dropout draw, no normalisation statistics update
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(exp.x_train[:1])
-            model.train()
-            self.flops_per_member = float(counter.get_total_flops())
+            self.flops_per_member = forward_flops(model, exp.x_train[:1])
 
     # -- inference -------------------------------------------------------------------------------------
     def task_log_probs(self, modules: list[nn.Module], x: torch.Tensor, only: int | None = None
