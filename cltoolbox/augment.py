@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from cltoolbox.data.source import Source
 from cltoolbox.errors import ConfigError
 
 
@@ -56,10 +57,9 @@ def check_augment(train: dict, input_shape: tuple[int, ...], field: str) -> None
                           f"{input_shape[2]} images; use e.g. 4 for 32x32")
 
 
-def make_augment(crop_padding: int, hflip: bool, x_train: list[torch.Tensor]) -> BatchAugment | None:
-    """The learner's augmentation for a stream's training tensors, or None when both are off."""
+def make_augment(crop_padding: int, hflip: bool, sources: list[Source]) -> BatchAugment | None:
+    """The learner's augmentation for a stream's training sources, or None when both are off."""
     if not crop_padding and not hflip:
         return None
-    fill = torch.stack([x.amin(dim=(0, 2, 3)) for x in x_train if x.numel()]).amin(0)  # no copy of the data
-    return BatchAugment(crop_padding, hflip, fill.cpu())
-
+    fill = torch.stack([s.black_level().cpu() for s in sources]).amin(0)
+    return BatchAugment(crop_padding, hflip, fill)

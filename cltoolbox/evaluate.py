@@ -78,13 +78,20 @@ class _TestSet:
     """The test experiences of one stream concatenated, with what every evaluation pass reuses: labels, the
     mask of each sample's task-IL classes, the keys of the per-class counts, sizes and task ids."""
 
-    def __init__(self, stream: Stream, device: torch.device) -> None:
+    def __init__(self, stream: Stream, device: torch.device, eval_batch_size: int) -> None:
         tests = stream.eval_experiences
         C, K = stream.n_classes, len(tests)
         sizes = [int(e.y_test.shape[0]) for e in tests]
         self.bounds = [(sum(sizes[:j]), sum(sizes[: j + 1])) for j in range(K)]
         self.y = torch.cat([e.y_test for e in tests]).to(device)
         self.task_ids = [torch.full_like(e.y_test, e.task_id) for e in tests]
+        # every test experience's keys in eval_batch_size chunks, chunked per experience (a chunk's values never
+        # depend on the rest of the stream), fetched in one pass so file-backed sets keep their loader busy
+        self.key_chunks, self.task_chunks = [], []
+        for e, tids in zip(tests, self.task_ids, strict=True):
+            keys = stream.keys(e.test)
+            self.key_chunks += [keys[s : s + eval_batch_size] for s in range(0, len(keys), eval_batch_size)]
+            self.task_chunks += [tids[s : s + eval_batch_size] for s in range(0, len(keys), eval_batch_size)]
         self.exp_of = torch.repeat_interleave(torch.arange(K, device=device), torch.tensor(sizes, device=device))
         self.not_own = torch.ones(K, C, dtype=torch.bool, device=device)  # True: not the experience's class
         for j, e in enumerate(tests):
@@ -116,12 +123,14 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
         return
     cached = learner._test_set
     if cached is None or cached[0] is not stream:
-        learner._test_set = cached = (stream, _TestSet(stream, learner.device))
+        learner._test_set = cached = (stream, _TestSet(stream, learner.device, learner.config.eval_batch_size))
     ts = cached[1]
     learner.model.eval()  # once per pass: learner.logits would switch eval/train per test experience
-    parts = [learner._eval_logits(e.x_test, tids) for e, tids in zip(tests, ts.task_ids, strict=True)]
+    inputs = stream.batches(ts.key_chunks, learner.device, learner.workers())
+    parts = learner._chunk_logits(inputs, ts.key_chunks, ts.task_chunks)
     learner.model.train()  # the mode learner.logits leaves the model in
-    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+    logits = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else \
+        torch.empty(0, C, device=learner.device)
     # task-IL: the experience's own classes are known (its task identity), so mask the rest
     # the (N, C) mask is gathered per pass rather than kept: it can be large (many classes and test samples)
     task_logits = logits.masked_fill(ts.not_own[ts.exp_of], float("-inf")) if ts.any_masked else logits

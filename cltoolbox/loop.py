@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from torch.optim import optimizer as torch_optimizer
 
 from cltoolbox.augment import BatchAugment, make_augment
 from cltoolbox.errors import DivergenceError
-from cltoolbox.models.cache import uncached
+from cltoolbox.models.cache import sample_keys, uncached
 from cltoolbox.plugin import HOOKS, MASKED_LOGIT, Batch, Plugin, implementers
 from cltoolbox.stream import Experience, Stream
 
@@ -114,6 +115,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment_crop: int = 0  # random crop after padding by this many pixels (0 = off); CIFAR recipe: 4
     augment_hflip: bool = False  # random horizontal flip
+    workers: int | None = None  # DataLoader processes decoding file-backed data (None: up to 4 if file-backed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,16 +178,18 @@ class Learner:
             return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, c.milestones, c.gamma)
         return None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Training logits (a plugin's ``forward`` or the model's) of ``x``, augmented when ``train.augment_*``
-        are on; multi-head streams mask each row to its task's classes."""
+        are on; multi-head streams mask each row to its task's classes. ``keys`` (the samples' stream keys,
+        when known) let a frozen extractor look its cached features up by sample instead of by content."""
         if self.augment is not None:
             raw, x = x, self.augment(x, self.generator)
             self._augmented.append((raw, x))
             with uncached():  # an augmented image occurs once: caching its frozen features would only cost
                 logits = self._logits_of(x, t)
         else:
-            logits = self._logits_of(x, t)
+            with sample_keys(keys, self.stream):
+                logits = self._logits_of(x, t)
         if self.multi_head:
             logits = logits.masked_fill(~self.task_mask[t], MASKED_LOGIT)
         return logits
@@ -203,11 +207,17 @@ class Learner:
         return next((aug for raw, aug in self._augmented if raw is x), x)
 
     # -- the loop ----------------------------------------------------------------------------------
-    def train_data(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, epochs: int | None = None) -> None:
-        """The standard epoch loop over tensors (already on the device), with every batch hook."""
+    def train_data(self, data: torch.Tensor, y: torch.Tensor, t: torch.Tensor, epochs: int | None = None) -> None:
+        """The standard epoch loop, with every batch hook, over ``data``: stream keys (int64, 1-D; see
+        ``cltoolbox.stream``), whose samples are fetched per batch, or model-ready float inputs on the device.
+
+        The learner's seeded generator orders every epoch; batches of file-backed samples are decoded ahead by
+        ``train.workers`` loader processes, which only decode, so results do not depend on their number.
+        """
         epochs = self.config.epochs if epochs is None else epochs
         bs = self.config.batch_size
         n = int(y.shape[0])
+        by_key = not torch.is_floating_point(data)
         exp = self.experience
         self.optimizer = self.make_optimizer()
         scheduler = self._make_scheduler((n + bs - 1) // bs, epochs)
@@ -228,13 +238,20 @@ class Learner:
                 p.before_epoch(self, exp, epoch)
             start, loss_sum, n_batches = time.perf_counter(), torch.zeros((), device=self.device), 0
             order = torch.randperm(n, generator=self.generator).to(self.device)
+            if by_key:
+                keys = data.index_select(0, order)
+                inputs = self.stream.batches([keys[s : s + bs] for s in range(0, n, bs)], self.device,
+                                             self.workers())
             for s in range(0, n, bs):
                 idx = order[s : s + bs]
-                batch = Batch(x.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx))
+                if by_key:
+                    batch = Batch(next(inputs), y.index_select(0, idx), t.index_select(0, idx), keys[s : s + bs])
+                else:
+                    batch = Batch(data.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx))
                 self._augmented.clear()
                 for p in transform:
                     batch = p.transform_batch(self, batch)
-                logits = self.forward(batch.x, batch.t)
+                logits = self.forward(batch.x, batch.t, batch.key)
                 loss = None
                 for p in criterion:
                     loss = p.criterion(self, batch, logits)
@@ -272,6 +289,26 @@ class Learner:
             if scheduler is not None:
                 scheduler.step()
 
+    def workers(self) -> int:
+        """DataLoader processes that decode file-backed batches (``train.workers``; None: up to 4 for
+        file-backed streams, none for in-memory ones, whose batches are one gather)."""
+        if self.config.workers is not None:
+            return self.config.workers
+        if self.stream is None or not self.stream.file_backed():
+            return 0
+        return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+    def fetch(self, keys: torch.Tensor) -> torch.Tensor:
+        """Model-ready inputs of stream ``keys`` on the training device (what replay memories store)."""
+        return self.stream.fetch(keys, self.device)
+
+    def batches(self, keys: torch.Tensor, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, inputs) of ``keys`` in order, ``eval_batch_size`` at a time, decoded ahead by the loader
+        workers: how a strategy walks a whole experience (feature passes, herding, Fisher) at any scale."""
+        bs = batch_size or self.config.eval_batch_size
+        chunks = [keys[s : s + bs] for s in range(0, int(keys.shape[0]), bs)]
+        yield from zip(chunks, self.stream.batches(chunks, self.device, self.workers()), strict=True)
+
     def train_experience(self, exp: Experience) -> None:
         """All hooks of one experience, up to and including after_experience."""
         self.experience = exp
@@ -280,7 +317,7 @@ class Learner:
             p.before_experience(self, exp)
         if not any(p.train_experience(self, exp) for p in self.hooks["train_experience"]):
             task = torch.full_like(exp.y_train, exp.task_id)
-            self.train_data(exp.x_train, exp.y_train, task)
+            self.train_data(self.stream.keys(exp.train), exp.y_train, task)
         for p in self.hooks["after_experience"]:
             p.after_experience(self, exp)
         self.train_seconds += time.perf_counter() - start
@@ -306,7 +343,7 @@ class Learner:
         self.stream = stream
         self.multi_head = stream.task_labels
         self.augment = make_augment(self.config.augment_crop, self.config.augment_hflip,
-                                    [e.x_train for e in stream.experiences])
+                                    list({id(e.train.source): e.train.source for e in stream.experiences}.values()))
         self.task_mask = stream.task_class_mask().to(self.device)
         for p in self.hooks["before_fit"]:
             p.before_fit(self, stream)
@@ -320,20 +357,33 @@ class Learner:
         self.model.train()
         return out
 
-    def _eval_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def _eval_logits(self, data: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """``logits`` without the eval()/train() switches: evaluate_stream switches once per pass, as each
-        switch walks every module (about 0.1 ms per test experience for a small MLP)."""
+        switch walks every module (about 0.1 ms per test experience for a small MLP). ``data``: model-ready
+        inputs, or stream keys (int64, 1-D) whose samples are fetched ``eval_batch_size`` at a time."""
         bs = self.config.eval_batch_size
-        out = []
-        for s in range(0, x.shape[0], bs):
-            xb, tb = x[s : s + bs], task_ids[s : s + bs]
-            pred = None
-            for p in self.hooks["predict"]:
-                pred = p.predict(self, xb, tb)
-                if pred is not None:
-                    break
-            out.append(self.model(xb) if pred is None else pred)
+        n = int(task_ids.shape[0])
+        tids = [task_ids[s : s + bs] for s in range(0, n, bs)]
+        if torch.is_floating_point(data):
+            out = self._chunk_logits([data[s : s + bs] for s in range(0, n, bs)], None, tids)
+        else:
+            keys = [data[s : s + bs] for s in range(0, n, bs)]
+            out = self._chunk_logits(self.stream.batches(keys, self.device, self.workers()), keys, tids)
         return torch.cat(out) if out else torch.empty(0, self.stream.n_classes, device=self.device)
+
+    def _chunk_logits(self, inputs: Iterable[torch.Tensor], keys: list[torch.Tensor] | None,
+                      task_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits of each input chunk (a plugin's ``predict`` or the model's), keyed for the feature cache."""
+        out = []
+        for i, (xb, tb) in enumerate(zip(inputs, task_ids, strict=True)):
+            with sample_keys(None if keys is None else keys[i], self.stream):
+                pred = None
+                for p in self.hooks["predict"]:
+                    pred = p.predict(self, xb, tb)
+                    if pred is not None:
+                        break
+                out.append(self.model(xb) if pred is None else pred)
+        return out
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

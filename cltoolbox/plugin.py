@@ -72,17 +72,21 @@ HOOKS = (
 
 @dataclass
 class Batch:
-    """A training batch: inputs, labels and task ids (all on the training device)."""
+    """A training batch: inputs, labels, task ids and, for samples of the stream, their keys (what memories
+    store; see ``cltoolbox.stream``), all on the training device. ``key`` is None for inputs that are not
+    stream samples (e.g. generated ones)."""
 
     x: torch.Tensor
     y: torch.Tensor
     t: torch.Tensor
+    key: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def cat(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> Batch:
-        return Batch(torch.cat((self.x, x)), torch.cat((self.y, y)), torch.cat((self.t, t)))
+    def cat(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, key: torch.Tensor | None = None) -> Batch:
+        keys = None if self.key is None or key is None else torch.cat((self.key, key))
+        return Batch(torch.cat((self.x, x)), torch.cat((self.y, y)), torch.cat((self.t, t)), keys)
 
 
 class Plugin:

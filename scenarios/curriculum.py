@@ -7,14 +7,14 @@ from typing import Literal
 
 import torch
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.incremental import split_by_class
 from cltoolbox.stream import Stream
 
 
-def class_features(data: TensorData, features: Literal["pixels", "random_projection"], feature_dim: int,
+def class_features(data: Dataset, features: Literal["pixels", "random_projection"], feature_dim: int,
                    seed: int) -> torch.Tensor:
     """Mean feature vector of every class (C, D) over its training samples.
 
@@ -56,7 +56,7 @@ def curriculum_order(means: torch.Tensor, order: Literal["easy_to_hard", "hard_t
 
 @register_scenario("curriculum")
 def curriculum(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_experiences: int | None = None,
     first_classes: int | None = None,

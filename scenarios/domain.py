@@ -7,10 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Experience, Samples, Stream
 
 
 def _subsample(n: int, k: int | None, g: torch.Generator) -> torch.Tensor:
@@ -19,7 +19,7 @@ def _subsample(n: int, k: int | None, g: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
-def _domain_stream(kind: str, data: TensorData, seed: int, transforms: list, train_samples: int | None) -> Stream:
+def _domain_stream(kind: str, data: Dataset, seed: int, transforms: list, train_samples: int | None) -> Stream:
     if train_samples is not None and train_samples < 1:
         raise ConfigError(f"scenario.train_samples: must be >= 1 or null, got {train_samples}")
     g = torch.Generator().manual_seed(seed + 1)
@@ -27,11 +27,9 @@ def _domain_stream(kind: str, data: TensorData, seed: int, transforms: list, tra
     experiences = []
     for i, fn in enumerate(transforms):
         idx = _subsample(data.y_train.shape[0], train_samples, g)
-        experiences.append(Experience(
-            index=i, task_id=i, classes=classes,
-            x_train=fn(data.x_train[idx]), y_train=data.y_train[idx],
-            x_test=fn(data.x_test), y_test=data.y_test,
-        ))
+        # the transform applies per fetched batch: no transformed copy of the dataset per experience
+        experiences.append(Experience(i, i, classes, Samples(data.train, idx, transform=fn),
+                                      Samples(data.test, transform=fn)))
     return Stream(f"{kind}-{data.name}", experiences, data.n_classes, data.input_shape, list(classes),
                   "domain_incremental", task_labels=False)
 
@@ -43,7 +41,7 @@ def _check_n(n_experiences: int) -> None:
 
 @register_scenario("permuted")
 def permuted(
-    data: TensorData, seed: int, n_experiences: int = 10, keep_first: bool = False, train_samples: int | None = None
+    data: Dataset, seed: int, n_experiences: int = 10, keep_first: bool = False, train_samples: int | None = None
 ) -> Stream:
     """Permuted inputs (Permuted-MNIST): a seeded fixed pixel permutation per experience; all classes each time.
 
@@ -55,11 +53,31 @@ def permuted(
     d = math.prod(data.input_shape)
     shape = data.input_shape
 
-    def make(i: int):
-        perm = torch.arange(d) if (keep_first and i == 0) else torch.randperm(d, generator=g)
-        return lambda x: x.reshape(x.shape[0], d)[:, perm].reshape(x.shape[0], *shape)
+    perms = [torch.arange(d) if (keep_first and i == 0) else torch.randperm(d, generator=g) for i in range(n_experiences)]
+    return _domain_stream("permuted", data, seed, [Permute(p, shape) for p in perms], train_samples)
 
-    return _domain_stream("permuted", data, seed, [make(i) for i in range(n_experiences)], train_samples)
+
+class Permute:
+    """A fixed permutation of each sample's values (flattened), applied to fetched batches on their device."""
+
+    def __init__(self, perm: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.perm, self.shape = perm, shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm.device != x.device:
+            self.perm = self.perm.to(x.device)
+        n = x.shape[0]
+        return x.reshape(n, -1).index_select(1, self.perm).reshape(n, *self.shape)
+
+
+class Rotate:
+    """A fixed rotation by ``degrees`` with background ``fill`` per channel, applied to fetched batches."""
+
+    def __init__(self, degrees: float, fill: torch.Tensor) -> None:
+        self.degrees, self.fill = degrees, fill
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return rotate(x, self.degrees, self.fill.to(x.device))
 
 
 def rotate(x: torch.Tensor, degrees: float, fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +88,8 @@ def rotate(x: torch.Tensor, degrees: float, fill: torch.Tensor | None = None) ->
     normalisation).
     """
     a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype,
+                         device=x.device)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     bg = (x.amin(dim=(0, 2, 3)) if fill is None else fill).to(x.dtype).view(1, -1, 1, 1)
     return F.grid_sample(x - bg, grid, align_corners=False) + bg
@@ -78,7 +97,7 @@ def rotate(x: torch.Tensor, degrees: float, fill: torch.Tensor | None = None) ->
 
 @register_scenario("rotated")
 def rotated(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_experiences: int = 5,
     angles: list[float] | None = None,
@@ -100,8 +119,8 @@ def rotated(
             f"scenario.angles: {len(angles)} angles for n_experiences={n_experiences}; give one per experience"
         )
     # one background per channel for train and test alike (a subsample's minimum could differ)
-    fill = data.x_train.amin(dim=(0, 2, 3))
-    transforms = [lambda x, a=a: rotate(x, a, fill) for a in angles]
+    fill = data.train.black_level()
+    transforms = [Rotate(a, fill) for a in angles]
     stream = _domain_stream("rotated", data, seed, transforms, train_samples)
     stream.info["angles"] = list(angles)
     return stream

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.recurring import resolve_class_order
@@ -15,7 +15,7 @@ from cltoolbox.stream import Experience, Stream
 
 @register_scenario("few_shot")
 def few_shot(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     base_classes: int = 60,
     ways: int = 5,

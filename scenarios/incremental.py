@@ -6,10 +6,10 @@ from typing import Literal
 
 import torch
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Experience, Samples, Stream
 
 
 def class_splits(
@@ -56,7 +56,7 @@ def class_splits(
 
 
 def split_by_class(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_experiences: int | None,
     class_order: Literal["fixed", "seeded"] | list[int],
@@ -79,19 +79,17 @@ def split_by_class(
         classes = tuple(order[start : start + size])
         start += size
         cls = torch.tensor(classes)
-        tr = torch.isin(data.y_train, cls)
-        te = torch.isin(data.y_test, cls)
-        experiences.append(Experience(
-            index=i, task_id=i if task_labels else 0, classes=classes,
-            x_train=data.x_train[tr], y_train=data.y_train[tr], x_test=data.x_test[te], y_test=data.y_test[te],
-        ))
+        tr = torch.nonzero(torch.isin(data.y_train, cls)).flatten()
+        te = torch.nonzero(torch.isin(data.y_test, cls)).flatten()
+        experiences.append(Experience(i, i if task_labels else 0, classes, Samples(data.train, tr),
+                                      Samples(data.test, te)))
     kind = "task_incremental" if task_labels else "class_incremental"
     return Stream(f"{kind}-{data.name}", experiences, C, data.input_shape, order, kind, task_labels)
 
 
 @register_scenario("class_incremental")
 def class_incremental(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_experiences: int | None = None,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
@@ -104,7 +102,7 @@ def class_incremental(
 
 @register_scenario("task_incremental")
 def task_incremental(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_experiences: int | None = None,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
@@ -117,7 +115,7 @@ def task_incremental(
 
 @register_scenario("domain_incremental")
 def domain_incremental(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_experiences: int | None = None,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
@@ -135,9 +133,7 @@ def domain_incremental(
     experiences = []
     for e in split.experiences:
         position[list(e.classes)] = torch.arange(per)
-        experiences.append(Experience(
-            index=e.index, task_id=0, classes=tuple(range(per)),
-            x_train=e.x_train, y_train=position[e.y_train], x_test=e.x_test, y_test=position[e.y_test],
-        ))
+        experiences.append(Experience(e.index, 0, tuple(range(per)), e.train.relabel(position[e.train.y]),
+                                      e.test.relabel(position[e.test.y])))
     return Stream(f"domain_incremental-{data.name}", experiences, per, data.input_shape, list(range(per)),
                   "domain_incremental", False, info={"splits": [list(e.classes) for e in split.experiences]})

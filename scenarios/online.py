@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.recurring import ClassSubsets, resolve_class_order, task_experience
@@ -41,7 +41,7 @@ def blurred_pools(task_indices: list[torch.Tensor], blur: float, g: torch.Genera
 
 @register_scenario("online")
 def online(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_tasks: int = 5,
     chunk_size: int = 10,

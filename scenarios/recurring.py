@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
 from cltoolbox.stream import Experience, Stream
@@ -160,7 +160,7 @@ def fit_power_law_exponent(schedule: Sequence[int], max_exponent: float = 10.0) 
 
 @register_scenario("power_law")
 def power_law(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_tasks: int = 5,
     n_experiences: int = 50,
@@ -257,7 +257,7 @@ def repetition_plan(n_groups: int, group_size: int, n_experiences: int, p_repeat
 
 @register_scenario("repetition")
 def repetition(
-    data: TensorData,
+    data: Dataset,
     seed: int,
     n_experiences: int = 10,
     new_classes_per_exp: int = 2,

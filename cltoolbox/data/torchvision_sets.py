@@ -1,4 +1,4 @@
-"""Standard image benchmarks (MNIST family, CIFAR, SVHN) loaded whole into ``TensorData``.
+"""Standard image benchmarks (MNIST family, CIFAR, SVHN) held in memory as uint8 (``Dataset`` over ``TensorSource``).
 
 Files use torchvision's on-disk layout under ``root``; ``root=None`` means ``DEFAULT_ROOT``
 (``~/.cache/cltoolbox/data``). Nothing is downloaded unless ``download=True``.
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError, DataMissingError
 
 DEFAULT_ROOT = "~/.cache/cltoolbox/data"
@@ -68,7 +68,7 @@ _CIFAR = {
 _SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 
-def load_torchvision(name: str, root: str | None, download: bool = False) -> TensorData:
+def load_torchvision(name: str, root: str | None, download: bool = False) -> Dataset:
     """Load a whole torchvision benchmark as normalised float32 NCHW tensors and int64 labels.
 
     ``root`` is the folder holding torchvision's layout (e.g. ``<root>/MNIST/raw``,
@@ -95,22 +95,10 @@ def load_torchvision(name: str, root: str | None, download: bool = False) -> Ten
         n_classes = 10
 
     mean, std = _STATS[name]
-    return TensorData(
-        name=name,
-        x_train=_normalise(x_tr, mean, std),
-        y_train=y_tr.to(torch.int64),
-        x_test=_normalise(x_te, mean, std),
-        y_test=y_te.to(torch.int64),
-        n_classes=n_classes,
-    )
-
-
-def _normalise(x_uint8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    # One contiguous float copy (permuted CIFAR input included), then in-place ops: CIFAR train is
-    # ~600 MB as float32, so avoid temporaries.
-    x = x_uint8.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    shape = (1, len(mean), 1, 1)
-    return x.sub_(torch.tensor(mean).view(shape)).div_(torch.tensor(std).view(shape))
+    # stored as uint8 (a quarter of float32's memory); scaled and normalised per fetched batch on the device
+    contiguous = lambda x: x.contiguous(memory_format=torch.contiguous_format)  # noqa: E731 (CIFAR is permuted)
+    return Dataset.from_tensors(name, contiguous(x_tr), y_tr.to(torch.int64), contiguous(x_te),
+                                y_te.to(torch.int64), n_classes, mean, std)
 
 
 def _missing(name: str, root: str, example: str) -> DataMissingError:
