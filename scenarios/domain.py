@@ -53,7 +53,8 @@ def permuted(
     d = math.prod(data.input_shape)
     shape = data.input_shape
 
-    perms = [torch.arange(d) if (keep_first and i == 0) else torch.randperm(d, generator=g) for i in range(n_experiences)]
+    perms = [torch.arange(d) if (keep_first and i == 0) else torch.randperm(d, generator=g)
+             for i in range(n_experiences)]
     return _domain_stream("permuted", data, seed, [Permute(p, shape) for p in perms], train_samples)
 
 
