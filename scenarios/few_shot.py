@@ -10,7 +10,7 @@ from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.recurring import resolve_class_order
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Experience, Samples, Stream
 
 
 @register_scenario("few_shot")
@@ -88,9 +88,8 @@ def few_shot(
                 shot_indices[int(c)] = members.tolist()
             idx.append(members)
         tr = torch.cat(idx).sort().values
-        te = torch.isin(data.y_test, torch.tensor(classes))
-        experiences.append(Experience(i, 0, tuple(classes), data.x_train[tr], data.y_train[tr],
-                                      data.x_test[te], data.y_test[te]))
+        te = torch.nonzero(torch.isin(data.y_test, torch.tensor(classes))).flatten()
+        experiences.append(Experience(i, 0, tuple(classes), Samples(data.train, tr), Samples(data.test, te)))
     info = {"base_classes": base_classes, "ways": ways, "shots": shots, "n_sessions": n_sessions,
             "base_shots": base_shots, "shot_indices": shot_indices}
     return Stream(f"few_shot-{data.name}", experiences, C, data.input_shape, order, "class_incremental",

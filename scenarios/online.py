@@ -10,7 +10,7 @@ from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.recurring import ClassSubsets, resolve_class_order, task_experience
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Experience, Samples, Stream
 
 
 def blurred_pools(task_indices: list[torch.Tensor], blur: float, g: torch.Generator) -> list[torch.Tensor]:
@@ -89,22 +89,21 @@ def online(
     task_indices = [torch.nonzero(torch.isin(data.y_train, torch.tensor(cls))).flatten() for cls in task_classes]
     pools = blurred_pools(task_indices, blur, g)
 
-    # one copy of the training data in stream order; chunks are views into it
+    # the training indices in stream order; chunks are slices of it
     stream_idx = torch.cat(pools)
-    x_all, y_all = data.x_train[stream_idx], data.y_train[stream_idx]
-    test = ClassSubsets(data.x_test, data.y_test)
+    y_all = data.y_train[stream_idx]
+    test = ClassSubsets(data.test)
     experiences, schedule, start = [], [], 0
     for k, pool in enumerate(pools):
         for s in range(0, pool.shape[0], chunk_size):
             a, b = start + s, start + min(s + chunk_size, pool.shape[0])
             y = y_all[a:b]
             classes = tuple(sorted(torch.unique(y).tolist()))
-            x_te, y_te = test(classes)
-            experiences.append(Experience(len(experiences), k if boundaries else 0, classes, x_all[a:b], y,
-                                          x_te, y_te))
+            experiences.append(Experience(len(experiences), k if boundaries else 0, classes,
+                                          Samples(data.train, stream_idx[a:b], y), test(classes)))
             schedule.append(k)
         start += pool.shape[0]
-    train = ClassSubsets(data.x_train, data.y_train)
+    train = ClassSubsets(data.train)
     tests = [task_experience(k, k if boundaries else 0, cls, train, test) for k, cls in enumerate(task_classes)]
     info = {"chunk_size": chunk_size, "blur": blur, "boundaries": boundaries, "task_free": not boundaries}
     return Stream(f"online-{data.name}", experiences, C, data.input_shape, order, "class_incremental",

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from cltoolbox.data.base import Dataset
+from cltoolbox.data.source import Source
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Experience, Samples, Stream
 
 # ---------------------------------------------------------------------------------------------------------
 # shared helpers
@@ -42,19 +43,20 @@ def resolve_class_order(n_classes: int, class_order: Literal["fixed", "seeded"] 
 
 
 class ClassSubsets:
-    """The samples of a set of classes, cached per class set, so that experiences with the same classes
-    share one tensor instead of each holding a copy (a long stream would otherwise copy the test set
-    once per experience)."""
+    """The samples of a set of classes in one source, cached per class set, so that experiences with the same
+    classes share one :class:`Samples` (one index tensor, and the same test set for the evaluator) instead of
+    each holding its own (a long stream would otherwise repeat the test indices once per experience)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-        self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self._cache: dict[tuple[int, ...], Samples] = {}
 
-    def __call__(self, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, classes: Sequence[int]) -> Samples:
         key = tuple(sorted(int(c) for c in classes))
         if key not in self._cache:
-            mask = torch.isin(self.y, torch.tensor(key, dtype=self.y.dtype))
-            self._cache[key] = (self.x[mask], self.y[mask])
+            y = self.source.labels
+            mask = torch.isin(y, torch.tensor(key, dtype=y.dtype, device=y.device))
+            self._cache[key] = Samples(self.source, torch.nonzero(mask).flatten())
         return self._cache[key]
 
 
@@ -62,9 +64,16 @@ def task_experience(index: int, task_id: int, classes: Sequence[int], train: Cla
                     test: ClassSubsets) -> Experience:
     """One class-group task with all its training and test samples (a ``test_experiences`` entry)."""
     classes = tuple(int(c) for c in classes)
-    x_tr, y_tr = train(classes)
-    x_te, y_te = test(classes)
-    return Experience(index, task_id, classes, x_tr, y_tr, x_te, y_te)
+    return Experience(index, task_id, classes, train(classes), test(classes))
+
+
+def concat(parts: Sequence[Samples]) -> Samples:
+    """The samples of ``parts`` one after the other (all of one source and transform)."""
+    first = parts[0]
+    if any(p.source is not first.source or p.transform is not first.transform for p in parts):
+        raise ValueError("concat: the parts must share their source and transform")
+    return Samples(first.source, torch.cat([p.index for p in parts]), torch.cat([p.y for p in parts]),
+                   first.transform)
 
 
 def _check_int(name: str, value: int, low: int, fix: str) -> None:
@@ -208,7 +217,7 @@ def power_law(
             raise ConfigError(f"scenario.n_tasks: {C} classes cannot be split evenly into {n_tasks} tasks; "
                               f"choose a divisor of {C}")
         per = C // n_tasks
-        train, test = ClassSubsets(data.x_train, data.y_train), ClassSubsets(data.x_test, data.y_test)
+        train, test = ClassSubsets(data.train), ClassSubsets(data.test)
         task_exps = [task_experience(k, 0, range(k * per, (k + 1) * per), train, test) for k in range(n_tasks)]
         kind, class_order = "class_incremental", list(range(C))
     smallest = min(e.n_train for e in task_exps)
@@ -223,8 +232,8 @@ def power_law(
     for i, k in enumerate(schedule):
         task = task_exps[k]
         idx = torch.randperm(task.n_train, generator=g)[:samples_per_experience]
-        experiences.append(Experience(i, task.task_id, task.classes, task.x_train[idx], task.y_train[idx],
-                                      task.x_test, task.y_test))
+        # every experience of a task shares the task's test set (the same Samples as its test experience)
+        experiences.append(Experience(i, task.task_id, task.classes, task.train.subset(idx), task.test))
     info = {"tasks": tasks, "exponent": exponent, "rehearsal": rehearsal,
             "introduction_steps": introduction_steps(n_tasks, n_experiences)}
     return Stream(f"power_law-{data.name}", experiences, C, data.input_shape, class_order, kind,
@@ -297,7 +306,7 @@ def repetition(
 
     groups = [order[k * new_classes_per_exp:(k + 1) * new_classes_per_exp] for k in range(n_groups)]
     group_of = {c: k for k, grp in enumerate(groups) for c in grp}
-    train, test = ClassSubsets(data.x_train, data.y_train), ClassSubsets(data.x_test, data.y_test)
+    train, test = ClassSubsets(data.train), ClassSubsets(data.test)
     by_class = {c: train([c]) for c in range(C)}
     new, repeats = repetition_plan(n_groups, new_classes_per_exp, n_experiences, p_repeat, seed)
     g = torch.Generator().manual_seed(seed + 4)
@@ -305,19 +314,13 @@ def repetition(
     for i in range(n_experiences):
         fresh = groups[new[i]] if new[i] is not None else []
         rep = [order[p] for p in repeats[i]]
-        xs, ys = [], []
-        for c in fresh:
-            xs.append(by_class[c][0])
-            ys.append(by_class[c][1])
+        parts = [by_class[c] for c in fresh]
         for c in rep:
-            x, y = by_class[c]
-            keep = max(1, round(repeat_fraction * y.shape[0]))
-            idx = torch.randperm(y.shape[0], generator=g)[:keep].sort().values
-            xs.append(x[idx])
-            ys.append(y[idx])
+            keep = max(1, round(repeat_fraction * len(by_class[c])))
+            idx = torch.randperm(len(by_class[c]), generator=g)[:keep].sort().values
+            parts.append(by_class[c].subset(idx))
         classes = tuple(sorted(fresh + rep))
-        x_te, y_te = test(classes)
-        experiences.append(Experience(i, 0, classes, torch.cat(xs), torch.cat(ys), x_te, y_te))
+        experiences.append(Experience(i, 0, classes, concat(parts), test(classes)))
         if new[i] is not None:
             schedule.append(new[i])
         else:
