@@ -114,7 +114,7 @@ def transfer(
 
 def _sub_stream(stream: Stream, tasks: list[Experience]) -> Stream:
     """A stream over the given tasks, re-indexed 0..n-1, keeping the parent's classes and settings."""
-    exps = [Experience(n, t.task_id, t.classes, t.x_train, t.y_train, t.x_test, t.y_test) for n, t in enumerate(tasks)]
+    exps = [Experience(n, t.task_id, t.classes, t.train, t.test) for n, t in enumerate(tasks)]
     return Stream(stream.name, exps, stream.n_classes, stream.input_shape, stream.class_order, stream.scenario,
                   stream.task_labels, dict(stream.info))
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Experience, Samples, Stream
 
 META_ATTR = "cltoolbox_stream"
 
@@ -92,16 +92,34 @@ def _meta(stream: Stream) -> dict[str, Any]:
     }
 
 
-def to_avalanche(stream: Stream) -> Any:
-    """A cltoolbox stream as an Avalanche ``CLScenario`` (train_stream, test_stream; see the module doc)."""
+def samples_tensor(samples: Samples, batch_size: int = 2048) -> torch.Tensor:
+    """All inputs of ``samples`` on the CPU, fetched ``batch_size`` at a time (Avalanche datasets hold tensors)."""
+    rows = torch.arange(len(samples))
+    parts = [samples.fetch(r, torch.device("cpu")) for r in rows.split(batch_size)]
+    return torch.cat(parts) if parts else samples.fetch(rows, torch.device("cpu"))
+
+
+def to_avalanche(stream: Stream, batch_size: int = 2048) -> Any:
+    """A cltoolbox stream as an Avalanche ``CLScenario`` (train_stream, test_stream; see the module doc).
+
+    Avalanche datasets hold tensors, so every sample set is fetched (``batch_size`` samples at a time) into
+    CPU memory; a set shared by several experiences (a recurring stream's test sets) is fetched once.
+    """
     av = _av()
+    fetched: dict[int, torch.Tensor] = {}
+
+    def dataset(s: Samples, task_id: int) -> Any:
+        if id(s) not in fetched:
+            fetched[id(s)] = samples_tensor(s, batch_size)
+        return avalanche_dataset(fetched[id(s)], s.y, task_id)
+
     streams = {
-        "train": [avalanche_dataset(e.x_train, e.y_train, e.task_id) for e in stream.experiences],
-        "test": [avalanche_dataset(e.x_test, e.y_test, e.task_id) for e in stream.eval_experiences],
+        "train": [dataset(e.train, e.task_id) for e in stream.experiences],
+        "test": [dataset(e.test, e.task_id) for e in stream.eval_experiences],
     }
     if stream.test_experiences is not None:  # what the train/test streams do not carry, for the round trip
-        streams["task_train"] = [avalanche_dataset(e.x_train, e.y_train, e.task_id) for e in stream.test_experiences]
-        streams["experience_test"] = [avalanche_dataset(e.x_test, e.y_test, e.task_id) for e in stream.experiences]
+        streams["task_train"] = [dataset(e.train, e.task_id) for e in stream.test_experiences]
+        streams["experience_test"] = [dataset(e.test, e.task_id) for e in stream.experiences]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bm = av.with_classes_timeline(av.with_task_labels(av.benchmark_from_datasets(**streams)))
@@ -134,6 +152,11 @@ def _task_of(t: torch.Tensor, where: str) -> int:
 
 def _classes(*ys: torch.Tensor) -> tuple[int, ...]:
     return tuple(sorted(set().union(*(torch.unique(y).tolist() for y in ys))))
+
+
+def _holds(s: Samples, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the in-memory set ``s`` (from :meth:`Samples.of_tensors`) holds exactly ``x``, ``y``."""
+    return torch.equal(s.y, y) and torch.equal(s.source.x, x)
 
 
 def _first_appearance(class_sets: Sequence[Sequence[int]], n_classes: int) -> list[int]:
@@ -185,34 +208,41 @@ def from_avalanche(benchmark: Any, name: str | None = None, use_metadata: bool =
 
     n_classes = 1 + max(int(y.max()) for _, y, _ in [*tr, *te])
     n_classes = max(n_classes, int(getattr(benchmark, "n_classes", 0) or 0))
+    # one in-memory source per Avalanche dataset: the tensors as read, no normalisation
+    train_sets = [Samples.of_tensors(x, y, f"avalanche/train/{i}") for i, (x, y, _) in enumerate(tr)]
+    test_sets = [Samples.of_tensors(x, y, f"avalanche/test/{k}") for k, (x, y, _) in enumerate(te)]
     tests = None
     experiences = []
     if paired:
-        for i, ((x, y, _), (xt, yt, _)) in enumerate(zip(tr, te, strict=True)):
-            classes = tuple(meta["classes"][i]) if meta else _classes(y, yt)
-            experiences.append(Experience(i, tr_tasks[i], classes, x, y, xt, yt))
+        for i, (s, st) in enumerate(zip(train_sets, test_sets, strict=True)):
+            classes = tuple(meta["classes"][i]) if meta else _classes(s.y, st.y)
+            experiences.append(Experience(i, tr_tasks[i], classes, s, st))
     else:
         task_train = exp_test = None
         if meta is not None and hasattr(benchmark, "task_train_stream"):
-            task_train = [dataset_tensors(e.dataset) for e in benchmark.task_train_stream]
+            task_train = [Samples.of_tensors(*dataset_tensors(e.dataset)[:2], f"avalanche/task_train/{k}")
+                          for k, e in enumerate(benchmark.task_train_stream)]
         if meta is not None and hasattr(benchmark, "experience_test_stream"):
-            exp_test = [dataset_tensors(e.dataset) for e in benchmark.experience_test_stream]
+            exp_test = [dataset_tensors(e.dataset)[:2] for e in benchmark.experience_test_stream]
         tests = []
-        for k, (xt, yt, _) in enumerate(te):
+        for k, st in enumerate(test_sets):
             mine = [i for i, s in enumerate(schedule) if s == k]
             if task_train is not None:
-                x, y = task_train[k][0], task_train[k][1]
+                s = task_train[k]
             elif mine:  # the train samples scheduled to this task stand in for its training set
-                x, y = torch.cat([tr[i][0] for i in mine]), torch.cat([tr[i][1] for i in mine])
+                s = Samples.of_tensors(torch.cat([tr[i][0] for i in mine]), torch.cat([tr[i][1] for i in mine]),
+                                       f"avalanche/task_train/{k}")
             else:
-                x, y = xt[:0], yt[:0]
-            classes = tuple(meta["eval_classes"][k]) if meta else _classes(yt)
-            tests.append(Experience(k, te_tasks[k], classes, x, y, xt, yt))
-        for i, (x, y, _) in enumerate(tr):
-            t = tests[schedule[i]]
-            xt, yt = (exp_test[i][0], exp_test[i][1]) if exp_test is not None else (t.x_test, t.y_test)
-            classes = tuple(meta["classes"][i]) if meta else _classes(y, yt)
-            experiences.append(Experience(i, tr_tasks[i], classes, x, y, xt, yt))
+                s = st.subset(torch.arange(0))
+            classes = tuple(meta["eval_classes"][k]) if meta else _classes(st.y)
+            tests.append(Experience(k, te_tasks[k], classes, s, st))
+        for i, s in enumerate(train_sets):
+            # an experience whose test set is its task's shares the task's Samples (one copy, one view)
+            st = tests[schedule[i]].test
+            if exp_test is not None and not _holds(st, *exp_test[i]):
+                st = Samples.of_tensors(*exp_test[i], f"avalanche/experience_test/{i}")
+            classes = tuple(meta["classes"][i]) if meta else _classes(s.y, st.y)
+            experiences.append(Experience(i, tr_tasks[i], classes, s, st))
 
     if meta is not None:
         return Stream(name or meta["name"], experiences, meta["n_classes"], tuple(meta["input_shape"]),
@@ -230,5 +260,5 @@ def from_avalanche(benchmark: Any, name: str | None = None, use_metadata: bool =
     if order is None or sorted(int(c) for c in order) != list(range(n_classes)):
         order = _first_appearance(class_sets, n_classes)
     bench_name = name or f"avalanche-{type(benchmark).__name__}"
-    return Stream(bench_name, experiences, n_classes, tuple(experiences[0].x_train.shape[1:]),
+    return Stream(bench_name, experiences, n_classes, tuple(experiences[0].train.source.sample_shape),
                   [int(c) for c in order], scenario, task_labels, {"source": "avalanche"}, tests, schedule)
