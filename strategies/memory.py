@@ -67,7 +67,10 @@ class ReservoirMemory(Memory):
         super().__init__(capacity)
         self.seen = 0
 
-    def add(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
+    def add(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offer a batch; returns (rows of the batch that were stored, the slots they now fill), on the memory's
+        device, for memories that keep more per entry (DER's logits)."""
         self._allocate(key, y)
         b = y.shape[0]
         pos = torch.arange(self.seen, self.seen + b)
@@ -89,6 +92,7 @@ class ReservoirMemory(Memory):
         self.t[slots_d] = t[src_d]
         self.seen += b
         self.size = min(self.capacity, self.seen)
+        return src_d, slots_d
 
     def _extra_state(self) -> dict:
         return {"seen": self.seen}
