@@ -19,46 +19,50 @@ DER++ on Seq-MNIST-500.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.plugin import Batch, Plugin
+from cltoolbox.plugin import Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.memory import MemoryPlugin, ReservoirMemory
 
 
 class LogitMemory(ReservoirMemory):
-    """A reservoir memory of (x, y, t, logits).
+    """A reservoir memory of (key, y, t) entries with the logits each sample got when it was stored.
 
-    Each input is stored flattened with its logits appended in one row of the shared reservoir, so the
-    reservoir's slot choice keeps them aligned without a second copy of its sampling logic.
+    The logits go to the slots the reservoir chose for their samples (``ReservoirMemory.add`` returns them), so
+    they stay aligned without a second copy of its sampling logic.
     """
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
-        self.x_shape: list[int] = []
+        self.logits: torch.Tensor | None = None
 
-    def add_with_logits(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, logits: torch.Tensor,
+    def add_with_logits(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor, logits: torch.Tensor,
                         generator: torch.Generator) -> None:
-        self.x_shape = list(x.shape[1:])
-        packed = torch.cat((x.reshape(x.shape[0], -1), logits.to(x.dtype)), dim=1)
-        self.add(packed, y, t, generator)
+        rows, slots = self.add(key, y, t, generator)
+        if self.logits is None:
+            self.logits = logits.new_zeros((self.capacity, logits.shape[1]))
+        self.logits[slots.to(self.logits.device)] = logits[rows.to(logits.device)]
 
     def sample_with_logits(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """(x, y, t, logits) of ``n`` samples drawn uniformly with replacement (one randint + gather)."""
-        packed, y, t = self.sample(n, generator)
-        d = math.prod(self.x_shape)
-        return packed[:, :d].reshape(n, *self.x_shape), y, t, packed[:, d:]
+        """(keys, y, t, logits) of ``n`` entries drawn uniformly with replacement (one randint + gathers);
+        inputs: ``learner.fetch(keys)``."""
+        idx = torch.randint(self.size, (n,), generator=generator).to(self.key.device)
+        return (self.key.index_select(0, idx), self.y.index_select(0, idx), self.t.index_select(0, idx),
+                self.logits.index_select(0, idx.to(self.logits.device)))
+
+    def usage(self) -> tuple[int, int]:
+        items, nbytes = super().usage()
+        return items, nbytes + (0 if self.logits is None else tensor_bytes(self.logits[:1]) * items)
 
     def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "x_shape": list(self.x_shape)}
+        return {**super()._extra_state(), "logits": self.logits}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.x_shape = [int(s) for s in state["x_shape"]]
+        self.logits = state["logits"]
 
 
 class DERPlugin(MemoryPlugin):
@@ -77,16 +81,16 @@ class DERPlugin(MemoryPlugin):
         if mem.size == 0:
             return 0.0
         n = self.mem_batch_size or len(batch)
-        x, _, t, z = mem.sample_with_logits(n, learner.generator)
-        extra = self.alpha * F.mse_loss(learner.forward(x, t), z)
+        key, _, t, z = mem.sample_with_logits(n, learner.generator)
+        extra = self.alpha * F.mse_loss(learner.forward(learner.fetch(key), t, key), z)
         if self.beta > 0:
-            x2, y2, t2, _ = mem.sample_with_logits(n, learner.generator)  # independent of the first draw
-            extra = extra + self.beta * F.cross_entropy(learner.forward(x2, t2), y2)
+            key2, y2, t2, _ = mem.sample_with_logits(n, learner.generator)  # independent of the first draw
+            extra = extra + self.beta * F.cross_entropy(learner.forward(learner.fetch(key2), t2, key2), y2)
         return extra
 
     def after_step(self, learner, batch: Batch) -> None:
         b = self._batch
-        self.memory.add_with_logits(b.x, b.y, b.t, self._logits, learner.generator)
+        self.memory.add_with_logits(b.key, b.y, b.t, self._logits, learner.generator)
         self._batch = self._logits = None
 
 

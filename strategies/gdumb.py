@@ -37,13 +37,13 @@ class GreedyClassBalancedMemory(Memory):
         super().__init__(capacity)
         self.seen: list[int] = []  # classes seen so far, in order of arrival
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
-        """Offer the samples of ``x`` to the sampler one after another, in the given order.
+    def add(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> None:
+        """Offer the samples ``key`` (stream keys) to the sampler one after another, in the given order.
 
         The decisions depend only on labels, so they are made on Python ints (no tensor op per sample);
-        the inputs are then moved with one scatter.
+        the entries are then moved with one scatter.
         """
-        self._allocate(x, y)
+        self._allocate(key, y)
         labels = y.tolist()
         draws = torch.rand(len(labels), generator=generator).tolist()  # one per sample: the eviction choice
         slot_label = self.y[: self.size].tolist()
@@ -52,7 +52,7 @@ class GreedyClassBalancedMemory(Memory):
             slots.setdefault(c, []).append(s)
         seen = set(self.seen)
         size = self.size
-        src = torch.full((self.capacity,), -1, dtype=torch.long)  # slot -> index in x that now fills it
+        src = torch.full((self.capacity,), -1, dtype=torch.long)  # slot -> index in key that now fills it
         for i, c in enumerate(labels):
             if c not in seen:
                 seen.add(c)
@@ -72,13 +72,14 @@ class GreedyClassBalancedMemory(Memory):
             own.append(slot)
             src[slot] = i
         filled = torch.nonzero(src >= 0).flatten()
-        idx = src[filled].to(x.device)
-        filled = filled.to(self.x.device)
-        self.x[filled], self.y[filled], self.t[filled] = x[idx], y[idx], t[idx]
+        idx = src[filled].to(key.device)
+        filled = filled.to(self.key.device)
+        self.key[filled], self.y[filled], self.t[filled] = key[idx], y[idx], t[idx]
         self.size = size
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.x[: self.size], self.y[: self.size], self.t[: self.size]
+        """(keys, y, t) of the stored entries."""
+        return self.key[: self.size], self.y[: self.size], self.t[: self.size]
 
     def _extra_state(self) -> dict:
         return {"seen": list(self.seen)}
@@ -111,7 +112,8 @@ class GDumbPlugin(MemoryPlugin):
         # the stream order inside an experience is arbitrary: offer the samples in a seeded random order
         order = torch.randperm(exp.n_train, generator=learner.generator).to(exp.y_train.device)
         t = torch.full_like(exp.y_train, exp.task_id)
-        self.memory.add(exp.x_train[order], exp.y_train[order], t[order], learner.generator)
+        keys = learner.stream.keys(exp.train)
+        self.memory.add(keys[order], exp.y_train[order], t[order], learner.generator)
         seed = int(torch.randint(2**31 - 1, (1,), generator=learner.generator))
         reinitialise(learner.model, seed, learner.device)
         learner.train_data(*self.memory.tensors(), epochs=self.epochs)

@@ -35,17 +35,19 @@ from cltoolbox.registry import register_strategy
 
 
 class ExperienceMemory:
-    """Up to ``per_experience`` random training samples of each finished experience, kept per experience.
+    """Up to ``per_experience`` random training samples of each finished experience, kept per experience as
+    stream keys (inputs: ``learner.fetch``) with their labels and task ids.
 
     The concatenation of all experiences is cached, so a random batch over the whole memory is one randint
-    and one gather.
+    and one gather. ``item_bytes``: the native size of one sample (``Stream.sample_bytes``), for ``usage``.
     """
 
     def __init__(self, per_experience: int) -> None:
         self.per_experience = per_experience
-        self.x: list[torch.Tensor] = []
+        self.key: list[torch.Tensor] = []
         self.y: list[torch.Tensor] = []
         self.t: list[torch.Tensor] = []
+        self.item_bytes = 0
         self._cat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -55,36 +57,39 @@ class ExperienceMemory:
     def size(self) -> int:
         return sum(int(y.shape[0]) for y in self.y)
 
-    def add(self, exp, generator: torch.Generator) -> None:
-        n = min(self.per_experience, exp.n_train)
-        idx = torch.randperm(exp.n_train, generator=generator)[:n].to(exp.y_train.device)
-        self.x.append(exp.x_train[idx])
-        self.y.append(exp.y_train[idx])
-        self.t.append(torch.full_like(self.y[-1], exp.task_id))
+    def add(self, key: torch.Tensor, y: torch.Tensor, task_id: int, generator: torch.Generator) -> None:
+        """Keep a random subset of one experience's training samples (``key``, labels ``y``)."""
+        n = min(self.per_experience, int(y.shape[0]))
+        idx = torch.randperm(int(y.shape[0]), generator=generator)[:n]
+        self.key.append(key[idx.to(key.device)])
+        self.y.append(y[idx.to(y.device)])
+        self.t.append(torch.full_like(self.y[-1], task_id))
         self._cat = None
 
     def all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, y, t) of the whole memory."""
         if self._cat is None:
-            self._cat = (torch.cat(self.x), torch.cat(self.y), torch.cat(self.t))
+            self._cat = (torch.cat(self.key), torch.cat(self.y), torch.cat(self.t))
         return self._cat
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` samples drawn uniformly with replacement, or the whole memory when it holds <= n."""
-        x, y, t = self.all()
+        """(keys, y, t) of ``n`` entries drawn uniformly with replacement, or the whole memory when it holds <= n."""
+        key, y, t = self.all()
         if y.shape[0] <= n:
-            return x, y, t
+            return key, y, t
         idx = torch.randint(y.shape[0], (n,), generator=generator).to(y.device)
-        return x.index_select(0, idx), y.index_select(0, idx), t.index_select(0, idx)
+        return key.index_select(0, idx.to(key.device)), y.index_select(0, idx), t.index_select(0, idx)
 
     def state_dict(self) -> dict:
-        return {"x": list(self.x), "y": list(self.y), "t": list(self.t)}
+        return {"key": list(self.key), "y": list(self.y), "t": list(self.t)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.x, self.y, self.t = list(state["x"]), list(state["y"]), list(state["t"])
+        self.key, self.y, self.t = list(state["key"]), list(state["y"]), list(state["t"])
         self._cat = None
 
     def usage(self) -> tuple[int, int]:
-        return self.size, tensor_bytes(*self.x, *self.y, *self.t)
+        """(items, bytes): bytes as if each sample were stored at its native size, with its label and task id."""
+        return self.size, self.size * self.item_bytes + tensor_bytes(*self.y, *self.t)
 
 
 # -- flat gradients ---------------------------------------------------------------------------------------
@@ -109,11 +114,14 @@ def write_flat_grad(params: list[torch.nn.Parameter], vec: torch.Tensor) -> None
         offset += n
 
 
-def memory_grad(learner, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+def memory_grad(learner, params: list[torch.nn.Parameter], data: torch.Tensor, y: torch.Tensor,
                 t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat gradient of the cross-entropy on (x, y, t) at the current weights; leaves every .grad untouched.
-    ``out``: a preallocated vector to write it into (a row of GEM's constraint matrix)."""
-    loss = F.cross_entropy(learner.forward(x, t), y)
+    """Flat gradient of the cross-entropy on (data, y, t) at the current weights; leaves every .grad untouched.
+    ``data``: stream keys (int64, fetched; a frozen extractor looks their features up by key) or model-ready
+    inputs. ``out``: a preallocated vector to write it into (a row of GEM's constraint matrix)."""
+    keys = None if torch.is_floating_point(data) else data
+    x = data if keys is None else learner.fetch(keys)
+    loss = F.cross_entropy(learner.forward(x, t, keys), y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     pairs = zip(grads, params, strict=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in pairs], out=out)
@@ -158,13 +166,16 @@ class GEMPlugin(Plugin):
         mem = self.memory
         G = g.new_empty((len(mem), g.shape[0]))  # each memory gradient is concatenated into its row
         for k in range(len(mem)):
-            memory_grad(learner, params, mem.x[k], mem.y[k], mem.t[k], out=G[k])
+            memory_grad(learner, params, mem.key[k], mem.y[k], mem.t[k], out=G[k])
         if bool((G @ g < 0).any()):
             write_flat_grad(params, gem_project(g, G, self.memory_strength))
             self.projections += 1
 
+    def before_fit(self, learner, stream) -> None:
+        self.memory.item_bytes = stream.sample_bytes()
+
     def after_experience(self, learner, exp) -> None:
-        self.memory.add(exp, learner.generator)
+        self.memory.add(learner.stream.keys(exp.train), exp.y_train, exp.task_id, learner.generator)
 
     def state_dict(self) -> dict:
         return {"memory": self.memory.state_dict(), "projections": self.projections}

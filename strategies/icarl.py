@@ -31,12 +31,17 @@ import torch.nn.functional as F
 from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.pretrained import extract_features
+from cltoolbox.strategies.pretrained import extract_features, stream_features
 
 
 def normalised_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """L2-normalised ``model.features`` of ``x`` in eval mode (restores the previous mode)."""
     return F.normalize(extract_features(model, x, batch_size), dim=1)
+
+
+def normalised_stream_features(learner, keys: torch.Tensor) -> torch.Tensor:
+    """L2-normalised ``model.features`` of the stream samples ``keys``, fetched ``eval_batch_size`` at a time."""
+    return F.normalize(stream_features(learner, keys), dim=1)
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
@@ -64,8 +69,8 @@ class ICaRLPlugin(Plugin):
     def __init__(self, memory_size: int, classifier: str) -> None:
         self.memory_size = memory_size
         self.classifier = classifier
-        # exemplars, grouped by class in order of arrival, each class in herding order (rank 0 first)
-        self.x: torch.Tensor | None = None
+        # exemplars (stream keys), grouped by class in order of arrival, each class in herding order (rank 0 first)
+        self.key: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.t: torch.Tensor | None = None
         self.rank: torch.Tensor | None = None
@@ -74,8 +79,10 @@ class ICaRLPlugin(Plugin):
         self.old_state: dict[str, torch.Tensor] | None = None  # weights frozen at the end of the last experience
         self._old_model: torch.nn.Module | None = None
         self._old_classes: torch.Tensor | None = None
+        self.item_bytes = 0  # native size of one exemplar (Stream.sample_bytes), for memory_usage
 
     def before_fit(self, learner, stream) -> None:
+        self.item_bytes = stream.sample_bytes()
         if not callable(getattr(learner.model, "features", None)):
             raise ConfigError("strategy: icarl needs a model with a features(x) method (herding and NME use it); "
                               "use model mlp or resnet18_reduced")
@@ -94,11 +101,11 @@ class ICaRLPlugin(Plugin):
             self._old_model = model.eval().requires_grad_(False)
 
     def train_experience(self, learner, exp) -> bool:
-        x, y = exp.x_train, exp.y_train
+        key, y = learner.stream.keys(exp.train), exp.y_train
         t = torch.full_like(y, exp.task_id)
-        if self.x is not None:
-            x, y, t = torch.cat((x, self.x)), torch.cat((y, self.y)), torch.cat((t, self.t))
-        learner.train_data(x, y, t)
+        if self.key is not None:
+            key, y, t = torch.cat((key, self.key)), torch.cat((y, self.y)), torch.cat((t, self.t))
+        learner.train_data(key, y, t)
         return True
 
     def criterion(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
@@ -115,42 +122,43 @@ class ICaRLPlugin(Plugin):
 
     # -- exemplars ------------------------------------------------------------------------------------
     def after_experience(self, learner, exp) -> None:
-        model, bs = learner.model, learner.config.eval_batch_size
+        model = learner.model
         new = exp.y_train.unique().tolist()
         for c in new:
             if c not in self.seen:
                 self.seen.append(c)
         m = self.memory_size // len(self.seen)
         # candidates of this experience's classes: its data plus their earlier exemplars (domain shifts)
-        x, y, t = exp.x_train, exp.y_train, torch.full_like(exp.y_train, exp.task_id)
-        keep_x, keep_y, keep_t, keep_r = [], [], [], []
-        if self.x is not None:
+        key, y, t = learner.stream.keys(exp.train), exp.y_train, torch.full_like(exp.y_train, exp.task_id)
+        keep_key, keep_y, keep_t, keep_r = [], [], [], []
+        if self.key is not None:
             is_new = torch.isin(self.y, torch.tensor(new, device=self.y.device))
             old = ~is_new & (self.rank < m)  # reduction: truncate the herding order
-            keep_x.append(self.x[old])
+            keep_key.append(self.key[old])
             keep_y.append(self.y[old])
             keep_t.append(self.t[old])
             keep_r.append(self.rank[old])
-            x, y, t = torch.cat((x, self.x[is_new])), torch.cat((y, self.y[is_new])), torch.cat((t, self.t[is_new]))
+            key = torch.cat((key, self.key[is_new]))
+            y, t = torch.cat((y, self.y[is_new])), torch.cat((t, self.t[is_new]))
         for c in new:
             idx = torch.nonzero(y == c).flatten()
-            order = idx[herding(normalised_features(model, x[idx], bs), m)]
-            keep_x.append(x[order])
+            order = idx[herding(normalised_stream_features(learner, key[idx]), m)]
+            keep_key.append(key[order])
             keep_y.append(y[order])
             keep_t.append(t[order])
             keep_r.append(torch.arange(len(order), device=order.device))
-        self.x, self.y, self.t, self.rank = (torch.cat(v) for v in (keep_x, keep_y, keep_t, keep_r))
+        self.key, self.y, self.t, self.rank = (torch.cat(v) for v in (keep_key, keep_y, keep_t, keep_r))
         # group by class in order of arrival, herding rank within (stable layout for any later reduction)
         pos = torch.empty(max(self.seen) + 1, dtype=torch.long, device=self.y.device)
         pos[torch.tensor(self.seen, device=self.y.device)] = torch.arange(len(self.seen), device=self.y.device)
         order = torch.argsort(pos[self.y] * (self.memory_size + 1) + self.rank)
-        self.x, self.y, self.t, self.rank = self.x[order], self.y[order], self.t[order], self.rank[order]
+        self.key, self.y, self.t, self.rank = self.key[order], self.y[order], self.t[order], self.rank[order]
         self._update_means(learner)
         self.old_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._old_model = None  # rebuilt from old_state when the next experience needs it
 
     def _update_means(self, learner) -> None:
-        feats = normalised_features(learner.model, self.x, learner.config.eval_batch_size)
+        feats = normalised_stream_features(learner, self.key)
         C = learner.stream.n_classes
         sums = torch.zeros(C, feats.shape[1], device=feats.device).index_add_(0, self.y, feats)
         self.means = F.normalize(sums, dim=1)  # mean direction; the count does not change it
@@ -167,11 +175,11 @@ class ICaRLPlugin(Plugin):
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"x": self.x, "y": self.y, "t": self.t, "rank": self.rank, "seen": list(self.seen),
+        return {"key": self.key, "y": self.y, "t": self.t, "rank": self.rank, "seen": list(self.seen),
                 "means": self.means, "old_state": self.old_state}
 
     def load_state_dict(self, state: dict) -> None:
-        self.x, self.y, self.t, self.rank = state["x"], state["y"], state["t"], state["rank"]
+        self.key, self.y, self.t, self.rank = state["key"], state["y"], state["t"], state["rank"]
         self.seen = [int(c) for c in state["seen"]]
         self.means, self.old_state = state["means"], state["old_state"]
         self._old_model = None
@@ -179,7 +187,8 @@ class ICaRLPlugin(Plugin):
     def memory_usage(self) -> tuple[int, int]:
         n = 0 if self.y is None else int(self.y.shape[0])
         old = tensor_bytes(*self.old_state.values()) if self.old_state else 0
-        return n, tensor_bytes(self.x, self.y, self.t, self.rank, self.means) + old
+        # exemplars counted at their native size, as if stored (they are kept as stream keys)
+        return n, n * self.item_bytes + tensor_bytes(self.y, self.t, self.rank, self.means) + old
 
 
 @register_strategy("icarl")

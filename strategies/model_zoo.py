@@ -73,6 +73,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.models.cache import sample_keys
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.gdumb import reinitialise
@@ -124,6 +125,8 @@ class ModelZooPlugin(Plugin):
     def before_fit(self, learner, stream) -> None:
         # one task id for the whole stream (class-incremental): the experiences are the tasks
         self._by_experience = not stream.task_labels and stream.n_tasks == 1
+        if self.memory is not None:
+            self.memory.item_bytes = stream.sample_bytes()
 
     def _task_of(self, exp) -> int:
         key = exp.index if self._by_experience else exp.task_id
@@ -165,21 +168,21 @@ class ModelZooPlugin(Plugin):
             self.frozen.append({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
         past, _ = self.select_past_tasks(learner, task)
         n_cur = exp.n_train
-        xs, ys, ts = [exp.x_train], [exp.y_train], [torch.full_like(exp.y_train, exp.task_id)]
+        keys, ys, ts = [learner.stream.keys(exp.train)], [exp.y_train], [torch.full_like(exp.y_train, exp.task_id)]
         weights = [float(n_cur)]
         for k in past:
             idx = self._replay_indices(learner, k)
             weights.append(float(len(idx)))
             copies = max(1, int(n_cur / (len(past) * len(idx))))  # replay weighs about as much as the new task
             idx = idx.repeat(copies)
-            xs.append(self.memory.x[idx])
+            keys.append(self.memory.key[idx])
             ys.append(self.memory.y[idx])
             ts.append(torch.full_like(ys[-1], self.task_ids[k]))
         if self.weighting == "uniform":
             weights = [1.0] * len(weights)
         seed = int(torch.randint(2**31 - 1, (1,), generator=learner.generator))
         reinitialise(learner.model, seed, learner.device)  # a fresh member, reproducible from the run's seed
-        learner.train_data(torch.cat(xs), torch.cat(ys), torch.cat(ts))
+        learner.train_data(torch.cat(keys), torch.cat(ys), torch.cat(ts))
         self.member_tasks.append([task, *past])
         self.member_weights.append(weights)
         return True
@@ -207,7 +210,7 @@ class ModelZooPlugin(Plugin):
         if not candidates:
             return [], []
         modules = self._frozen_modules(learner)
-        losses = [self.zoo_loss(modules, k) for k in candidates]
+        losses = [self.zoo_loss(learner, modules, k) for k in candidates]
         n = min(self.tasks_per_model - 1, len(candidates))
         if n == len(candidates):
             return candidates, losses
@@ -216,11 +219,13 @@ class ModelZooPlugin(Plugin):
         return [candidates[i] for i in pick], losses
 
     @torch.no_grad()
-    def zoo_loss(self, modules: list[nn.Module], task: int) -> float:
-        """NLL of the zoo's prediction for ``task`` on that task's samples in memory."""
+    def zoo_loss(self, learner, modules: list[nn.Module], task: int) -> float:
+        """NLL of the zoo's prediction for ``task`` on that task's samples in memory (fetched at once: the
+        memory is small)."""
         idx = self._memory_indices(task)
-        x, y = self.memory.x[idx], self.memory.y[idx]
-        log_p, _ = self.task_log_probs(modules, x, only=task)
+        keys, y = self.memory.key[idx], self.memory.y[idx]
+        with sample_keys(keys, learner.stream):
+            log_p, _ = self.task_log_probs(modules, learner.fetch(keys), only=task)
         cols = self._classes(task, y.device)
         pos = torch.full((int(cols.max()) + 1,), -1, dtype=torch.long, device=y.device)
         pos[cols] = torch.arange(len(cols), device=y.device)
@@ -229,11 +234,11 @@ class ModelZooPlugin(Plugin):
     def after_experience(self, learner, exp) -> None:
         if self.memory is not None:
             t = torch.full_like(exp.y_train, self._current)  # memory t = the zoo's task number
-            self.memory.update(exp.x_train, exp.y_train, t, learner.generator)
+            self.memory.update(learner.stream.keys(exp.train), exp.y_train, t, learner.generator)
         if not self.params_per_member:  # every member has the configured architecture
             model = learner.model
             self.params_per_member = sum(p.numel() for p in model.parameters())
-            self.flops_per_member = forward_flops(model, exp.x_train[:1])
+            self.flops_per_member = forward_flops(model, learner.fetch(learner.stream.keys(exp.train)[:1]))
 
     # -- inference -------------------------------------------------------------------------------------
     def task_log_probs(self, modules: list[nn.Module], x: torch.Tensor, only: int | None = None

@@ -16,9 +16,9 @@ class statistics of ``model.features(x)``. They work with any model that has ``f
   a linear classifier is re-trained at every experience on real (new) + pseudo (past) features.
 
 Feature computation: once the extractor is frozen, each experience's training set goes through it in one
-batched pass (``eval_batch_size`` rows at a time), and features are cached per sample
-(``SampleFeatureCache``; a frozen ``efficientnet_lite0`` or ``vit`` caches them itself), so every image is
-embedded once per run.
+batched pass (``eval_batch_size`` samples fetched at a time, ``learner.batches``), and features are cached per
+sample (``SampleFeatureCache``; a frozen ``efficientnet_lite0`` or ``vit`` caches them itself, by stream key),
+so every image is embedded once per run.
 
 Checkpoints hold only tensors (sums, counts, Gram matrix, classifier weights) and numbers; the adapted
 backbone is part of the model's state, so a resumed run continues exactly.
@@ -26,28 +26,49 @@ backbone is part of the model's state, so a resumed run continues exactly.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.cache import SampleFeatureCache
+from cltoolbox.models.cache import SampleFeatureCache, sample_keys
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
+
+if TYPE_CHECKING:
+    from cltoolbox.stream import Stream
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``model.features`` of ``x`` in eval mode, flattened, in batches (restores the previous mode)."""
+def _features(model: nn.Module, chunks: Iterable[tuple[torch.Tensor | None, torch.Tensor]], stream: Stream | None,
+              device: torch.device) -> torch.Tensor:
+    """``model.features`` of each (keys, inputs) chunk in eval mode, flattened and concatenated (restores the
+    previous mode); chunks with keys are looked up by key in a frozen extractor's cache."""
     was_training = model.training
     model.eval()
-    out = [model.features(x[s : s + batch_size]).flatten(1) for s in range(0, x.shape[0], batch_size)]
+    out = []
+    for keys, x in chunks:
+        with sample_keys(keys, stream):
+            out.append(model.features(x).flatten(1))
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0, device=x.device)
+    return torch.cat(out) if out else torch.empty(0, 0, device=device)
+
+
+def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model.features`` of in-memory inputs ``x`` in eval mode, flattened, ``batch_size`` rows at a time."""
+    chunks = ((None, x[s : s + batch_size]) for s in range(0, x.shape[0], batch_size))
+    return _features(model, chunks, None, x.device)
+
+
+def stream_features(learner, keys: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """``learner.model.features`` of the stream samples ``keys``, fetched ``batch_size`` (default
+    ``eval_batch_size``) at a time: a whole experience never needs to be in memory at once."""
+    return _features(learner.model, learner.batches(keys, batch_size), learner.stream, learner.device)
 
 
 def freeze(model: nn.Module) -> None:
@@ -69,9 +90,10 @@ def adapt_first_experience(learner, exp, adapt: str) -> None:
     if hasattr(model, "set_frozen"):
         model.set_frozen(False)
     task = torch.full_like(exp.y_train, exp.task_id)
+    keys = learner.stream.keys(exp.train)
     if adapt == "body":
         model.requires_grad_(True)
-        learner.train_data(exp.x_train, exp.y_train, task)
+        learner.train_data(keys, exp.y_train, task)
         return
     # FiLM (Perez et al. 2018) as FiT/FSA apply it to a pre-trained network: a per-channel scale and shift after
     # every normalisation layer, i.e. the layers' affine parameters, with the normalisation statistics kept.
@@ -84,7 +106,7 @@ def adapt_first_experience(learner, exp, adapt: str) -> None:
     hooks = [m.register_forward_pre_hook(_normalise_in_eval_mode)
              for m in norms if isinstance(m, nn.modules.batchnorm._NormBase)]
     try:
-        learner.train_data(exp.x_train, exp.y_train, task)
+        learner.train_data(keys, exp.y_train, task)
     finally:
         for h in hooks:
             h.remove()
@@ -118,7 +140,7 @@ class FixedExtractorPlugin(Plugin):
             adapt_first_experience(learner, exp, self.adapt)
             self._cache.clear()  # the extractor may have changed; it is fixed from now on
         freeze(learner.model)  # idempotent; also re-applied after a resume
-        feats = extract_features(learner.model, exp.x_train, learner.config.eval_batch_size)
+        feats = stream_features(learner, learner.stream.keys(exp.train))
         self.update(learner, feats, exp.y_train)
         return True
 

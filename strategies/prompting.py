@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.models.cache import sample_keys
 from cltoolbox.models.vit import Prefix, ViTClassifier
 from cltoolbox.plugin import MASKED_LOGIT, Plugin
 from cltoolbox.registry import register_strategy
@@ -129,7 +130,11 @@ class PromptPlugin(Plugin):
             return {}
         was_training = learner.model.training
         learner.model.eval()
-        right = sum(int((self.selected_task(learner, e.x_test) == i).sum()) for i, e in enumerate(tests))
+        right = 0
+        for i, e in enumerate(tests):  # test sets walked in eval batches; the queries come from the feature cache
+            for keys, x in learner.batches(stream.keys(e.test)):
+                with sample_keys(keys, stream):
+                    right += int((self.selected_task(learner, x) == i).sum())
         learner.model.train(was_training)
         return {"selection_acc": right / max(1, sum(e.n_test for e in tests))}
 

@@ -33,7 +33,8 @@ Implementation notes shared by all of them:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.models.cache import sample_keys
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.gem import flat_grad
@@ -61,9 +63,19 @@ def flat_parameters(params: list[nn.Parameter]) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in params])
 
 
+def _chunks(learner, data: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+    """(keys, inputs) of ``data`` ``size`` samples at a time: stream keys are fetched chunk by chunk
+    (``learner.batches``), model-ready inputs are sliced (keys None)."""
+    if torch.is_floating_point(data):
+        for s in range(0, data.shape[0], size):
+            yield None, data[s : s + size]
+    else:
+        yield from learner.batches(data, size)
+
+
 def per_sample_mean(
     learner,
-    x: torch.Tensor,
+    data: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
     objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -72,7 +84,8 @@ def per_sample_mean(
 ) -> torch.Tensor:
     """``mean_n kind(d objective_n / d theta)`` as one flat vector (length P, ``trained_parameters`` order).
 
-    ``objective(logits, t, y)`` returns one value per sample (shape ``(B,)``). Two exact computations:
+    ``data``: stream keys (int64; the samples are fetched a chunk at a time, never all at once) or model-ready
+    inputs. ``objective(logits, t, y)`` returns one value per sample (shape ``(B,)``). Two exact computations:
 
     * models whose trained parameters all belong to ``nn.Linear`` layers (the MLPs): the per-sample
       gradient of a weight is the outer product g_n a_n^T of the layer's output gradient and input, and
@@ -88,16 +101,17 @@ def per_sample_mean(
     was_training = model.training
     model.eval()
     try:
-        out = _linear_path(model, named, x, t, y, objective, transform) if method == "auto" else None
+        out = _linear_path(learner, named, data, t, y, objective, transform) if method == "auto" else None
         if out is None:
-            out = _vmap_path(model, named, x, t, y, objective, transform)
+            out = _vmap_path(learner, named, data, t, y, objective, transform)
     finally:
         model.train(was_training)
-    return out / max(1, x.shape[0])
+    return out / max(1, data.shape[0])
 
 
-def _linear_path(model, named, x, t, y, objective, transform) -> torch.Tensor | None:
+def _linear_path(learner, named, data, t, y, objective, transform) -> torch.Tensor | None:
     """Sum over samples via per-layer matmuls, or None when the model is not made of plain Linear layers."""
+    model = learner.model
     owner: dict[int, tuple[nn.Linear, str]] = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -112,14 +126,16 @@ def _linear_path(model, named, x, t, y, objective, transform) -> torch.Tensor | 
         seen[module].append((inputs[0].detach(), output))
 
     sums = {id(p): torch.zeros_like(p) for _, p in named}
-    chunk = 4096
+    # 4096 samples a chunk (the sums depend on the chunking), fewer for large inputs (a frozen ViT under a head)
+    sample = math.prod(data.shape[1:] if torch.is_floating_point(data) else learner.stream.input_shape)
+    chunk = min(4096, max(1, _CHUNK_ELEMENTS // max(1, sample)))
     handles = [m.register_forward_hook(capture) for m in layers]
     try:
-        for s in range(0, x.shape[0], chunk):
+        for s, (keys, x) in zip(range(0, data.shape[0], chunk), _chunks(learner, data, chunk), strict=True):
             for m in layers:
                 seen[m].clear()
-            with torch.enable_grad():
-                value = objective(model(x[s : s + chunk]), t[s : s + chunk], y[s : s + chunk]).sum()
+            with torch.enable_grad(), sample_keys(keys, learner.stream):
+                value = objective(model(x), t[s : s + chunk], y[s : s + chunk]).sum()
                 # a layer used twice, or on inputs with extra dims, breaks the outer-product form
                 if any(len(v) != 1 or v[0][0].dim() != 2 for v in seen.values()):
                     return None
@@ -139,9 +155,10 @@ def _linear_path(model, named, x, t, y, objective, transform) -> torch.Tensor | 
     return torch.cat([sums[id(p)].reshape(-1) for _, p in named])
 
 
-def _vmap_path(model, named, x, t, y, objective, transform) -> torch.Tensor:
+def _vmap_path(learner, named, data, t, y, objective, transform) -> torch.Tensor:
     from torch.func import functional_call, grad, vmap
 
+    model = learner.model
     params = {n: p.detach() for n, p in named}
     buffers = dict(model.named_buffers())
     n_params = sum(p.numel() for _, p in named)
@@ -153,8 +170,8 @@ def _vmap_path(model, named, x, t, y, objective, transform) -> torch.Tensor:
     per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0))
     chunk = max(1, min(1024, _CHUNK_ELEMENTS // max(1, n_params)))
     sums = {n: torch.zeros_like(p) for n, p in named}
-    for s in range(0, x.shape[0], chunk):
-        g = per_sample(params, x[s : s + chunk], t[s : s + chunk], y[s : s + chunk])
+    for s, (_, x) in zip(range(0, data.shape[0], chunk), _chunks(learner, data, chunk), strict=True):
+        g = per_sample(params, x, t[s : s + chunk], y[s : s + chunk])
         for n in sums:
             sums[n] += transform(g[n]).sum(0)
     return torch.cat([sums[n].reshape(-1) for n, _ in named])
@@ -281,8 +298,9 @@ class _ImportancePenalty(_QuadraticPenalty):
 
 
 # -- EWC and online EWC --------------------------------------------------------------------------------
-def empirical_fisher(learner, x: torch.Tensor, y: torch.Tensor, task_id: int) -> torch.Tensor:
+def empirical_fisher(learner, data: torch.Tensor, y: torch.Tensor, task_id: int) -> torch.Tensor:
     """Diagonal empirical Fisher: mean over samples of the squared per-sample gradient of log p(y|x).
+    ``data``: stream keys or model-ready inputs (see :func:`per_sample_mean`).
 
     Per sample, not per mini-batch: the Fisher is an expectation of squared per-sample score vectors; the
     square of a mini-batch mean gradient is smaller by roughly the batch size (cross-sample terms cancel)
@@ -294,7 +312,7 @@ def empirical_fisher(learner, x: torch.Tensor, y: torch.Tensor, task_id: int) ->
     def nll(logits: torch.Tensor, ti: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(_task_logits(learner, logits, ti), yi, reduction="none")
 
-    return per_sample_mean(learner, x, t, y, nll, "square")
+    return per_sample_mean(learner, data, t, y, nll, "square")
 
 
 class EWCPlugin(_QuadraticPenalty):
@@ -327,7 +345,7 @@ class EWCPlugin(_QuadraticPenalty):
         return f_sum, mean, const
 
     def after_experience(self, learner, exp) -> None:
-        fisher = empirical_fisher(learner, exp.x_train, exp.y_train, exp.task_id).unsqueeze(0)
+        fisher = empirical_fisher(learner, learner.stream.keys(exp.train), exp.y_train, exp.task_id).unsqueeze(0)
         anchor = self.theta(learner).detach().clone().unsqueeze(0)
         if self.fisher is None:
             self.fisher, self.anchor = fisher, anchor
@@ -488,20 +506,21 @@ def si(si_c: float = 0.1, xi: float = 0.1) -> list[Plugin]:
 
 
 # -- Memory Aware Synapses ------------------------------------------------------------------------------
-def output_sensitivity(learner, x: torch.Tensor, task_id: int) -> torch.Tensor:
+def output_sensitivity(learner, data: torch.Tensor, task_id: int) -> torch.Tensor:
     """MAS importance: mean over samples of |d ||f(x)||_2^2 / d theta| (per sample, then averaged).
+    ``data``: stream keys or model-ready inputs (see :func:`per_sample_mean`).
 
     f is the logits vector; in multi-head streams only the task's own outputs (the other entries are
     zeroed, never the -1e9 fill that would dominate the norm).
     """
-    t = torch.full((x.shape[0],), task_id, dtype=torch.long, device=x.device)
+    t = torch.full((data.shape[0],), task_id, dtype=torch.long, device=data.device)
 
     def sq_norm(logits: torch.Tensor, ti: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         if learner.multi_head:
             logits = logits * learner.task_mask[ti]
         return logits.square().sum(1)
 
-    return per_sample_mean(learner, x, t, t, sq_norm, "abs")
+    return per_sample_mean(learner, data, t, t, sq_norm, "abs")
 
 
 class MASPlugin(_ImportancePenalty):
@@ -517,7 +536,7 @@ class MASPlugin(_ImportancePenalty):
         return self.penalty(learner, self.omega, self.anchor, self.mas_lambda)
 
     def after_experience(self, learner, exp) -> None:
-        new = output_sensitivity(learner, exp.x_train, exp.task_id)
+        new = output_sensitivity(learner, learner.stream.keys(exp.train), exp.task_id)
         self.omega = new if self.omega is None else self.omega + new
         self.anchor = self.theta(learner).detach().clone()
 

@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.models.cache import sample_keys
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.replay import ReplayPlugin
@@ -81,6 +82,7 @@ class RERPlugin(ReplayPlugin):
 
     # -- setup / state ------------------------------------------------------------------------------------
     def before_fit(self, learner, stream) -> None:
+        super().before_fit(learner, stream)
         self.net.to(learner.device)
         if self.meta_opt is None:
             self.meta_opt = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr, weight_decay=1e-4)
@@ -157,8 +159,9 @@ class RERPlugin(ReplayPlugin):
                 for k, p, g in zip(names, params, grads, strict=True)}
         # buffers are cloned so that the look-ahead forward leaves BatchNorm running statistics untouched
         fast.update({k: b.clone() for k, b in model.named_buffers()})
-        xv, yv, tv = self.memory.sample(n, learner.generator)
-        out = functional_call(model, fast, (xv,))
+        kv, yv, tv = self.memory.sample(n, learner.generator)
+        with sample_keys(kv, learner.stream):
+            out = functional_call(model, fast, (learner.fetch(kv),))
         if learner.multi_head:
             out = out.masked_fill(~learner.task_mask[tv], MASKED_LOGIT)
         meta_loss = F.cross_entropy(out, yv)
