@@ -52,20 +52,24 @@ def test_criterion_hook_replaces_cross_entropy_and_none_keeps_it() -> None:
 
 
 # -- DER --------------------------------------------------------------------------------------------------
-def test_logit_memory_keeps_inputs_labels_and_logits_aligned() -> None:
+def test_logit_memory_keeps_keys_labels_and_logits_aligned() -> None:
     g = torch.Generator().manual_seed(0)
     mem = LogitMemory(20)
-    for _ in range(10):
-        x = torch.randn(7, 2, 3, generator=g)
+    mem.item_bytes = 24
+    for step in range(10):
+        key = torch.arange(7) + 7 * step  # stream keys
         y = torch.randint(5, (7,), generator=g)
-        mem.add_with_logits(x, y, y + 100, torch.stack((x.sum((1, 2)), y.float()), 1), g)
+        mem.add_with_logits(key, y, y + 100, torch.stack((key.double().sqrt(), y.double()), 1), g)
     assert mem.size == 20 and mem.seen == 70
-    x, y, t, z = mem.sample_with_logits(64, g)
-    assert x.shape == (64, 2, 3) and z.shape == (64, 2)
-    assert torch.allclose(z[:, 0], x.sum((1, 2))) and torch.equal(z[:, 1].long(), y) and torch.equal(t, y + 100)
+    key, y, t, z = mem.sample_with_logits(64, g)
+    assert key.shape == (64,) and key.dtype == torch.int64 and z.shape == (64, 2) and z.dtype == torch.float64
+    assert torch.equal(z[:, 0], key.double().sqrt()) and torch.equal(z[:, 1].long(), y) and torch.equal(t, y + 100)
+    # usage: each entry at its native sample size, with its label, task id and logits
+    assert mem.usage() == (20, 20 * (24 + 8 + 8 + 2 * 8))
     restored = LogitMemory(20)
     restored.load_state_dict(mem.state_dict())
-    assert restored.x_shape == [2, 3] and torch.equal(restored.x, mem.x) and restored.seen == 70
+    assert torch.equal(restored.key, mem.key) and torch.equal(restored.logits, mem.logits) and restored.seen == 70
+    assert restored.usage() == mem.usage()
 
 
 def test_der_stores_pre_step_logits_and_adds_weighted_terms() -> None:
@@ -75,14 +79,15 @@ def test_der_stores_pre_step_logits_and_adds_weighted_terms() -> None:
     exp = stream[0]
     learner.begin(stream)
     learner.experience = exp
-    x, y = exp.x_train[:8], exp.y_train[:8]
-    batch = Batch(x, y, torch.zeros_like(y))
+    x, y, key = exp.x_train[:8], exp.y_train[:8], stream.keys(exp.train)[:8]
+    batch = Batch(x, y, torch.zeros_like(y), key)
     logits = learner.forward(x, batch.t)
     assert plugin.loss(learner, batch, logits) == 0.0  # empty memory
     plugin.after_step(learner, batch)
-    # the stored logits are those of the forward pass that saw the batch
-    _, _, _, z = plugin.memory.sample_with_logits(8, torch.Generator().manual_seed(1))
+    # the stored logits are those of the forward pass that saw the batch; the memory holds the batch's keys
+    k, _, _, z = plugin.memory.sample_with_logits(8, torch.Generator().manual_seed(1))
     assert plugin.memory.size == 8 and all((logits.detach() - row).abs().sum(1).min() < 1e-6 for row in z)
+    assert torch.equal(plugin.memory.key[:8].sort().values, key) and set(k.tolist()) <= set(key.tolist())
     extra = plugin.loss(learner, batch, logits)
     assert extra.requires_grad and float(extra.detach()) == pytest.approx(0.0, abs=1e-10)  # weights unchanged: MSE 0
     with pytest.raises(ConfigError, match="strategy.alpha"):
@@ -94,19 +99,20 @@ def test_der_stores_pre_step_logits_and_adds_weighted_terms() -> None:
 # -- GDumb ------------------------------------------------------------------------------------------------
 def test_gdumb_greedy_sampler_balances_classes() -> None:
     y = torch.cat((torch.zeros(100), torch.ones(100), torch.full((10,), 2))).long()
-    x = y.float()[:, None] * torch.ones(1, 3)
+    key = torch.arange(210)  # stream keys: sample i has label y[i]
     mem = GreedyClassBalancedMemory(30)
-    mem.add(x[:100], y[:100], y[:100], torch.Generator().manual_seed(0))  # one class: fills the memory
+    mem.add(key[:100], y[:100], y[:100], torch.Generator().manual_seed(0))  # one class: fills the memory
     assert torch.bincount(mem.y, minlength=3).tolist() == [30, 0, 0]
-    mem.add(x[100:], y[100:], y[100:], torch.Generator().manual_seed(0))
+    mem.add(key[100:], y[100:], y[100:], torch.Generator().manual_seed(0))
     counts = torch.bincount(mem.tensors()[1], minlength=3).tolist()
     assert counts == [10, 10, 10]  # the rare class keeps all of its 10; the others are evicted down to 30 / 3
-    assert torch.equal(mem.x[:, 0].long(), mem.y) and mem.seen == [0, 1, 2]
+    assert torch.equal(y[mem.key], mem.y) and mem.seen == [0, 1, 2]  # keys stay with their labels
+    assert mem.key.dtype == torch.int64 and torch.equal(mem.tensors()[0], mem.key)
     again = GreedyClassBalancedMemory(30)
     again.load_state_dict(GreedyClassBalancedMemory(30).state_dict())
-    again.add(x[:100], y[:100], y[:100], torch.Generator().manual_seed(0))
-    again.add(x[100:], y[100:], y[100:], torch.Generator().manual_seed(0))
-    assert torch.equal(again.x, mem.x)  # deterministic for one generator state
+    again.add(key[:100], y[:100], y[:100], torch.Generator().manual_seed(0))
+    again.add(key[100:], y[100:], y[100:], torch.Generator().manual_seed(0))
+    assert torch.equal(again.key, mem.key)  # deterministic for one generator state
     with pytest.raises(ConfigError, match="strategy.epochs"):
         gdumb(epochs=0)
 
@@ -125,6 +131,9 @@ def test_gdumb_retrains_from_scratch_on_the_memory_only() -> None:
         learner.train_experience(stream[0])
         finals.append([p.detach().clone() for p in learner.model.parameters()])
         assert plugin.memory.size == 24 and learner.step == 2 * 3  # 2 epochs x 24 memory samples / batch 8
+        # the memory holds keys of the experience's samples; usage counts them at their native size
+        assert set(plugin.memory.key.tolist()) <= set(stream.keys(stream[0].train).tolist())
+        assert plugin.memory_usage() == (24, 24 * (8 * 4 + 2 * 8))
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
 
 
@@ -152,13 +161,19 @@ def test_icarl_budget_reduction_and_nme() -> None:
     learner = _learner([plugin], stream)
     history = []
     learner.fit(stream, on_experience_end=lambda lrn, e: history.append(
-        {c: plugin.x[plugin.y == c].clone() for c in plugin.seen}))
+        {c: plugin.key[plugin.y == c].clone() for c in plugin.seen}))
     per_class = [6, 3, 2]  # 12 // seen classes
     for i, ex in enumerate(history):
         assert all(len(v) == per_class[i] for v in ex.values()) and len(ex) == 2 * (i + 1)
         if i:  # old classes keep a prefix of their herding order
             assert all(torch.equal(v, history[i - 1][c][: per_class[i]]) for c, v in ex.items() if c in history[i - 1])
     assert plugin.memory_usage()[0] == 12 and plugin.old_state is not None
+    # exemplars are stream keys of their own class; bytes count them at their native size (8 float32 values)
+    assert plugin.key.dtype == torch.int64 and "x" not in plugin.state_dict()
+    label = {int(k): int(c) for e in stream for k, c in zip(stream.keys(e.train), e.y_train, strict=True)}
+    assert [label[int(k)] for k in plugin.key] == plugin.y.tolist()
+    old = sum(v.numel() * v.element_size() for v in plugin.old_state.values())
+    assert plugin.memory_usage()[1] == 12 * (8 * 4 + 3 * 8) + plugin.means.numel() * 4 + old
 
     x = stream[0].x_test
     out = plugin.predict(learner, x, torch.zeros(len(x), dtype=torch.long))
