@@ -110,6 +110,25 @@ def test_new_api_benchmarks_round_trip(av) -> None:
     assert all(torch.equal(a.x_train, b.x_train) for a, b in zip(inferred, ours, strict=True))
 
 
+def test_shared_test_sets_are_fetched_once_and_come_back_shared(av, monkeypatch) -> None:
+    """A power-law stream's experiences test on their task's test set (one Samples per task): the export
+    fetches each sample set once, and the import shares the task's set again."""
+    import cltoolbox.interop.avalanche as interop
+
+    ours = SCENARIOS.get("power_law").factory(load_dataset("digits"), 0, n_tasks=3, n_experiences=7,
+                                                samples_per_experience=40)
+    fetched = []
+    fetch = interop.samples_tensor
+    monkeypatch.setattr(interop, "samples_tensor", lambda s, *a: fetched.append(s) or fetch(s, *a))
+    exported = to_avalanche(ours)
+    distinct = {id(s) for e in [*ours, *ours.test_experiences] for s in (e.train, e.test)}
+    assert len(fetched) == len(distinct) == len({id(s) for s in fetched}) == 7 + 3 + 3
+    back = from_avalanche(exported)
+    tests = [t.test for t in back.test_experiences]
+    assert all(e.test is tests[k] for e, k in zip(back, back.schedule, strict=True))
+    assert len(back.views) == 7 + 3 + 3  # one in-memory source per distinct set
+
+
 def test_exported_stream_trains_with_avalanche_naive(av) -> None:
     torch.manual_seed(0)
     stream = SCENARIOS.get("class_incremental").factory(load_dataset("digits"), 0, n_experiences=5)

@@ -5,26 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+import torch
 
 import cltoolbox
 from cltoolbox import metrics
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.registry import register_scenario
-from cltoolbox.stream import Experience, Stream
+from cltoolbox.stream import Experience, Samples, Stream
 
 
 @register_scenario("test_recurring_abab")
-def abab(data: TensorData, seed: int, repeats: int = 2) -> Stream:
-    """Test-only: two class-disjoint tasks trained A, B, A, B, ... ``repeats`` times."""
+def abab(data: Dataset, seed: int, repeats: int = 2) -> Stream:
+    """Test-only: two class-disjoint tasks trained A, B, A, B, ... ``repeats`` times (each repeat trains and
+    tests on the task's own sample sets)."""
     tasks = []
     for k, classes in enumerate(((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))):
-        tr, te = np.isin(data.y_train, classes), np.isin(data.y_test, classes)
-        tasks.append(Experience(k, 0, classes, data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te]))
+        tr = torch.nonzero(torch.isin(data.y_train, torch.tensor(classes))).flatten()
+        te = torch.nonzero(torch.isin(data.y_test, torch.tensor(classes))).flatten()
+        tasks.append(Experience(k, 0, classes, Samples(data.train, tr), Samples(data.test, te)))
     schedule = [0, 1] * repeats
-    exps = [Experience(i, 0, tasks[k].classes, tasks[k].x_train, tasks[k].y_train, tasks[k].x_test,
-                       tasks[k].y_test) for i, k in enumerate(schedule)]
+    exps = [Experience(i, 0, tasks[k].classes, tasks[k].train, tasks[k].test) for i, k in enumerate(schedule)]
     return Stream("abab", exps, 10, data.input_shape, list(range(10)), "class_incremental",
                   test_experiences=tasks, schedule=schedule)
 

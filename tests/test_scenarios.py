@@ -8,19 +8,20 @@ from collections import Counter
 import pytest
 import torch
 
-from cltoolbox.data import TensorData, load_dataset
+from cltoolbox.data import Dataset, load_dataset
+from cltoolbox.data.source import Source
 from cltoolbox.errors import ConfigError
 from cltoolbox.scenarios.domain import permuted, rotate, rotated
 from cltoolbox.scenarios.incremental import class_incremental, class_splits, domain_incremental, task_incremental
 
 
 @pytest.fixture(scope="module")
-def digits() -> TensorData:
+def digits() -> Dataset:
     return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")
-def mnist() -> TensorData:
+def mnist() -> Dataset:
     return load_dataset("mnist5k")
 
 
@@ -273,7 +274,7 @@ def test_rotated_explicit_angles_and_train_samples(digits):
 
 
 def test_rotated_needs_images():
-    flat = TensorData("flat", torch.zeros(4, 40), torch.zeros(4, dtype=torch.long), torch.zeros(2, 40),
+    flat = Dataset.from_tensors("flat", torch.zeros(4, 40), torch.zeros(4, dtype=torch.long), torch.zeros(2, 40),
                       torch.zeros(2, dtype=torch.long), 2)
     with pytest.raises(ConfigError, match="image"):
         rotated(flat, 0, n_experiences=2)
@@ -329,3 +330,123 @@ def test_replay_beats_fine_tuning_on_split_domain_il(tmp_path):
     }, quiet=True)
     naive, er = (s["class_il"]["acc"] for s in summaries)
     assert er > naive + 0.05 and naive > 0.5, (naive, er)  # measured 0.81 vs 0.90; two outputs: chance is 0.5
+
+
+# -- scenarios select samples by label and index; transforms apply per fetched batch -------------------------
+
+
+class LabelsOnly(Source):
+    """A source that knows its labels but refuses to load any sample."""
+
+    def __init__(self, like: Source, key: str) -> None:
+        self.labels, self.sample_shape, self.native_bytes, self.key = \
+            like.labels, like.sample_shape, like.native_bytes, key
+
+    def fetch(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        raise AssertionError(f"{self.key}: a sample was fetched")
+
+    def black_level(self) -> torch.Tensor:
+        return torch.zeros(self.sample_shape[0])
+
+
+# every generic built-in scenario but curriculum (whose class order comes from the inputs); generators tied to
+# one dataset (CORe50's sessions) build from their own dataset's labels and are tested with it
+GENERIC_MODULES = ("incremental", "domain", "online", "few_shot", "recurring", "curriculum")
+LABEL_ONLY_SCENARIOS = [
+    ("class_incremental", {"n_experiences": 5, "class_order": "seeded"}),
+    ("task_incremental", {"first_classes": 4, "n_experiences": 4}),
+    ("domain_incremental", {"n_experiences": 5}),
+    ("permuted", {"n_experiences": 3, "train_samples": 100}),
+    ("rotated", {"n_experiences": 3}),
+    ("online", {"n_tasks": 5, "chunk_size": 40, "blur": 0.1}),
+    ("few_shot", {"base_classes": 4, "ways": 2, "shots": 5, "n_sessions": 3, "base_shots": 20}),
+    ("power_law", {"n_tasks": 3, "n_experiences": 9, "samples_per_experience": 50}),
+    ("power_law", {"n_tasks": 5, "n_experiences": 12, "samples_per_experience": 50, "tasks": "class_split"}),
+    ("repetition", {"n_experiences": 8, "p_repeat": 0.5, "repeat_fraction": 0.5}),
+]
+
+
+def test_label_only_list_covers_every_generic_scenario_but_curriculum():
+    from cltoolbox.registry import SCENARIOS
+
+    modules = {f"cltoolbox.scenarios.{m}" for m in GENERIC_MODULES}
+    generic = {n for n in SCENARIOS.names() if SCENARIOS.get(n).factory.__module__ in modules}
+    assert generic - {"curriculum"} == {name for name, _ in LABEL_ONLY_SCENARIOS}
+
+
+@pytest.mark.parametrize("name, params", LABEL_ONLY_SCENARIOS, ids=[f"{n}-{i}" for i, (n, _) in
+                                                                     enumerate(LABEL_ONLY_SCENARIOS)])
+def test_scenarios_build_from_labels_alone(digits, name, params):
+    """Built over sources that refuse to load samples, a scenario gives the stream it gives on the real data:
+    the same indices, labels, classes, task ids and schedule (so it never looked at a pixel)."""
+    from cltoolbox.registry import SCENARIOS
+    from cltoolbox.stream import validation_stream
+
+    blind = Dataset("digits", LabelsOnly(digits.train, "blind/train"), LabelsOnly(digits.test, "blind/test"), 10)
+    factory = SCENARIOS.get(name).factory
+    ours, real = factory(blind, 3, **params), factory(digits, 3, **params)
+    if real.test_experiences is None:
+        ours, real = validation_stream(ours, 0.2, 3), validation_stream(real, 0.2, 3)
+    assert (ours.schedule, ours.class_order, ours.n_classes, ours.input_shape, ours.info) == \
+        (real.schedule, real.class_order, real.n_classes, real.input_shape, real.info)
+    assert len(ours.views) == len(real.views)
+    for a, b in zip([*ours, *(ours.test_experiences or [])], [*real, *(real.test_experiences or [])], strict=True):
+        assert (a.index, a.task_id, a.classes) == (b.index, b.task_id, b.classes)
+        for s, t in ((a.train, b.train), (a.test, b.test)):
+            assert s.source.key.startswith("blind/")
+            assert torch.equal(s.index, t.index) and torch.equal(s.y, t.y)
+            assert torch.equal(ours.keys(s), real.keys(t))
+    assert ours.sample_bytes() == real.sample_bytes()
+    with pytest.raises(AssertionError, match="a sample was fetched"):
+        ours.fetch(ours.keys(ours[0].train)[:1])
+
+
+def test_recurring_streams_share_test_sets():
+    """Experiences of one task test on the same Samples as the task's test experience."""
+    data = load_dataset("digits")
+    from cltoolbox.scenarios.online import online
+    from cltoolbox.scenarios.recurring import power_law, repetition
+
+    for stream in (power_law(data, 0, n_tasks=3, n_experiences=9, samples_per_experience=50),
+                   power_law(data, 0, n_tasks=5, n_experiences=9, samples_per_experience=50, tasks="class_split"),
+                   online(data, 0, n_tasks=5, chunk_size=100)):
+        for e, k in zip(stream, stream.schedule, strict=True):
+            assert e.test is stream.test_experiences[k].test
+    rep = repetition(data, 0, n_experiences=8)
+    tests = {e.classes: e.test for e in rep}
+    assert all(e.test is tests[e.classes] for e in rep)  # one Samples per class set
+
+
+def fetched_in_batches(stream, samples, size: int = 64) -> torch.Tensor:
+    keys = stream.keys(samples)
+    return torch.cat(list(stream.batches([keys[s:s + size] for s in range(0, len(keys), size)],
+                                         torch.device("cpu"))))
+
+
+def test_permuted_per_batch_equals_the_whole_set_permutation(mnist):
+    """Each fetched batch is permuted on its own; the values are those of permuting the whole (subsampled)
+    set at once, with the permutations and subsamples drawn as before (one generator for the permutations,
+    all drawn first, another for the subsamples)."""
+    stream = permuted(mnist, 3, n_experiences=3, train_samples=500)
+    d, n = 28 * 28, mnist.y_train.shape[0]
+    g_perm, g_sub = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    perms = [torch.randperm(d, generator=g_perm) for _ in range(3)]
+    for e, perm in zip(stream, perms, strict=True):
+        idx = torch.randperm(n, generator=g_sub)[:500].sort().values
+        for x, samples in ((mnist.x_train[idx], e.train), (mnist.x_test, e.test)):
+            whole = x.reshape(x.shape[0], d)[:, perm].reshape(x.shape)
+            assert torch.equal(fetched_in_batches(stream, samples), whole)
+            rows = torch.arange(7, 40)
+            assert torch.equal(samples.fetch(rows), whole[rows])
+
+
+def test_rotated_per_batch_equals_the_whole_set_rotation(mnist):
+    """Rotation per fetched batch, background = the training set's minimum per channel: the values of
+    rotating the whole set at once."""
+    stream = rotated(mnist, 0, n_experiences=3, max_angle=60.0, train_samples=300)
+    fill = mnist.x_train.amin(dim=(0, 2, 3))
+    g_sub = torch.Generator().manual_seed(1)
+    for e, angle in zip(stream, [0.0, 30.0, 60.0], strict=True):
+        idx = torch.randperm(mnist.y_train.shape[0], generator=g_sub)[:300].sort().values
+        for x, samples in ((mnist.x_train[idx], e.train), (mnist.x_test, e.test)):
+            assert torch.equal(fetched_in_batches(stream, samples), rotate(x, angle, fill))

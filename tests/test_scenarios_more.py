@@ -16,7 +16,7 @@ import torch
 
 import cltoolbox
 from cltoolbox.data import load_dataset
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.scenarios.curriculum import curriculum
 from cltoolbox.scenarios.few_shot import few_shot
@@ -30,13 +30,13 @@ from cltoolbox.scenarios.recurring import (
 )
 
 
-def toy(n_classes: int = 10, per_class: int = 20, per_class_test: int = 5) -> TensorData:
+def toy(n_classes: int = 10, per_class: int = 20, per_class_test: int = 5) -> Dataset:
     """x = the sample's index (train and test numbered separately), classes in blocks."""
     y_tr = torch.arange(n_classes).repeat_interleave(per_class)
     y_te = torch.arange(n_classes).repeat_interleave(per_class_test)
     x_tr = torch.arange(len(y_tr), dtype=torch.float32)[:, None]
     x_te = torch.arange(len(y_te), dtype=torch.float32)[:, None]
-    return TensorData("toy", x_tr, y_tr, x_te, y_te, n_classes)
+    return Dataset.from_tensors("toy", x_tr, y_tr, x_te, y_te, n_classes)
 
 
 def ids(x: torch.Tensor) -> list[int]:
@@ -209,14 +209,14 @@ def test_power_law_validation(params: dict, field: str) -> None:
 
 
 # -- curriculum ---------------------------------------------------------------------------------------------
-def blobs(seed: int = 0) -> TensorData:
+def blobs(seed: int = 0) -> Dataset:
     """10 well separated Gaussian classes in 20-d, except classes 3 and 7, which nearly coincide."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(10, 20, generator=g) * 3
     means[7] = means[3] + 0.05
     y = torch.arange(10).repeat_interleave(30)
     x = means[y] + 0.3 * torch.randn(300, 20, generator=g)
-    return TensorData("blobs", x, y, x.clone(), y.clone(), 10)
+    return Dataset.from_tensors("blobs", x, y, x.clone(), y.clone(), 10)
 
 
 def test_curriculum_order_is_reproducible_and_puts_confusable_classes_last() -> None:
@@ -233,6 +233,28 @@ def test_curriculum_order_is_reproducible_and_puts_confusable_classes_last() -> 
         assert a == curriculum(data, seed, n_experiences=5).class_order and set(a[-2:]) == {3, 7}
     with pytest.raises(ConfigError, match="scenario.feature_dim"):
         curriculum(data, 0, n_experiences=5, feature_dim=0)
+
+
+@pytest.mark.parametrize("features", ["pixels", "random_projection"])
+def test_curriculum_class_means_walk_the_data_in_chunks(monkeypatch, features: str) -> None:
+    """The class means come from chunks of the training set, with the values of one pass over all of it
+    (the float64 sums of the whole-set computation, bit for bit), so the curriculum is unchanged."""
+    import cltoolbox.scenarios.curriculum as cur
+
+    data = load_dataset("mnist5k")
+    x = data.x_train.reshape(data.y_train.shape[0], -1)
+    if features == "random_projection":
+        w = torch.randn(x.shape[1], 64, generator=torch.Generator().manual_seed(5)) / math.sqrt(x.shape[1])
+        x = torch.relu(x @ w)
+    whole = torch.zeros(10, x.shape[1], dtype=torch.float64).index_add_(0, data.y_train, x.double())
+    whole /= torch.bincount(data.y_train, minlength=10)[:, None]
+    sizes = []
+    fetch = data.train.fetch
+    monkeypatch.setattr(data.train, "fetch", lambda idx, device=None: sizes.append(len(idx)) or fetch(idx, device))
+    monkeypatch.setattr(cur, "CHUNK_BYTES", 600 * 4 * 28 * 28)  # 600 rows: 7 chunks of 571-572
+    means = cur.class_features(data, features, 64, seed=5)
+    assert len(sizes) == 7 and sum(sizes) == 4000 and min(sizes) >= 571
+    assert torch.equal(means, whole)
 
 
 # -- repetition ---------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def test_mnist_family_reads_idx_files(tmp_path, name, class_name, mean, std):
     assert data.name == name and data.n_classes == 10
     assert data.x_train.shape == (N_TRAIN, 1, 28, 28) and data.x_test.shape == (N_TEST, 1, 28, 28)
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    # held as uint8 (a quarter of float32's memory), normalised per fetched batch
+    assert data.input_shape == (1, 28, 28) and data.train.native_bytes == data.test.native_bytes == 28 * 28
     assert data.y_train.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     assert data.y_test.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     assert data.x_train[0, 0, 3, 5].item() == pytest.approx((1.0 - mean) / std, abs=1e-5)
@@ -123,6 +125,7 @@ def test_cifar10_reads_python_batches(tmp_path):
     assert data.n_classes == 10
     assert data.x_train.shape == (N_TRAIN, 3, 32, 32) and data.x_test.shape == (N_TEST, 3, 32, 32)
     assert data.x_train.dtype == torch.float32 and data.y_test.dtype == torch.int64
+    assert data.train.native_bytes == 3 * 32 * 32  # uint8 storage
     assert data.y_train.tolist() == labels  # batches concatenated in order 1..5
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     img = data.x_train[0]
@@ -133,6 +136,8 @@ def test_cifar10_reads_python_batches(tmp_path):
         torch.from_numpy(rows).float().view(-1, 3, 32, 32) / 255 - torch.tensor(mean).view(1, 3, 1, 1)
     ) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(data.x_train, expected)
+    rows = torch.tensor([3, 0, 17])  # a batch fetched by index: the same values as those rows of the whole set
+    assert torch.equal(data.train.fetch(rows), data.x_train[rows])
 
 
 def test_cifar100_reads_fine_labels(tmp_path):

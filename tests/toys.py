@@ -15,7 +15,7 @@ def two_task_stream() -> Stream:
     for i in range(2):
         y = torch.arange(2 * i, 2 * i + 2).repeat_interleave(32)
         x = torch.randn(64, 8, generator=g) + 2.0 * F.one_hot(y, 8).float()
-        exps.append(Experience(i, i, (2 * i, 2 * i + 1), x[:48], y[:48], x[48:], y[48:]))
+        exps.append(Experience.from_tensors(i, i, (2 * i, 2 * i + 1), x[:48], y[:48], x[48:], y[48:]))
     return Stream("toy", exps, 4, (8,), [0, 1, 2, 3], "class_incremental")
 
 
@@ -32,8 +32,8 @@ def textured_task_stream(n_tasks: int = 4) -> Stream:
     for k in range(n_tasks):
         classes = (2 * k, 2 * k + 1)
         tr, te = (d.y_train // 2) == k, (d.y_test // 2) == k
-        exps.append(Experience(k, 0, classes, d.x_train[tr] + 2 * textures[k], d.y_train[tr],
-                               d.x_test[te] + 2 * textures[k], d.y_test[te]))
+        exps.append(Experience.from_tensors(k, 0, classes, d.x_train[tr] + 2 * textures[k], d.y_train[tr],
+                                            d.x_test[te] + 2 * textures[k], d.y_test[te]))
     return Stream("textured-digits", exps, 10, (1, 8, 8), list(range(10)), "class_incremental")
 
 
@@ -52,7 +52,8 @@ def gaussian_pairs_stream(n_exp: int = 3, per_class: int = 40, dim: int = 8, noi
             perm = torch.randperm(len(y), generator=g)
             x, y = x[perm], y[perm]
         k = len(y) * 3 // 4
-        exps.append(Experience(i, i if task_labels else 0, (2 * i, 2 * i + 1), x[:k], y[:k], x[k:], y[k:]))
+        exps.append(Experience.from_tensors(i, i if task_labels else 0, (2 * i, 2 * i + 1), x[:k], y[:k], x[k:],
+                                            y[k:]))
     scenario = "task_incremental" if task_labels else "class_incremental"
     return Stream("toy", exps, n_classes, (dim,), list(range(n_classes)), scenario, task_labels=task_labels)
 
