@@ -230,6 +230,9 @@ def check_train(train: dict[str, Any], field: str) -> None:
     if train["augment_crop"] < 0:
         raise ConfigError(f"{field}.augment_crop: must be >= 0 (padding in pixels, 0 = off), got "
                           f"{train['augment_crop']}; e.g. 4")
+    if train["workers"] is not None and train["workers"] < 0:
+        raise ConfigError(f"{field}.workers: must be >= 0 (loader processes; 0 decodes in the training process) "
+                          f"or null (automatic), got {train['workers']}")
     resolve_device(train["device"])  # `cuda` on a machine without one fails here, not mid-run
 
 

@@ -312,6 +312,8 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
     mem_bytes = sum(p.memory_usage()[1] for p in learner.plugins)
     cost = {
         "wall_s": wall_s, "train_s": learner.train_seconds, "eval_s": eval_s, "peak_rss_mb": _peak_rss_mb(),
+        # the largest loader worker's peak (file-backed data; 0 without workers), beside the process's own
+        "peak_rss_workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
         "n_params": sum(p.numel() for p in learner.model.parameters()),
         "memory_items": items, "memory_bytes": mem_bytes,
     }

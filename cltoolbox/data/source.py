@@ -7,9 +7,9 @@ model-ready float32 batch (``fetch``). Two kinds cover every dataset:
   float32's memory), made float and normalised per batch on the device they live on. A float32 tensor with
   no normalisation is returned exactly as stored, so small float sets (MNIST-5k, digits) give the same
   numbers as before the source layer existed.
-- :class:`ImageFiles`: a list of image paths, decoded (``torchvision.io.decode_image``), resized and
-  centre-cropped to uint8 by ``DataLoader`` workers with pinned memory and prefetching; normalisation runs
-  batched on the training device.
+- :class:`ImageFiles`: a list of image paths, decoded (Pillow, JPEGs at reduced DCT scale when the target
+  is smaller), resized and centre-cropped to uint8 by ``DataLoader`` workers with pinned memory and
+  prefetching; normalisation runs batched on the training device.
 
 What decides the batches is always the caller's index order (the learner's seeded generator): workers only
 decode, deterministically, so results do not depend on the number of workers. Random augmentation runs
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from cltoolbox.errors import DataMissingError
@@ -165,20 +166,32 @@ class ImageFiles(Source):
 
     def decode(self, i: int) -> torch.Tensor:
         """One image as uint8 (C, H, W) at the source's size; a bad file is a one-line DataMissingError."""
-        from torchvision.io import ImageReadMode, decode_image, read_file
-        from torchvision.transforms.v2 import functional as TF
+        from PIL import Image
 
         path = self.paths[i]
-        mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
+        mode = "RGB" if self.channels == 3 else "L"
         try:
-            img = decode_image(read_file(path), mode=mode)
-        except (RuntimeError, OSError, ValueError) as err:
+            with Image.open(path) as img:
+                # JPEGs decode at the smallest DCT scale that still covers the target size (never below it)
+                img.draft(mode, (self.resize, self.resize))
+                img = img.convert(mode)
+                w, h = img.size
+                if self.crop is None:
+                    size = (self.resize, self.resize)
+                else:  # shorter side to `resize`, then the centre `crop` x `crop`
+                    scale = self.resize / min(w, h)
+                    size = (max(self.crop, round(w * scale)), max(self.crop, round(h * scale)))
+                if img.size != size:
+                    img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+                if self.crop is not None:
+                    left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
+                    img = img.crop((left, top, left + self.crop, top + self.crop))
+                arr = np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataMissingError(f"image {path!r} is missing or unreadable ({type(err).__name__}); "
                                    "restore the file or remove it from the dataset") from err
-        if self.crop is None:
-            return TF.resize(img, [self.resize, self.resize], antialias=True)
-        img = TF.resize(img, self.resize, antialias=True)
-        return TF.center_crop(img, [self.crop, self.crop])
+        x = torch.from_numpy(arr.copy())
+        return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
 
     def fetch(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         x = torch.stack([self.decode(i) for i in index.tolist()]) if index.numel() else \
