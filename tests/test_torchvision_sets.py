@@ -291,3 +291,60 @@ def test_own_readers_match_torchvision_parsing(tmp_path, monkeypatch):
     mean, std = torch.tensor((0.4377, 0.4438, 0.4728)), torch.tensor((0.1980, 0.2010, 0.1970))
     raw = torch.from_numpy(ref.data).float() / 255
     torch.testing.assert_close(ours.x_train, (raw - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+
+
+def _py2_cifar_batch(rows: np.ndarray, labels: list[int]) -> bytes:
+    """A CIFAR batch byte for byte as Python 2's cPickle wrote the official files: protocol 2, strings as
+    Python 2 ``str`` (SHORT_BINSTRING / BINSTRING), the array rebuilt by ``numpy.core.multiarray._reconstruct``
+    with its pixels as one raw string, the dtype by ``numpy.dtype`` with its version-3 state."""
+
+    def text(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def num(v: int) -> bytes:
+        return b"K" + bytes([v]) if 0 <= v < 256 else b"J" + struct.pack("<i", v)
+
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + num(0) + b"\x85" + text(b"b") + b"\x87R"
+             + b"(" + num(1) + num(rows.shape[0]) + num(rows.shape[1]) + b"\x86"
+             + b"cnumpy\ndtype\n" + text(b"u1") + num(0) + num(1) + b"\x87R"
+             + b"(" + num(3) + text(b"|") + b"NNN" + num(-1) + num(-1) + num(0) + b"tb"
+             + b"\x89" + text(rows.tobytes()) + b"tb")
+    return (b"\x80\x02}(" + text(b"data") + array + text(b"labels") + b"](" + b"".join(num(v) for v in labels)
+            + b"e" + text(b"batch_label") + text(b"training batch 1 of 5") + b"u.")
+
+
+def test_cifar_reader_loads_the_official_python2_format(tmp_path):
+    rng = np.random.default_rng(7)
+    _make_cifar10(tmp_path, rng)
+    rows, labels = _cifar_rows(rng, 4), [3, 1, 4, 1]
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(_py2_cifar_batch(rows, labels))
+    data = load_torchvision("cifar10", str(tmp_path))
+    assert data.y_train[:4].tolist() == labels
+    x = data.train.x[:4]  # stored uint8, CHW
+    assert torch.equal(x, torch.from_numpy(rows).view(4, 3, 32, 32))
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: the classic code-execution pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar_reader_refuses_a_pickle_that_runs_code(tmp_path):
+    _make_cifar10(tmp_path, np.random.default_rng(8))
+    crafted = {"batch_label": "batch 2", "labels": [0], "data": _Payload(tmp_path / "pwned"), "filenames": ["x"]}
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps({"data": _Payload(probe)}, protocol=2))  # the payload is live for plain pickle
+    assert probe.exists()
+    _pickle(tmp_path / "cifar-10-batches-py" / "data_batch_2", crafted)
+    with pytest.raises(DataMissingError) as info:
+        load_torchvision("cifar10", str(tmp_path))
+    msg = str(info.value)
+    assert "\n" not in msg and "data_batch_2" in msg and "system' is not allowed" in msg
+    assert not (tmp_path / "pwned").exists()

@@ -12,10 +12,18 @@ below (same pickle / .mat format, presence check only). That keeps local copies 
 hashing ~200 MB on every load, and lets tests use tiny files in the real format. With
 ``download=True`` torchvision's classes are used as-is: they fetch, verify md5 and parse.
 The MNIST family has no md5 check on the raw files, so torchvision reads those directly.
+
+Safety: a pickle can run code while it loads, and files under ``root`` are not trusted, so the CIFAR
+batches are read by :class:`CifarUnpickler`, which builds only what the format holds (dicts, lists, strings,
+numbers and numpy uint8 arrays) and refuses any other global. (With ``download=True`` torchvision unpickles
+only files whose md5 matches the official release.) MNIST's legacy ``processed/*.pt`` files are read by
+torchvision with ``torch.load(weights_only=True)``, SVHN's .mat files by scipy, which runs no code.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import pickle
 from typing import Any
@@ -181,13 +189,59 @@ def _read_cifar_batches(name: str, root: str, base: str, files: list[str], label
         path = os.path.join(base, fname)
         try:
             with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")  # the official files are Python 2 pickles
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(entry[label_key])
+                entry = CifarUnpickler(f).load()
+            rows = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            file_labels = [int(c) for c in entry[label_key]]
+            if len(file_labels) != rows.shape[0]:
+                raise ValueError(f"{rows.shape[0]} images but {len(file_labels)} labels")
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
             raise _unreadable(name, root, path, err) from err
+        data.append(rows)
+        labels.extend(file_labels)
     x = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
     return torch.from_numpy(x), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """What a protocol-2 pickle written by Python 3 calls to rebuild ``bytes`` (``_codecs.encode(s, 'latin1')``)."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r} are not allowed in a CIFAR batch file")
+    return text.encode("latin1")
+
+
+@functools.cache
+def _cifar_globals() -> dict[tuple[str, str], Any]:
+    """The globals a CIFAR batch may name: numpy's array and dtype rebuilders (numpy 1 and numpy 2 module
+    names; ``_reconstruct`` for protocols 0-4, ``_frombuffer`` for 5) and the bytes rebuilder."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+        from numpy.core.numeric import _frombuffer
+
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                       ("_codecs", "encode"): _latin1_bytes}
+    for core in ("numpy.core", "numpy._core"):
+        out[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        out[(f"{core}.numeric", "_frombuffer")] = _frombuffer
+    return out
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR python batch without running code: the only globals it resolves are those of
+    :func:`_cifar_globals`; any other, e.g. ``os.system`` in a crafted ``__reduce__``, is an
+    ``UnpicklingError`` before anything is called. Python 2 strings are decoded as latin-1, as torchvision
+    does for the official files (their pixel arrays are Python 2 strings)."""
+
+    def __init__(self, file: io.BufferedIOBase) -> None:
+        super().__init__(file, encoding="latin1")
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _cifar_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch file")
+        return found
 
 
 def _load_svhn(root: str, download: bool):
