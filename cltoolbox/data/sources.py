@@ -132,3 +132,5 @@ for _name, _doc in {
     "svhn": "SVHN 73k/26k 3x32x32, torchvision, local root",
 }.items():
     _torchvision(_name, _doc)
+
+from cltoolbox.data import catalogue  # noqa: E402,F401  (registers the file-backed benchmarks)
