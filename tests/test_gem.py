@@ -81,11 +81,12 @@ def _current_grad(learner: Learner, exp: Experience) -> torch.Tensor:
 def test_gem_plugin_projects_against_every_past_memory() -> None:
     plugin = GEMPlugin(patterns_per_experience=16, memory_strength=0.0)
     learner, stream = _learner(plugin)
-    assert plugin.memory_usage()[0] == 32 and len(plugin.memory) == 2 and plugin.projections > 0
+    assert plugin.memory_usage() == (32, 32 * (8 * 4 + 2 * 8)) and len(plugin.memory) == 2  # native bytes
+    assert plugin.projections > 0
     params = trainable(learner.model)
-    exp = Experience(2, 1, (2, 3), stream[1].x_train, stream[1].y_train, stream[1].x_test, stream[1].y_test)
+    exp = Experience(2, 1, (2, 3), stream[1].train, stream[1].test)
     g = _current_grad(learner, exp)
-    G = torch.stack([memory_grad(learner, params, plugin.memory.x[k], plugin.memory.y[k], plugin.memory.t[k])
+    G = torch.stack([memory_grad(learner, params, plugin.memory.key[k], plugin.memory.y[k], plugin.memory.t[k])
                      for k in range(2)])
     plugin.after_backward(learner, Batch(exp.x_train, exp.y_train, torch.ones_like(exp.y_train)))
     out = flat_grad(params)
@@ -103,9 +104,22 @@ def test_memory_grad_into_a_preallocated_row_is_the_same_vector() -> None:
     m = plugin.memory
     G = torch.full((2, sum(p.numel() for p in params)), float("nan"))
     for k in range(2):
-        row = memory_grad(learner, params, m.x[k], m.y[k], m.t[k], out=G[k])
+        row = memory_grad(learner, params, m.key[k], m.y[k], m.t[k], out=G[k])
         assert row.data_ptr() == G[k].data_ptr()
-        assert torch.equal(G[k], memory_grad(learner, params, m.x[k], m.y[k], m.t[k]))
+        assert torch.equal(G[k], memory_grad(learner, params, m.key[k], m.y[k], m.t[k]))
+        # keys are fetched: the same gradient as on the inputs themselves
+        assert torch.equal(G[k], memory_grad(learner, params, learner.fetch(m.key[k]), m.y[k], m.t[k]))
+
+
+def test_memory_holds_keys_of_each_experience() -> None:
+    plugin = GEMPlugin(patterns_per_experience=16, memory_strength=0.0)
+    _, stream = _learner(plugin)
+    m = plugin.memory
+    assert "x" not in m.state_dict() and all(k.dtype == torch.int64 for k in m.key)
+    for k, exp in enumerate(stream):  # experience k's memory: distinct keys of its own samples, with their labels
+        match = m.key[k][:, None] == stream.keys(exp.train)[None]  # (memory entries, training samples)
+        assert len(m.key[k].unique()) == 16 and (match.sum(1) == 1).all()
+        assert torch.equal(exp.y_train[match.int().argmax(1)], m.y[k])
 
 
 def test_agem_plugin_removes_conflict_with_reference_gradient() -> None:
@@ -113,11 +127,11 @@ def test_agem_plugin_removes_conflict_with_reference_gradient() -> None:
     learner, stream = _learner(plugin)
     assert plugin.projections > 0
     params = trainable(learner.model)
-    x, y, t = plugin.memory.all()
-    g_ref = memory_grad(learner, params, x, y, t)
+    key, y, t = plugin.memory.all()
+    g_ref = memory_grad(learner, params, key, y, t)
     # a batch of the first experience's classes with flipped labels conflicts with its memory
     exp0 = stream[0]
-    bad = Experience(2, 0, (0, 1), exp0.x_train, 1 - exp0.y_train, exp0.x_test, exp0.y_test)
+    bad = Experience(2, 0, (0, 1), exp0.train.relabel(1 - exp0.y_train), exp0.test)
     g = _current_grad(learner, bad)
     assert g @ g_ref < 0
     plugin.after_backward(learner, Batch(bad.x_train, bad.y_train, torch.zeros_like(bad.y_train)))

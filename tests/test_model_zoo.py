@@ -19,7 +19,7 @@ from cltoolbox.models.mlp import MLP
 from cltoolbox.plugin import MASKED_LOGIT
 from cltoolbox.strategies.memory import ClassBalancedMemory
 from cltoolbox.strategies.model_zoo import ModelZooPlugin, boosting_probabilities, isolated, model_zoo
-from cltoolbox.stream import Stream
+from cltoolbox.stream import Experience, Stream
 
 
 def _task_stream(n_tasks: int = 4, per_class: int = 40, dim: int = 8) -> Stream:
@@ -66,6 +66,10 @@ def test_zoo_grows_one_fresh_member_per_experience_with_the_current_task_first(o
     member_bytes = sum(p.numel() * p.element_size() for p in learner.model.state_dict().values())
     items, nbytes = plugin.memory_usage()
     assert items == 40 and nbytes == plugin.memory.usage()[1] + 3 * member_bytes
+    # the replay memory holds stream keys, counted at the samples' native size (8 float32 values) + y, t
+    assert plugin.memory.key.dtype == torch.int64 and plugin.memory.usage() == (40, 40 * (8 * 4 + 2 * 8))
+    keys = torch.cat([stream.keys(e.train) for e in stream])
+    assert torch.isin(plugin.memory.key[:40], keys).all()
     cost = plugin.cost()
     assert cost["zoo_members"] == 4 and cost["ensemble_params"] == 4 * n_params
     assert cost["inference_flops_per_sample"] == 4 * 2 * (8 * 16 + 16 * 8)  # one matmul per layer, per member
@@ -103,9 +107,9 @@ def test_boosting_probabilities_follow_the_normalised_exponential_of_the_loss() 
     assert big[-1] == pytest.approx(1000 / (1000 + 9 * math.exp(-1)))
 
 
-def _hand_zoo() -> tuple[ModelZooPlugin, list[nn.Module], torch.Tensor]:
+def _hand_zoo() -> tuple[ModelZooPlugin, list[nn.Module], Stream]:
     """Tasks {0,1}, {2,3}, {4,5}, {6,7}, {8,9} (the last is new); one member trained on tasks 0-3 that is right
-    on tasks 0-2 and swaps the two classes of task 3. The memory holds inputs e_c for class c."""
+    on tasks 0-2 and swaps the two classes of task 3. The memory holds the keys of inputs e_c for class c."""
     plugin = _zoo(memory_size=40, tasks_per_model=2)
     plugin.task_keys, plugin.task_ids = list(range(5)), list(range(5))
     plugin.task_classes = [[2 * k, 2 * k + 1] for k in range(5)]
@@ -117,22 +121,28 @@ def _hand_zoo() -> tuple[ModelZooPlugin, list[nn.Module], torch.Tensor]:
     plugin.frozen = [member.state_dict()]
     y = torch.arange(8).repeat(5)
     x = F.one_hot(y, 10).float()
+    stream = Stream("hand", [Experience.from_tensors(0, 0, range(8), x, y, x, y)], 10, (10,), list(range(10)),
+                    "task_incremental")
     plugin.memory = ClassBalancedMemory(40)
-    plugin.memory.update(x, y, y // 2, torch.Generator().manual_seed(0))
-    return plugin, [member], x
+    plugin.memory.update(stream.keys(stream[0].train), y, y // 2, torch.Generator().manual_seed(0))
+    return plugin, [member], stream
 
 
 class _FakeLearner:
-    def __init__(self, model: nn.Module, seed: int) -> None:
+    def __init__(self, model: nn.Module, seed: int, stream: Stream) -> None:
         self.model = model
         self.generator = torch.Generator().manual_seed(seed)
+        self.stream = stream
+
+    def fetch(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.stream.fetch(keys)
 
 
 def test_boosting_picks_the_past_task_with_the_highest_zoo_loss(one_thread) -> None:
-    plugin, modules, _ = _hand_zoo()
-    losses = [plugin.zoo_loss(modules, k) for k in range(4)]
+    plugin, modules, stream = _hand_zoo()
+    learner = _FakeLearner(nn.Linear(10, 10, bias=False), seed=0, stream=stream)
+    losses = [plugin.zoo_loss(learner, modules, k) for k in range(4)]
     assert max(losses[:3]) < 1e-3 and losses[3] > 9  # the swapped task is the one the zoo gets wrong
-    learner = _FakeLearner(nn.Linear(10, 10, bias=False), seed=0)
     picks = [plugin.select_past_tasks(learner, 4) for _ in range(400)]
     assert all(ls == pytest.approx(losses) for _, ls in picks)
     chosen = [past for past, _ in picks]
@@ -140,7 +150,7 @@ def test_boosting_picks_the_past_task_with_the_highest_zoo_loss(one_thread) -> N
     share = sum(c == [3] for c in chosen) / len(chosen)
     expected = float(boosting_probabilities(torch.tensor(losses))[3])  # ~0.95
     assert expected > 0.9 and abs(share - expected) < 0.04
-    again = _FakeLearner(nn.Linear(10, 10, bias=False), seed=0)  # the draws come from learner.generator
+    again = _FakeLearner(nn.Linear(10, 10, bias=False), seed=0, stream=stream)  # draws: learner.generator
     assert [plugin.select_past_tasks(again, 4)[0] for _ in range(20)] == chosen[:20]
 
 

@@ -156,3 +156,33 @@ def test_fsa_film_needs_normalisation_layers(tmp_path) -> None:
               "model": {"name": "mlp"}, "strategy": {"name": "fsa", "adapt": "film"}, "out": str(tmp_path)}
     with pytest.raises(ConfigError, match="strategy.adapt: film modulates normalisation layers"):
         cltoolbox.run(config, quiet=True)
+
+
+def test_stream_features_walk_keys_in_batches_and_key_the_frozen_cache() -> None:
+    """A whole experience goes through the extractor ``eval_batch_size`` samples at a time, fetched by key:
+    the same features as the in-memory pass, and a frozen backbone caches them by key (a second pass hits)."""
+    pytest.importorskip("timm")
+    from toys import textured_task_stream
+
+    from cltoolbox.loop import Learner, TrainConfig
+    from cltoolbox.registry import MODELS
+    from cltoolbox.strategies.pretrained import extract_features, stream_features
+
+    stream = textured_task_stream(2)
+    torch.manual_seed(0)
+    model = MODELS.get("vit").factory(stream.input_shape, stream.n_classes, patch_size=4, embed_dim=16, depth=1,
+                                      num_heads=2, frozen=True)
+    learner = Learner(model, [], TrainConfig(eval_batch_size=64, device="cpu"))
+    learner.begin(stream)
+    exp = stream[1]
+    keys = stream.keys(exp.train)
+    feats = stream_features(learner, keys)
+    assert feats.shape == (exp.n_train, 16) and model.training  # the mode is restored
+    model.cache.clear()
+    assert torch.equal(feats, extract_features(model, exp.x_train, 64))
+    model.cache.clear()
+    stream_features(learner, keys)
+    assert len(model.cache) == exp.n_train and model.cache.misses == exp.n_train
+    assert torch.equal(stream_features(learner, keys), feats) and model.cache.hits == exp.n_train
+    extract_features(model, exp.x_train, 64)  # no keys: looked up by content, which the keyed rows are not
+    assert model.cache.misses == 2 * exp.n_train

@@ -39,8 +39,12 @@ def test_loss_is_pairwise_weighted_and_relation_net_learns_bilevel() -> None:
     learner.model.zero_grad(set_to_none=True)
     net_before = [p.detach().clone() for p in plugin.net.parameters()]
     model_before = [p.detach().clone() for p in learner.model.parameters()]
-    batch = plugin.transform_batch(learner, Batch(exp.x_train[:8], exp.y_train[:8], torch.ones(8, dtype=torch.long)))
+    key = stream.keys(exp.train)[:8]
+    new = Batch(exp.x_train[:8], exp.y_train[:8], torch.ones(8, dtype=torch.long), key)
+    batch = plugin.transform_batch(learner, new)
     assert len(batch) == 16  # 8 new + 8 replayed, paired by position
+    # the replayed half is fetched from the memory's keys
+    assert torch.equal(batch.key[:8], key) and torch.equal(batch.x[8:], learner.fetch(batch.key[8:]))
     logits = learner.forward(batch.x, batch.t)
     total = plugin.criterion(learner, batch, logits)
     # one bi-level step moved the relation net, and only it
