@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import cltoolbox
 from cltoolbox.augment import make_augment
 from cltoolbox.config import validate
 from cltoolbox.data import load_dataset
+from cltoolbox.data.source import TensorSource
 from cltoolbox.errors import ConfigError
 from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.models.mlp import mlp
@@ -29,7 +29,8 @@ def _windows(padded: torch.Tensor, h: int, w: int) -> list[torch.Tensor]:
 def test_each_sample_is_a_window_of_its_black_padded_image_maybe_flipped() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, 5, 7, generator=gen)
-    aug = make_augment(2, True, [x[:20], x[20:]])
+    y = torch.zeros(20, dtype=torch.long)
+    aug = make_augment(2, True, [TensorSource(x[:20], y, "a"), TensorSource(x[20:], y, "b")])
     assert torch.equal(aug.fill, x.transpose(0, 1).reshape(3, -1).amin(1))  # each channel's black
     out = aug(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape
@@ -47,12 +48,13 @@ def test_each_sample_is_a_window_of_its_black_padded_image_maybe_flipped() -> No
 
 def test_flip_alone_keeps_every_pixel_and_the_same_seed_repeats() -> None:
     x = torch.randn(64, 1, 4, 4)
-    aug = make_augment(0, True, [x])
+    source = TensorSource(x, torch.zeros(64, dtype=torch.long), "x")
+    aug = make_augment(0, True, [source])
     a, b = aug(x, torch.Generator().manual_seed(3)), aug(x, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     same = [(torch.equal(a[i], x[i]), torch.equal(a[i], x[i].flip(-1))) for i in range(64)]
     assert all(s or f for s, f in same) and 0 < sum(f for _, f in same) < 64
-    assert make_augment(0, False, [x]) is None  # both off: no augmentation at all
+    assert make_augment(0, False, [source]) is None  # both off: no augmentation at all
 
 
 BASE = {
@@ -111,9 +113,9 @@ def test_the_model_trains_on_augmented_inputs_while_batches_and_memories_stay_da
     learner.fit(stream)
     steps = learner.step
     assert probe.augmented == steps and probe.from_data == steps
-    memory = der[0].memory  # rows: the flattened input, then its logits
-    stored = memory.x[: memory.size, : math.prod(stream.input_shape)]
-    assert memory.size == 60 and all(tuple(r.tolist()) in probe.rows for r in stored)
+    memory = der[0].memory  # keys of the stream samples, whose inputs are the data, never their augmentations
+    stored = stream.fetch(memory.key[: memory.size])
+    assert memory.size == 60 and all(tuple(r.tolist()) in probe.rows for r in stored.flatten(1))
 
 
 def test_runs_with_augmentation_are_reproducible_and_differ_from_plain_ones(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def test_evaluation_pass_matches_the_per_experience_reference(scenario: str, par
         load_dataset("digits"), 0, **params)
     if scenario == "empty_test":
         e = stream.experiences[3]
-        stream.experiences[3] = dataclasses.replace(e, x_test=e.x_test[:0], y_test=e.y_test[:0])
+        stream.experiences[3] = dataclasses.replace(e, test=e.test.subset(torch.zeros(0, dtype=torch.long)))
     torch.manual_seed(0)
     model = MODELS.get("mlp").factory(stream.input_shape, stream.n_classes, hidden=[16])
     learner = Learner(model, [], TrainConfig(epochs=1, batch_size=16, eval_batch_size=50, device="cpu"))

@@ -67,6 +67,20 @@ def test_backbone_is_unchanged_and_only_prompts_and_head_train(trained, name: st
     assert learner.plugins[0].cost()["prompt_params"] > 0
 
 
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt"])
+def test_selection_accuracy_report_walks_the_test_sets_by_key(name: str) -> None:
+    """``report``'s selection_acc, computed over each test set in eval batches fetched by key, counts what
+    ``selected_task`` picks on the whole test tensors."""
+    learner, stream = setup(name, 1, 2)
+    learner.config.eval_batch_size = 50  # several batches per test set
+    learner.fit(stream)
+    plugin = learner.plugins[0]
+    learner.model.eval()
+    right = sum(int((plugin.selected_task(learner, e.x_test) == e.index).sum()) for e in stream)
+    learner.model.train()
+    assert plugin.report(learner, stream) == {"selection_acc": right / sum(e.n_test for e in stream)}
+
+
 @pytest.mark.slow
 def test_dualprompt_beats_naive_finetuning_in_class_il(trained) -> None:
     dual = class_il_acc(*trained["dualprompt"][:2])
