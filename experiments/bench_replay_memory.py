@@ -7,14 +7,15 @@ large, small, ... per repeat, so a busy shared machine slows both alike), the me
   training batch of ``Learner.train_data`` (the toolbox's real epoch loop: transform_batch -> forward ->
   loss terms -> backward -> optimizer step -> after_step) on a stream batch of 10 plus a memory batch of 10,
   with the same model (the built-in ``mlp``, 2x400 by default, ``--hidden``; MNIST shape 1x28x28, 10
-  classes, same initial weights) for both sizes. Before timing, each memory is filled directly through its
-  own ``add`` (``add_with_logits`` for DER) with ``--seen-factor`` x capacity synthetic samples (random
-  N(0,1) images, random labels), so it is full and every later stream sample replaces a stored one with the
-  same probability (capacity / seen) for both sizes;
+  classes, same initial weights) for both sizes. The samples are a pool of the largest size's number of
+  synthetic images (random N(0,1), random labels) held as one in-memory stream; memories store their keys
+  and replay fetches them, as in a real run. Before timing, each memory is filled directly through its own
+  ``add`` (``add_with_logits`` for DER) with ``--seen-factor`` x capacity keys of the pool, so it is full and
+  every later stream sample replaces a stored one with the same probability (capacity / seen) for both sizes;
 * the same plugins' memory operations alone (``transform_batch`` + ``after_step`` on a fixed batch, no
   model): where a size dependence would come from;
 * ``gdumb`` (``GreedyClassBalancedMemory``): the time per training batch of ``Learner.train_data`` over
-  the memory's own tensors (what GDumb trains on), and the sampler's cost per offered sample when one
+  the memory's own keys (what GDumb trains on), and the sampler's cost per offered sample when one
   experience (``--gdumb-chunk`` samples) is offered to a full memory (a per-experience cost, not per batch).
 
 Each line ends with ``ratio 50000/500: X.XXx`` (wall time, large / small; the target for ER is within 1.2x)
@@ -36,17 +37,20 @@ import cltoolbox  # noqa: F401  (imports the built-in strategies, models and dat
 from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.plugin import Batch, Plugin
 from cltoolbox.registry import MODELS, STRATEGIES
+from cltoolbox.stream import Experience, Stream
 
 SHAPE = (1, 28, 28)
 N_CLASSES = 10
 
 
-def make_learner(plugin: Plugin, args: argparse.Namespace) -> Learner:
+def make_learner(plugin: Plugin, pool: Stream, args: argparse.Namespace) -> Learner:
     torch.manual_seed(args.seed)  # the same initial weights for every memory size
     model = MODELS.get("mlp").factory(SHAPE, N_CLASSES, hidden=list(args.hidden))
     # lr 0.01: random labels on random images must not diverge over thousands of steps
     cfg = TrainConfig(batch_size=args.batch_size, lr=0.01, device="cpu")
-    return Learner(model, [plugin], cfg, seed=args.seed)
+    learner = Learner(model, [plugin], cfg, seed=args.seed)
+    learner.begin(pool)  # replayed keys are fetched from the pool; memories learn its sample size
+    return learner
 
 
 class Clock:
@@ -59,21 +63,31 @@ class Clock:
         return (time.perf_counter() - self.wall) / n, (time.process_time() - self.cpu) / n
 
 
-def synthetic(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def synthetic_pool(n: int, g: torch.Generator) -> Stream:
+    """One in-memory experience of ``n`` random images with random labels: what the memories' keys point to."""
     x = torch.randn((n, *SHAPE), generator=g)
     y = torch.randint(N_CLASSES, (n,), generator=g)
-    return x, y, torch.zeros_like(y)
+    exp = Experience.from_tensors(0, 0, range(N_CLASSES), x, y, x[:1], y[:1])
+    return Stream("pool", [exp], N_CLASSES, SHAPE, list(range(N_CLASSES)), "class_incremental")
 
 
-def fill(plugin: Plugin, kind: str, n: int, g: torch.Generator, chunk: int = 10_000) -> None:
-    """Offer ``n`` synthetic samples to the plugin's memory through its own add method."""
+def pool_samples(pool: Stream, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, y, t) of ``n`` pool samples from position ``start`` on, wrapping around the pool."""
+    exp = pool[0]
+    rows = torch.arange(start, start + n) % exp.n_train
+    y = exp.y_train[rows]
+    return pool.keys(exp.train)[rows], y, torch.zeros_like(y)
+
+
+def fill(plugin: Plugin, kind: str, pool: Stream, n: int, g: torch.Generator, chunk: int = 10_000) -> None:
+    """Offer ``n`` pool samples to the plugin's memory through its own add method."""
     mem = plugin.memory
     for s in range(0, n, chunk):
-        x, y, t = synthetic(min(chunk, n - s), g)
+        key, y, t = pool_samples(pool, s, min(chunk, n - s))
         if kind == "der":
-            mem.add_with_logits(x, y, t, torch.randn((y.shape[0], N_CLASSES), generator=g), g)
+            mem.add_with_logits(key, y, t, torch.randn((y.shape[0], N_CLASSES), generator=g), g)
         else:
-            mem.add(x, y, t, g)
+            mem.add(key, y, t, g)
 
 
 def build(name: str, capacity: int) -> tuple[Plugin, str]:
@@ -105,14 +119,15 @@ def report(label: str, unit: str, med: dict[int, Timing], scale: float) -> None:
 
 def bench_replay(name: str, sizes: list[int], args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(args.seed)
-    stream = synthetic(args.batches * args.batch_size, g)
+    pool = synthetic_pool(max(sizes), g)
+    stream = pool_samples(pool, 0, args.batches * args.batch_size)
     learners, plugins = {}, {}
     for cap in sizes:
         plugin, kind = build(name, cap)
-        fill(plugin, kind, args.seen_factor * cap, g)
+        learners[cap] = make_learner(plugin, pool, args)
+        fill(plugin, kind, pool, args.seen_factor * cap, g)
         assert plugin.memory.size == cap, "the memory must be full before timing"
         plugins[cap] = plugin
-        learners[cap] = make_learner(plugin, args)
     for lrn in learners.values():  # warm-up: allocator, autograd, first-call paths
         lrn.train_data(*stream, epochs=1)
 
@@ -127,7 +142,8 @@ def bench_replay(name: str, sizes: list[int], args: argparse.Namespace) -> None:
            interleaved({c: train_fn(c) for c in sizes}, args.repeats), 1e3)
 
     # memory operations alone: the two hooks that touch the memory, on one fixed stream batch
-    x, y, t = synthetic(args.batch_size, g)
+    key, y, t = pool_samples(pool, 0, args.batch_size)
+    x = pool.fetch(key)
     logits = torch.randn((args.batch_size, N_CLASSES), generator=g)
 
     def ops_fn(cap: int) -> Callable[[], Timing]:
@@ -137,7 +153,7 @@ def bench_replay(name: str, sizes: list[int], args: argparse.Namespace) -> None:
             n = 200
             clock = Clock()
             for _ in range(n):
-                b = Batch(x, y, t)
+                b = Batch(x, y, t, key)
                 if name == "er":
                     b = p.transform_batch(lrn, b)
                 else:  # DER samples in its loss hook; the stored logits come from that batch's forward
@@ -156,14 +172,14 @@ def bench_gdumb(sizes: list[int], args: argparse.Namespace) -> None:
     from cltoolbox.strategies.gdumb import GreedyClassBalancedMemory
 
     g = torch.Generator().manual_seed(args.seed)
+    pool = synthetic_pool(max(max(sizes), args.gdumb_chunk), g)
     mems, learners = {}, {}
     for cap in sizes:
         mem = GreedyClassBalancedMemory(cap)
-        fill_x, fill_y, fill_t = synthetic(cap, g)
-        mem.add(fill_x, fill_y, fill_t, g)
+        mem.add(*pool_samples(pool, 0, cap), g)
         mems[cap] = mem
         (plugin,) = STRATEGIES.get("gdumb").factory(memory_size=cap)
-        learners[cap] = make_learner(plugin, args)
+        learners[cap] = make_learner(plugin, pool, args)
     biggest = max(sizes)
 
     def train_fn(cap: int) -> Callable[[], Timing]:
@@ -181,7 +197,7 @@ def bench_gdumb(sizes: list[int], args: argparse.Namespace) -> None:
     report(f"gdumb train step on memory (bs {args.batch_size})", "ms/batch",
            interleaved({c: train_fn(c) for c in sizes}, max(3, args.repeats // 2)), 1e3)
 
-    offer = synthetic(args.gdumb_chunk, g)
+    offer = pool_samples(pool, 0, args.gdumb_chunk)
 
     def add_fn(cap: int) -> Callable[[], Timing]:
         def f() -> Timing:

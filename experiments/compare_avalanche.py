@@ -729,7 +729,7 @@ def _compare(strategies: list[str], seeds: list[int], streams: list[str], si_pat
                     if name in ("gdumb", "er"):
                         st = ours.extra["plugin_state"]
                         diag["memory"].append({"stream": stream_key, "seed": seed, "strategy": name,
-                                               "ours": origin_counts(st["x"][: st["size"]], stream),
+                                               "ours": origin_counts(stream.fetch(st["key"][: st["size"]]), stream),
                                                "theirs": origin_counts(avalanche_memory_x(theirs.extra["strategy"]),
                                                                        stream)})
                     if theirs.extra.get("diverged"):

@@ -21,7 +21,7 @@ import torch
 
 import cltoolbox
 from cltoolbox.data import load_dataset
-from cltoolbox.data.base import TensorData
+from cltoolbox.data.base import Dataset
 from cltoolbox.models.pretrained import efficientnet_lite0
 from cltoolbox.registry import register_dataset
 from cltoolbox.strategies.pretrained import extract_features
@@ -35,14 +35,14 @@ STRATEGIES = [
 THRESHOLDS = {"simplecil": 0.70, "fsa": 0.90, "fetril": 0.80}
 
 
-def embed(resize: int) -> TensorData:
+def embed(resize: int) -> Dataset:
     data = load_dataset("mnist5k")
     torch.manual_seed(0)
     model = efficientnet_lite0(data.input_shape, data.n_classes, pretrained=True, frozen=True, resize=resize)
     start = time.perf_counter()
-    ftr, fte = (extract_features(model, x, 250) for x in (data.x_train, data.x_test))
+    ftr, fte = (extract_features(model, x, 250) for x in (data.x_train, data.x_test))  # 5,000 small images
     print(f"embedded {len(ftr) + len(fte)} images at {resize}x{resize} in {time.perf_counter() - start:.1f} s")
-    return TensorData("mnist5k_lite0", ftr, data.y_train, fte, data.y_test, data.n_classes)
+    return Dataset.from_tensors("mnist5k_lite0", ftr, data.y_train, fte, data.y_test, data.n_classes)
 
 
 def main() -> None:
