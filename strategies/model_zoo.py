@@ -70,7 +70,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import sample_keys
@@ -83,6 +82,8 @@ from cltoolbox.strategies.memory import ClassBalancedMemory
 def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
     """FLOPs of one eval-mode forward of ``x`` (torch's FlopCounterMode: matmuls and convolutions); the model
     is left in training mode, no dropout is drawn and no normalisation statistics change."""
+    from torch.utils.flop_counter import FlopCounterMode  # lazy: importing it pulls in triton (+80 MB RSS)
+
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)

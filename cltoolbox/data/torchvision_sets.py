@@ -95,8 +95,7 @@ def load_torchvision(name: str, root: str | None, download: bool = False) -> Dat
         x_tr, x_te = x_tr.unsqueeze(1), x_te.unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
         n_classes = 10
     elif name in _CIFAR:
-        (x_tr, y_tr), (x_te, y_te) = _load_cifar(name, root, download)
-        x_tr, x_te = x_tr.permute(0, 3, 1, 2), x_te.permute(0, 3, 1, 2)  # stored HWC -> CHW
+        (x_tr, y_tr), (x_te, y_te) = _load_cifar(name, root, download)  # already NCHW
         n_classes = 10 if name == "cifar10" else 100
     else:
         (x_tr, y_tr), (x_te, y_te) = _load_svhn(root, download)  # already NCHW
@@ -104,9 +103,7 @@ def load_torchvision(name: str, root: str | None, download: bool = False) -> Dat
 
     mean, std = _STATS[name]
     # stored as uint8 (a quarter of float32's memory); scaled and normalised per fetched batch on the device
-    contiguous = lambda x: x.contiguous(memory_format=torch.contiguous_format)  # noqa: E731 (CIFAR is permuted)
-    return Dataset.from_tensors(name, contiguous(x_tr), y_tr.to(torch.int64), contiguous(x_te),
-                                y_te.to(torch.int64), n_classes, mean, std)
+    return Dataset.from_tensors(name, x_tr, y_tr.to(torch.int64), x_te, y_te.to(torch.int64), n_classes, mean, std)
 
 
 def _missing(name: str, root: str, example: str) -> DataMissingError:
@@ -183,7 +180,8 @@ def _load_cifar(name: str, root: str, download: bool):
 
 def _read_cifar_batches(name: str, root: str, base: str, files: list[str], label_key: str):
     """Read CIFAR python pickles exactly as torchvision does: dict with 'data' (N, 3072) uint8 rows
-    in CHW order and a label list; returns (N, 32, 32, 3) HWC like torchvision's ``.data``."""
+    in CHW order and a label list; returns them as one (N, 3, 32, 32) tensor, read in place (torchvision's
+    ``.data`` is HWC; its ToTensor turns each image back to CHW, so the values per pixel are the same)."""
     data, labels = [], []
     for fname in files:
         path = os.path.join(base, fname)
@@ -198,8 +196,7 @@ def _read_cifar_batches(name: str, root: str, base: str, files: list[str], label
             raise _unreadable(name, root, path, err) from err
         data.append(rows)
         labels.extend(file_labels)
-    x = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
-    return torch.from_numpy(x), torch.as_tensor(labels, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate(data)), torch.as_tensor(labels, dtype=torch.int64)
 
 
 def _latin1_bytes(text: str, encoding: str) -> bytes:
