@@ -27,6 +27,15 @@ a term whose inputs are NaN is dropped, and a metric with no defined term is NaN
 (no warnings). Metrics that need a second experience (``bwt``, ``fwt``,
 ``forgetting``, ``forgetting_last``) are NaN when ``T == 1``.
 
+Sample weighting
+----------------
+``aia`` and ``acc_weighted`` weigh experiences by their test-set sizes (``n_samples``): they are accuracies
+over all test samples seen so far, as Rebuffi et al. define the average incremental accuracy. ``acc``,
+``aia_unweighted``, ``bwt``, ``fwt``, ``forgetting``, ``forgetting_last`` and ``intransigence`` average
+per-experience values, each experience counting once, as the GEM and RWalk papers define them (their sums
+run over tasks). They differ on streams whose experiences have unequal test sets (a base session then small
+increments, few-shot streams).
+
 Sources
 -------
 * Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning"
@@ -45,6 +54,7 @@ __all__ = [
     "acc",
     "acc_weighted",
     "aia",
+    "aia_unweighted",
     "bwt",
     "forgetting",
     "forgetting_last",
@@ -126,9 +136,34 @@ def seen_mask(first_seen, n_rows: int) -> np.ndarray:
     return (fs > 0)[None, :] & (fs[None, :] <= np.arange(n_rows)[:, None])
 
 
-def aia(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
-    """Average incremental accuracy (iCaRL): mean_{i=1..T} of the mean of row i over the experiences
-    trained by then (columns with first_seen <= i); the init row is not used."""
+def aia(R: np.ndarray, n_samples: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """Average incremental accuracy (Rebuffi et al. 2017, iCaRL, Sec. 4.1): after each training step i = 1..T,
+    the accuracy on *all test samples* of the experiences trained by then (columns with first_seen <= i), then
+    the mean over steps. Sample-weighted: step i's accuracy is sum_j n_j R[i, j] / sum_j n_j over the seen
+    columns, ``n_samples`` holding each column's test-set size. The init row is not used.
+
+    With equal test-set sizes this equals :func:`aia_unweighted`; on base-session or few-shot streams (a large
+    first experience, then small ones) the two differ, and only this one is the paper's number. NaN entries
+    are dropped together with their weights; a step with no defined seen entry is skipped.
+    """
+    R, T, fs = _check(R, first_seen)
+    w = _check_vec(n_samples, R.shape[1], "n_samples")
+    if np.any(w < 0) or np.any(np.isnan(w)):
+        raise ValueError("n_samples must be non-negative numbers")
+    seen = seen_mask(fs, T + 1)
+    steps = []
+    for i in range(1, T + 1):
+        ok = seen[i] & ~np.isnan(R[i])
+        total = w[ok].sum()
+        steps.append(float((w[ok] * R[i, ok]).sum() / total) if total > 0 else np.nan)
+    return _mean(steps)
+
+
+def aia_unweighted(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
+    """Unweighted average incremental accuracy: mean_{i=1..T} of the plain mean of row i over the experiences
+    trained by then. Every experience counts the same whatever its test-set size; it equals :func:`aia`
+    only when the seen experiences' test sets have equal sizes. Not Rebuffi et al.'s definition (see
+    :func:`aia`); kept for comparison with tools that average per-experience accuracies."""
     R, T, fs = _check(R, first_seen)
     seen = seen_mask(fs, T + 1)
     return _mean([_mean(R[i, seen[i]]) for i in range(1, T + 1)])
@@ -151,9 +186,20 @@ def fwt(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
 
 
 def forgetting(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
-    """Average forgetting (RWalk): mean over experiences j learned before the last row of
-    f_j = max_{l in [j, T-1]} R[l, j] - R[T, j]. NaN rows in the max are skipped; NaN when T == 1.
-    Equals the mean of the defined entries of ``forgetting_matrix(R)[T]``."""
+    """Average forgetting (Chaudhry et al. 2018, RWalk, Sec. 4 "Forgetting measure"): mean over experiences j
+    learned before the last row of f_j = max_{l in [j, T-1]} R[l, j] - R[T, j]. NaN rows in the max are
+    skipped; NaN when T == 1. Equals the mean of the defined entries of ``forgetting_matrix(R)[T]``.
+
+    Range of l: the rows from the one where j was (first) trained, l = j, to the one before the last, T-1.
+    Rows before j was trained (l < j, and the init row) never enter the max. RWalk writes the index set as
+    l in {1, ..., k-1} for j < k, and defines forgetting of a task as the gap between the most knowledge
+    gained about it during past learning and the knowledge the model has now; we read "knowledge gained" as
+    rows at which j had been learned (l >= j). On class-IL streams the earlier rows are near 0
+    (the classes have not been trained) and the two readings agree; on domain-IL streams (permuted, rotated,
+    domain_incremental) the model classifies experience j before training on it, often well (R[0, j] and
+    R[l < j, j] far above chance), and counting those rows would call lost zero-shot accuracy forgetting.
+    f_j may be negative (backward transfer beyond every earlier row). Unweighted: every experience counts the
+    same whatever its test-set size, as in the paper."""
     R, T, _ = _check(R, first_seen)
     return _mean(forgetting_matrix(R, first_seen)[T])
 
@@ -212,15 +258,16 @@ def summary(
 ) -> dict[str, float]:
     """All scalar metrics as plain floats (NaN allowed).
 
-    Keys: acc, acc_weighted (only if ``n_samples`` given), aia, bwt, fwt, forgetting,
-    forgetting_last, intransigence (only if ``joint_acc`` given).
+    Keys: acc, acc_weighted and aia (the sample-weighted ones, only if ``n_samples`` is given),
+    aia_unweighted, bwt, fwt, forgetting, forgetting_last, intransigence (only if ``joint_acc`` is given).
     """
     _check(R, first_seen)
     out = {"acc": acc(R, first_seen)}
     if n_samples is not None:
         out["acc_weighted"] = acc_weighted(R, n_samples, first_seen)
+        out["aia"] = aia(R, n_samples, first_seen)
     out.update(
-        aia=aia(R, first_seen),
+        aia_unweighted=aia_unweighted(R, first_seen),
         bwt=bwt(R, first_seen),
         fwt=fwt(R, first_seen),
         forgetting=forgetting(R, first_seen),

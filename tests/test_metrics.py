@@ -45,8 +45,14 @@ def test_acc_weighted():
 
 
 def test_aia():
+    # sample-weighted (N3 = 100, 200, 100): row1: 0.8; row2: (90 + 140) / 300; row3: 230 / 400 = 0.575
+    assert M.aia(R3, N3) == pytest.approx((0.8 + 230 / 300 + 0.575) / 3)
+    assert M.aia(R3, [7, 7, 7]) == pytest.approx(M.aia_unweighted(R3))  # equal sizes: the plain mean
+
+
+def test_aia_unweighted():
     # row1: 0.8; row2: (0.9 + 0.7)/2 = 0.8; row3: 1.9/3  ->  (0.8 + 0.8 + 19/30) / 3 = 67/90
-    assert M.aia(R3) == pytest.approx(67 / 90)
+    assert M.aia_unweighted(R3) == pytest.approx(67 / 90)
 
 
 def test_bwt():
@@ -108,6 +114,7 @@ def test_summary():
         "acc",
         "acc_weighted",
         "aia",
+        "aia_unweighted",
         "bwt",
         "fwt",
         "forgetting",
@@ -117,14 +124,16 @@ def test_summary():
     assert all(type(v) is float for v in s.values())
     assert s["acc"] == pytest.approx(1.9 / 3)
     assert s["acc_weighted"] == pytest.approx(0.575)
-    assert s["aia"] == pytest.approx(67 / 90)
+    assert s["aia"] == pytest.approx((0.8 + 230 / 300 + 0.575) / 3)
+    assert s["aia_unweighted"] == pytest.approx(67 / 90)
     assert s["bwt"] == pytest.approx(-0.25)
     assert s["fwt"] == pytest.approx(0.15)
     assert s["forgetting"] == pytest.approx(0.3)
     assert s["forgetting_last"] == pytest.approx(0.25)
     assert s["intransigence"] == pytest.approx(0.05)
     # optional keys are absent without their inputs
-    assert set(M.summary(R3)) == {"acc", "aia", "bwt", "fwt", "forgetting", "forgetting_last"}
+    # without test-set sizes there is no sample-weighted metric (never the unweighted one under its name)
+    assert set(M.summary(R3)) == {"acc", "aia_unweighted", "bwt", "fwt", "forgetting", "forgetting_last"}
 
 
 def test_accepts_lists():
@@ -139,7 +148,8 @@ R1 = np.array([[0.1], [0.7]])  # init 0.1, after the only experience 0.7
 def test_single_experience():
     assert M.acc(R1) == pytest.approx(0.7)
     assert M.acc_weighted(R1, [10]) == pytest.approx(0.7)
-    assert M.aia(R1) == pytest.approx(0.7)
+    assert M.aia(R1, [10]) == pytest.approx(0.7)
+    assert M.aia_unweighted(R1) == pytest.approx(0.7)
     for f in (M.bwt, M.fwt, M.forgetting, M.forgetting_last):
         assert math.isnan(f(R1))
     # 0.8 - 0.7
@@ -160,8 +170,9 @@ def test_nan_final_entry_is_dropped():
     # acc: (0.6 + 0.9) / 2 = 0.75; weighted: (60 + 90) / 200 = 0.75
     assert M.acc(R) == pytest.approx(0.75)
     assert M.acc_weighted(R, N3) == pytest.approx(0.75)
-    # aia: (0.8 + 0.8 + 0.75) / 3 = 2.35 / 3
-    assert M.aia(R) == pytest.approx(2.35 / 3)
+    # aia_unweighted: (0.8 + 0.8 + 0.75) / 3 = 2.35 / 3; aia: row 3 = (60 + 90) / 200, its weight dropped too
+    assert M.aia_unweighted(R) == pytest.approx(2.35 / 3)
+    assert M.aia(R, N3) == pytest.approx((0.8 + 230 / 300 + 0.75) / 3)
     # only j=1 remains: bwt = -0.2, forgetting_last = 0.2, forgetting = 0.9 - 0.6 = 0.3
     assert M.bwt(R) == pytest.approx(-0.2)
     assert M.forgetting_last(R) == pytest.approx(0.2)
@@ -195,9 +206,10 @@ def test_nan_init_row():
 
 def test_all_nan_is_nan_without_warning():
     R = np.full((4, 3), NAN)
-    for f in (M.acc, M.aia, M.bwt, M.fwt, M.forgetting, M.forgetting_last):
+    for f in (M.acc, M.aia_unweighted, M.bwt, M.fwt, M.forgetting, M.forgetting_last):
         assert math.isnan(f(R))
     assert math.isnan(M.acc_weighted(R, N3))
+    assert math.isnan(M.aia(R, N3))
     assert math.isnan(M.intransigence(R, JOINT3))
 
 
@@ -271,7 +283,8 @@ def test_recurring_stream_with_first_seen():
     ])
     fs = [1, 2]
     assert M.acc(R, fs) == pytest.approx(0.775)
-    assert M.aia(R, fs) == pytest.approx((0.9 + 0.65 + 0.775) / 3)
+    assert M.aia_unweighted(R, fs) == pytest.approx((0.9 + 0.65 + 0.775) / 3)
+    assert M.aia(R, [300, 100], fs) == pytest.approx((0.9 + (150 + 80) / 400 + (285 + 60) / 400) / 3)
     assert M.bwt(R, fs) == pytest.approx(((0.95 - 0.9) + (0.6 - 0.8)) / 2)
     assert M.fwt(R, fs) == pytest.approx(0.3 - 0.2)  # only B has a row before its first training
     assert M.forgetting(R, fs) == pytest.approx(((0.9 - 0.95) + (0.8 - 0.6)) / 2)
@@ -288,8 +301,9 @@ def test_first_seen_default_is_the_standard_definition():
     rng = np.random.default_rng(0)
     R = rng.uniform(size=(5, 4))
     fs = [1, 2, 3, 4]
-    for name in ("acc", "aia", "bwt", "fwt", "forgetting", "forgetting_last"):
+    for name in ("acc", "aia_unweighted", "bwt", "fwt", "forgetting", "forgetting_last"):
         assert getattr(M, name)(R, fs) == pytest.approx(getattr(M, name)(R))
+    assert M.aia(R, [1, 2, 3, 4], fs) == pytest.approx(M.aia(R, [1, 2, 3, 4]))
     np.testing.assert_allclose(M.forgetting_matrix(R, fs), M.forgetting_matrix(R))
 
 
@@ -301,3 +315,79 @@ def test_never_trained_task_counts_as_future_everywhere():
     np.testing.assert_allclose(M.transfer_matrix(R, fs)[:, 1], [0.0, 0.05, 0.1])
     with pytest.raises(ValueError, match="first_seen"):
         M.acc(R, [1, 3])
+
+
+# --- a hand-made stream with unequal experience sizes: every metric against its source ---------------
+# 6 base classes, then one class per step (T = 5); 100 test samples per class, so the experiences' test sets
+# hold 600, 100, 100, 100, 100 samples. CORRECT[i][c]: correct test samples of class c after step i (row 0:
+# the untrained model; classes not trained yet are never predicted in class-IL).
+SIZES = [600, 100, 100, 100, 100]
+CLASSES = [[0, 1, 2, 3, 4, 5], [6], [7], [8], [9]]
+CORRECT = np.array([
+    [10, 9, 11, 8, 10, 12, 0, 0, 0, 0],
+    [95, 92, 90, 97, 93, 91, 0, 0, 0, 0],
+    [80, 75, 82, 70, 78, 74, 88, 0, 0, 0],
+    [71, 66, 75, 60, 70, 65, 52, 90, 0, 0],
+    [65, 60, 70, 55, 62, 60, 40, 55, 93, 0],
+    [60, 52, 66, 50, 58, 55, 35, 45, 60, 96],
+])
+JOINT_UNEQUAL = np.array([0.97, 0.9, 0.93, 0.95, 0.96])
+
+
+def _unequal_matrix() -> np.ndarray:
+    return np.array([[CORRECT[i, cs].sum() / (100 * len(cs)) for cs in CLASSES] for i in range(6)])
+
+
+def test_every_metric_matches_its_source_on_a_stream_with_unequal_experiences():
+    R, T, n = _unequal_matrix(), 5, np.array(SIZES)
+    a = lambda i, j: R[i, j - 1]  # noqa: E731  (the papers' 1-based a_{i,j}; row 0 = b)
+    # Rebuffi et al. 2017: after each step, accuracy on all test samples of the classes seen so far
+    per_step = [CORRECT[i, :sum(len(c) for c in CLASSES[:i])].sum() / (100 * sum(len(c) for c in CLASSES[:i]))
+                for i in range(1, T + 1)]
+    assert M.aia(R, n) == pytest.approx(np.mean(per_step))
+    # e.g. step 2: (80 + 75 + 82 + 70 + 78 + 74 + 88) / 700 = 0.781, where the per-experience mean is
+    # (479 / 600 + 0.88) / 2 = 0.839
+    assert per_step[1] == pytest.approx(547 / 700)
+    assert M.aia(R, n) == pytest.approx(0.71938, abs=1e-5)
+    assert M.aia_unweighted(R) == pytest.approx(0.73252, abs=1e-5)  # per-experience averaging: another number
+    # accuracy on every test sample after the last step (sample-weighted)
+    assert M.acc_weighted(R, n) == pytest.approx(CORRECT[T].sum() / 1000)
+    # GEM (Lopez-Paz & Ranzato 2017): ACC = 1/T sum_i R_{T,i}; BWT = 1/(T-1) sum_{i<T} R_{T,i} - R_{i,i};
+    # FWT = 1/(T-1) sum_{i>=2} R_{i-1,i} - b_i: sums over tasks, each task once
+    assert M.acc(R) == pytest.approx(sum(a(T, i) for i in range(1, T + 1)) / T)
+    assert M.bwt(R) == pytest.approx(sum(a(T, i) - a(i, i) for i in range(1, T)) / (T - 1))
+    assert M.fwt(R) == pytest.approx(sum(a(i - 1, i) - a(0, i) for i in range(2, T + 1)) / (T - 1))
+    # RWalk (Chaudhry et al. 2018): f_j = max over the rows since j was learned of a_{l,j} - a_{T,j}, mean
+    # over j < T; I_k = a*_k - a_{k,k}, mean over k
+    f = [max(a(row, j) for row in range(j, T)) - a(T, j) for j in range(1, T)]
+    assert M.forgetting(R) == pytest.approx(np.mean(f))
+    assert M.forgetting_last(R) == pytest.approx(np.mean([a(j, j) - a(T, j) for j in range(1, T)]))
+    assert M.intransigence(R, JOINT_UNEQUAL) == pytest.approx(np.mean([JOINT_UNEQUAL[k - 1] - a(k, k)
+                                                                        for k in range(1, T + 1)]))
+    s = M.summary(R, n_samples=n)
+    assert s["aia"] == M.aia(R, n) and s["aia_unweighted"] == M.aia_unweighted(R)
+
+
+def test_forgetting_runs_over_the_rows_since_the_experience_was_learned():
+    # class-IL: before an experience is trained its classes are never predicted (rows l < j are ~0)
+    R_class = np.array([
+        [0.00, 0.00, 0.00],
+        [0.95, 0.00, 0.00],
+        [0.70, 0.96, 0.00],
+        [0.60, 0.80, 0.97],
+    ])
+    assert M.forgetting(R_class) == pytest.approx(((0.95 - 0.60) + (0.96 - 0.80)) / 2)
+    # domain-IL (e.g. permuted digits, same classes every experience): the model classifies experience j well
+    # before training on it: init row 0.6, and experience 2 at 0.98 after experience 1 (zero-shot), above its
+    # 0.93 once learned. Those rows are not knowledge gained about j: they stay out of the max.
+    R_domain = np.array([
+        [0.60, 0.60, 0.60],
+        [0.95, 0.98, 0.70],
+        [0.90, 0.93, 0.75],
+        [0.85, 0.90, 0.97],
+    ])
+    assert M.forgetting(R_domain) == pytest.approx(((0.95 - 0.85) + (0.93 - 0.90)) / 2)
+    literal = np.mean([max(R_domain[:3, j]) - R_domain[3, j] for j in range(2)])  # over every row l < T
+    assert M.forgetting(R_domain) != pytest.approx(literal)
+    F = M.forgetting_matrix(R_domain)
+    assert F[3, 1] == pytest.approx(0.03) and np.isnan(F[1, 1])  # row 1 is before experience 2 was learned
