@@ -19,7 +19,13 @@
 
 Common to the three: the backbone is frozen (its [CLS] features, the queries, are cached per sample by the
 model), the trainable tensors are the prompts/keys (owned by the plugin, in every optimizer through
-``parameters()``) and the model's linear head; training logits are restricted to the current experience's
+``parameters()``) and the model's linear head. Only the current task's allotment of the prompt tensors may
+change while it trains: DualPrompt's G-prompt and the task's E-prompt and key; CODA-Prompt's slice of
+components, keys and attention vectors; L2P's pool entries (prompt and key) that a batch of the current task
+has selected. The pools are single tensors in the optimizer, so weight decay (AdamW's decoupled decay, Adam's
+and SGD's L2 term) would move every row, zero gradient or not; the entries outside the allotment are put back
+after every optimizer step (``after_step``), bit for bit, so earlier tasks' prompts stay as they were
+learned under any optimizer; training logits are restricted to the current experience's
 classes (``train_mask``, as in the authors' class-incremental code) and inference masks classes not seen
 yet. One task = one experience. ``selected_task(learner, x)`` tells which task's prompts an input selects.
 
@@ -63,6 +69,7 @@ class PromptPlugin(Plugin):
         self.current: torch.Tensor | None = None  # classes of the current experience
         self._pending: dict | None = None
         self._aux: torch.Tensor | float = 0.0
+        self._snapshot: dict[str, torch.Tensor] = {}  # the prompt tensors at the start of the experience
 
     # -- subclass API ----------------------------------------------------------------------------------
     def check(self, model, stream) -> None:
@@ -97,6 +104,27 @@ class PromptPlugin(Plugin):
     def before_experience(self, learner, exp) -> None:
         self.current = torch.zeros_like(self.seen)
         self.current[list(exp.classes)] = True
+        self.prepare(learner, exp)
+        self._snapshot = {k: v.detach().clone() for k, v in self.module.named_parameters()}
+
+    def prepare(self, learner, exp) -> None:
+        """Per-experience set-up of the prompt tensors before the frozen entries are recorded (CODA-Prompt
+        initialises the task's components here)."""
+
+    def frozen(self, name: str, tensor: torch.Tensor, task: int) -> torch.Tensor | None:
+        """Bool mask, broadcastable to ``tensor`` (the module parameter ``name``), of the entries outside
+        ``task``'s allotment; None: the whole tensor is the task's."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, learner, batch) -> None:
+        """Put back every entry outside the current task's allotment (undoing weight decay; momentum of a
+        zero gradient is zero under Adam, and SGD momentum restarts with each experience's optimizer)."""
+        task = learner.experience.index
+        for name, t in self.module.named_parameters():
+            mask = self.frozen(name, t, task)
+            if mask is not None:
+                t.copy_(torch.where(mask, self._snapshot[name], t))
 
     def forward(self, learner, x, t):
         feats, self._aux = self.prompted(learner.model, x, learner.experience.index)
@@ -229,6 +257,10 @@ class L2PPlugin(PromptPlugin):
         self.usage[task] += torch.bincount(idx.flatten(), minlength=self.pool_size).double()
         return feats, self.pull * (1 - cos.gather(1, idx)).sum(1).mean()
 
+    def frozen(self, name, tensor, task):
+        # the pool entries no batch of this task has selected so far (usage counts this step's selection)
+        return (self.usage[task] == 0).view(-1, *[1] * (tensor.dim() - 1))
+
     def selected_task(self, learner, x):
         with torch.no_grad():
             cos = _cosine(learner.model.features(x), self.module.keys)
@@ -310,6 +342,12 @@ class DualPromptPlugin(PromptPlugin):
             return feats, 0.0
         return feats, self.pull * (1 - cos[:, task]).mean()
 
+    def frozen(self, name, tensor, task):
+        if name == "g":
+            return None  # the shared G-prompt trains on every task
+        other = torch.arange(tensor.shape[0], device=tensor.device) != task  # E-prompts and keys: one per task
+        return other.view(-1, *[1] * (tensor.dim() - 1))
+
     def selected_task(self, learner, x):
         with torch.no_grad():
             return _cosine(learner.model.features(x), self.module.keys).argmax(1)
@@ -384,8 +422,7 @@ class CodaPromptPlugin(PromptPlugin):
         return CodaPool(len(self.layers), self.pool_size, self.prompt_length, model.embed_dim)
 
     @torch.no_grad()
-    def before_experience(self, learner, exp) -> None:
-        super().before_experience(learner, exp)
+    def prepare(self, learner, exp) -> None:
         t = exp.index
         if t < self.trained:  # resumed after this slice was initialised
             return
@@ -397,6 +434,11 @@ class CodaPromptPlugin(PromptPlugin):
                 flat = tensor[layer].flatten(1)
                 flat[lo:hi] = _orthogonal_rows(flat[:lo].cpu(), hi - lo, gen).to(flat)
         self.trained = t + 1
+
+    def frozen(self, name, tensor, task):
+        pos = torch.arange(tensor.shape[1], device=tensor.device)  # (layers, components, ...): dim 1
+        other = (pos < task * self.per_task) | (pos >= (task + 1) * self.per_task)
+        return other.view(1, -1, *[1] * (tensor.dim() - 2))
 
     def _slices(self, tensor: torch.Tensor, task: int | None) -> torch.Tensor:
         """Components in use: earlier tasks' frozen, the current task's trainable."""

@@ -117,6 +117,46 @@ def test_coda_earlier_components_do_not_move() -> None:
     assert not torch.equal(plugin.module.k[:, per : 2 * per], torch.zeros_like(plugin.module.k[:, :per]))
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt"])
+def test_nothing_outside_the_current_allotment_moves_under_weight_decay(name: str, optimizer: str) -> None:
+    """With weight decay (AdamW's decoupled one, Adam's L2 one) every prompt/key/component outside the
+    current task's allotment stays bit-identical: DualPrompt's other tasks' E-prompts and keys, CODA-Prompt's
+    other tasks' component slices, L2P's pool entries the current task never selected."""
+    stream = textured_task_stream(3)
+    torch.manual_seed(0)
+    model = vit((1, 8, 8), 10, **SMALL_VIT)
+    (plugin,) = STRATEGIES.get(name).factory(**PARAMS[name])
+    learner = Learner(model, [plugin], TrainConfig(epochs=2, batch_size=32, lr=0.05, optimizer=optimizer,
+                                                   weight_decay=0.1), seed=0)
+    learner.begin(stream)
+    for exp in stream.experiences:
+        t = exp.index
+        learner.experience = exp
+        plugin.before_experience(learner, exp)  # CODA initialises the task's slice here: compare after it
+        before = {k: v.detach().clone() for k, v in plugin.module.named_parameters()}
+        learner.train_data(stream.keys(exp.train), exp.y_train, torch.full_like(exp.y_train, exp.task_id))
+        plugin.after_experience(learner, exp)
+        after = {k: v.detach() for k, v in plugin.module.named_parameters()}
+        if name == "dualprompt":
+            frozen = {"e": ([i for i in range(len(before["e"])) if i != t], 0),
+                      "keys": ([i for i in range(len(before["keys"])) if i != t], 0)}
+            assert not torch.equal(before["g"], after["g"])  # the shared G-prompt trains on every task
+        elif name == "coda_prompt":
+            per = plugin.per_task
+            others = [i for i in range(before["p"].shape[1]) if not t * per <= i < (t + 1) * per]
+            frozen = {"p": (others, 1), "k": (others, 1), "a": (others, 1)}
+        else:
+            unused = torch.nonzero(plugin.usage[t] == 0).flatten().tolist()
+            assert unused, "every prompt was selected: the test would check nothing"
+            frozen = {"prompts": (unused, 0), "keys": (unused, 0)}
+        for key, (idx, dim) in frozen.items():
+            idx = torch.tensor(idx, dtype=torch.long)
+            assert torch.equal(before[key].index_select(dim, idx), after[key].index_select(dim, idx)), (t, key)
+            mine = torch.tensor([i for i in range(before[key].shape[dim]) if i not in idx.tolist()])
+            assert not torch.equal(before[key].index_select(dim, mine), after[key].index_select(dim, mine))
+
+
 def test_training_logits_are_masked_to_the_current_classes() -> None:
     learner, stream = setup("dualprompt", epochs=1, n_tasks=2)
     (plugin,) = learner.plugins
