@@ -41,7 +41,7 @@ STRATEGIES = [
     {"name": "isolated"},
     {"name": "model_zoo", "memory_size": MEMORY},
     {"name": "model_zoo", "memory_size": MEMORY, "tasks_per_model": 2, "label": "model_zoo_b2"},
-    {"name": "model_zoo", "memory_size": MEMORY, "weighting": "uniform", "label": "model_zoo_uniform"},
+    {"name": "model_zoo", "memory_size": MEMORY, "weighting": "samples", "label": "model_zoo_samples"},
 ]
 PARITY = [{"name": "naive", "label": "naive_2x400"}, {"name": "er", "memory_size": MEMORY, "label": "er_2x400"}]
 

@@ -5,8 +5,8 @@ authors' code github.com/grasp-lyrl/modelzoo_continual). Tasks compete for the c
 capacity is split: every episode (experience) adds one freshly initialised small model that is trained on the
 current task plus up to ``b - 1`` past tasks, picked as in boosting: past tasks are sampled without replacement
 with probability increasing in the current zoo's training loss on them. A task's prediction averages the
-probabilities (softmax over the task's classes) of the members that were trained on it (paper, Fig. 3: at test
-time every model trained on a task predicts it).
+probabilities (softmax over the task's classes) of the members that were trained on it, with equal weights
+(paper, Fig. 3: at test time every model trained on a task predicts it; the default ``weighting``).
 
 Defaults and formulas from the authors' code (``modelzoo.py``, ``datasets/mnist.py``, ``modelzoo_minimal.ipynb``):
 
@@ -29,10 +29,13 @@ Where this toolbox differs:
   replay memory of ``memory_size`` samples (the one ER's ``class_balanced`` policy uses), so Model Zoo can be
   compared with ER at the same budget; the zoo's training loss on a past task is measured on its samples in
   memory, the only ones kept.
-* ``weighting = "samples"`` weighs a member's probabilities for a task by the number of that task's distinct
-  samples it trained on. This generalises the authors' code, which gives the first member of a task weight
-  1 / replay_frac and later (replay-trained) members weight 1; with full replay it is the paper's plain mean,
-  which ``weighting = "uniform"`` always uses.
+* Averaging the members of a task: the default ``weighting = "uniform"`` is the paper's rule, the plain mean
+  of the members that were trained on the task. The authors' code differs: it gives the first member of a
+  task (trained on all its data) weight 1 / replay_frac and each later, replay-trained member weight 1 (equal
+  weights only at its default full replay). ``weighting = "samples"`` generalises that code to a replay
+  memory: each member's probabilities for a task are weighted by the number of the task's distinct samples
+  it trained on, so with memory 500 on Split-MNIST-5k the first member of a task counts 1.6-6.4x more than
+  each later one (its 800 samples against the 500 down to 125 of them left in the memory).
 * The zoo's "tasks" are the stream's task ids; on streams with a single task id (class-incremental) they are
   the experiences, so class groups play the role of tasks.
 
@@ -354,14 +357,15 @@ def model_zoo(
     memory_size: int = 500,
     tasks_per_model: int = 5,
     replay_fraction: float = 1.0,
-    weighting: Literal["samples", "uniform"] = "samples",
+    weighting: Literal["uniform", "samples"] = "uniform",
 ) -> list[Plugin]:
     """Model Zoo (Ramesh & Chaudhari 2022): grow one small model per experience, trained on boosting-picked tasks.
 
     ``memory_size``: class-balanced replay memory (samples), ER's budget; ``tasks_per_model`` (b): tasks per
     member including the current one (5, the authors' code); ``replay_fraction``: share of a chosen past
     task's stored samples each member replays (1.0, the authors' code); ``weighting``: how a task's members
-    are averaged (``samples``: by the task's samples each trained on; ``uniform``: plain mean).
+    are averaged (``uniform``: the plain mean, the paper's rule; ``samples``: weighted by the task's samples
+    each trained on, a generalisation of the authors' code, see the module docstring).
     """
     if memory_size < 1:
         raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500 (strategy isolated "

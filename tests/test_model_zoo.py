@@ -189,6 +189,28 @@ def test_task_il_logits_are_the_weighted_average_of_the_right_members(one_thread
     assert torch.allclose(torch.softmax(uniform[:, :2], 1), (sm(z[0], [0, 1]) + sm(z[1], [0, 1])) / 2, atol=1e-12)
 
 
+def test_default_weighting_is_the_papers_plain_mean_of_the_members_that_saw_a_task(one_thread) -> None:
+    """Ramesh & Chaudhari 2022 average the members trained on a task equally; the default does the same (the
+    old default weighed the first member of a task by its 4-5x larger sample count)."""
+    stream = _task_stream()
+    (plugin,) = model_zoo(memory_size=40, tasks_per_model=3)
+    assert plugin.weighting == "uniform"
+    learner = _learner(plugin, stream)
+    learner.fit(stream)
+    assert all(set(w) == {1.0} for w in plugin.member_weights)
+    x = stream[0].x_test
+    members = plugin.members(learner)
+    logits = plugin.zoo_logits(members, x, stream.n_classes)
+    for k, cols in enumerate(plugin.task_classes):
+        saw = [m for m, tasks in zip(members, plugin.member_tasks, strict=True) if k in tasks]
+        assert len(saw) >= 2 or k == len(plugin.task_classes) - 1
+        with torch.no_grad():
+            mean = sum(torch.softmax(m(x).double()[:, cols], 1) for m in saw) / len(saw)
+        assert torch.allclose(torch.softmax(logits[:, cols], 1), mean, atol=1e-10)
+    (samples,) = model_zoo(memory_size=40, tasks_per_model=3, weighting="samples")  # the option stays
+    assert samples.weighting == "samples"
+
+
 def test_isolated_predicts_each_task_with_its_own_member_only(one_thread) -> None:
     stream = _task_stream(3)
     (plugin,) = isolated()
