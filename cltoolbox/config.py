@@ -30,6 +30,37 @@ from cltoolbox.params import closest, resolve, signature_params
 TOP_KEYS = ("name", "imports", "scenario", "model", "strategy", "train", "seeds", "out")
 SCENARIO_RESERVED = ("name", "dataset", "root", "download", "validation")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+MAX_NAME = 255  # bytes in one folder name on common file systems (names are ASCII: NAME_RE)
+MAX_SEED = 2**64  # torch.manual_seed takes seeds below 2**64
+
+
+def check_folder_name(value: Any, field: str) -> str:
+    """A name that becomes one folder of the run layout: folder-safe characters, at most MAX_NAME of them."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ConfigError(f"{field}: {value!r} must be a folder-safe string (letters, digits, _ . + -)")
+    if len(value) > MAX_NAME:
+        raise ConfigError(f"{field}: {len(value)} characters, but a folder name holds at most {MAX_NAME}; "
+                          "shorten it")
+    return value
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key repeated in one mapping (where the last one would silently win)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} appears twice in one mapping; keep one",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -39,7 +70,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config: file '{path}' not found; pass the path of an experiment YAML")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safe_load(p.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config: cannot read '{path}' ({type(e).__name__}: {e}); check the file") from None
     except yaml.YAMLError as e:
@@ -65,7 +96,9 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"override '{item}': expected key.sub=value, e.g. train.lr=0.05")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = safe_load(raw)
+        except yaml.constructor.ConstructorError as e:
+            raise ConfigError(f"override '{item}': {e.problem}") from None
         except yaml.YAMLError:
             raise ConfigError(f"override '{item}': the value is not valid YAML; quote it or close its brackets, "
                               "e.g. seeds=[0,1]") from None
@@ -137,9 +170,7 @@ def _resolve_strategy(entry: Any, field: str, top: bool = True) -> dict[str, Any
         raise ConfigError(f"{field}.plugins: expected a list of strategy mappings, e.g. [{{name: lwf}}]")
     out["plugins"] = [_resolve_strategy(p, f"{field}.plugins[{i}]", top=False) for i, p in enumerate(extra)]
     label = entry.get("label") or "+".join([entry["name"], *(p["name"] for p in out["plugins"])])
-    if not isinstance(label, str) or not NAME_RE.match(label):
-        raise ConfigError(f"{field}.label: {label!r} must be a folder-safe name (letters, digits, _ . + -)")
-    out["label"] = label
+    out["label"] = check_folder_name(label, f"{field}.label")
     return out
 
 
@@ -155,8 +186,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     name = config.get("name")
     if name is None:
         raise ConfigError("name: missing; add e.g. `name: split_mnist` (the experiment's folder name)")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ConfigError(f"name: {name!r} must be a folder-safe string (letters, digits, _ . + -)")
+    check_folder_name(name, "name")
 
     scen = _section(config, "scenario")
     entry, _ = _named(scen, "scenario", SCENARIOS)
@@ -202,6 +232,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                            for s in seeds):
         raise ConfigError(f"seeds: expected a non-empty list of non-negative integers, got {seeds!r}")
+    big = next((s for s in seeds if s >= MAX_SEED), None)
+    if big is not None:
+        raise ConfigError(f"seeds: {big} is too large; seeds must be below 2**64 (torch's seed range)")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {seeds} repeats a seed; list each seed once")
     out = config.get("out", "runs")

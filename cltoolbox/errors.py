@@ -19,3 +19,7 @@ class RunExistsError(CLToolboxError):
 
 class DivergenceError(CLToolboxError):
     """Training produced a NaN or infinite loss."""
+
+
+class RunLockedError(RunExistsError):
+    """Another live process holds the run folder's lock."""

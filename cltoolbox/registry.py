@@ -121,6 +121,8 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
             except ImportError as e:
                 raise ConfigError(f"imports: cannot import module '{spec}' ({e}); check the name or use a .py path") \
                     from None
+            except Exception as e:  # noqa: BLE001 - the user's module raised while it was imported
+                raise ConfigError(f"imports: module '{spec}' raised {_one_line(e)} on import; fix it") from e
             continue
         path = resolve_import_path(spec, base_dir)
         if not path.is_file():
@@ -131,7 +133,19 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - a syntax error or an exception in the user's file
+            del sys.modules[name]
+            raise ConfigError(f"imports: '{path}' failed on import ({_one_line(e)}); fix the file") from e
+
+
+def _one_line(e: BaseException) -> str:
+    """``SyntaxError: invalid syntax (line 2)`` or ``ValueError: boom``: the exception on one line."""
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} (line {e.lineno})"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def resolve_import_path(spec: str, base_dir: str | None) -> Path:

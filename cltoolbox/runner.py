@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import torch
 from cltoolbox import config as cfgmod
 from cltoolbox import metrics
 from cltoolbox.augment import check_augment
-from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError
+from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError, RunLockedError
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
 from cltoolbox.plugin import Plugin
@@ -147,23 +148,25 @@ class RunLock:
         return False
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(3):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 os.write(fd, self.owner.encode())
                 os.close(fd)
                 return self
+            except FileNotFoundError:  # another process removed the empty folder meanwhile (tidy): again
+                continue
             except FileExistsError:
                 if self._stale():
                     self.path.unlink(missing_ok=True)  # its writer is gone
                     continue
                 holder = self.path.read_text() if self.path.exists() else "?"
-                raise RunExistsError(
+                raise RunLockedError(
                     f"{self.path.parent}: another process ({holder}) is writing this run; wait for it, or remove "
                     f"{self.path} if no run is active"
                 ) from None
-        raise RunExistsError(f"{self.path.parent}: could not take the run lock; remove {self.path} if no run is active")
+        raise RunLockedError(f"{self.path.parent}: could not take the run lock; remove {self.path} if no run is active")
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
@@ -182,47 +185,156 @@ def clear_run_dir(run_dir: Path) -> None:
 
 def _recorded_threads(run_dir: Path) -> int | None:
     try:
-        return int(json.loads((run_dir / "env.json").read_text())["torch_threads"])
+        threads = int(json.loads((run_dir / "env.json").read_text())["torch_threads"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return threads if threads >= 1 else None
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Delete what a killed or failed atomic write left (``.<name>.tmp<pid>``); call it holding the lock."""
+    for p in Path(run_dir).rglob(".*.tmp*"):
+        if p.is_file() and TEMPORARY.match(p.name):
+            p.unlink(missing_ok=True)
+
+
+TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
+
+
+def prune_empty(folder: Path, stop: Path | None) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to (not including) ``stop``: a run that failed
+    before writing anything leaves no empty ``seed_*`` folders behind."""
+    if stop is None:
+        return
+    folder, stop = Path(folder).absolute(), Path(stop).absolute()
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            return
+        folder = folder.parent
+
+
+def claim(run_dir: Path, planned: str, overwrite: bool) -> tuple[str, int | None]:
+    """Decide, holding the run's lock, what to do with a run folder now: another process may have finished or
+    started it since it was planned. Returns (action, torch threads to use or None):
+
+    - 'skip': the run is finished (only a planned overwrite clears a finished run);
+    - 'resume': a checkpoint to continue from, with the threads the run started with;
+    - 'run' / 'restart': the folder is cleared and the run starts from scratch ('restart': a planned resume
+      that had no checkpoint yet; it too keeps the threads it started with, so its results are exact).
+    """
+    if is_done(run_dir) and not (planned == "run" and overwrite):
+        return "skip", None
+    threads = _recorded_threads(run_dir) if planned == "resume" else None
+    if planned == "resume" and (run_dir / "checkpoint" / "state.pt").exists():
+        remove_temporaries(run_dir)
+        return "resume", threads
+    clear_run_dir(run_dir)
+    return ("restart" if planned == "resume" else "run"), threads
+
+
+CHECKPOINT_KEYS = {"learner": ("model", "plugins", "generator", "torch_rng", "step", "train_log", "train_seconds"),
+                   "history": ("accuracy", "loss", "n_samples", "class_total", "class_correct", "rows_done"),
+                   "timing": ("wall_s", "eval_s"), "next_experience": ()}
+
+
+def _checkpoint_problem(state: Any, T: int | None) -> str | None:
+    """What makes ``state`` unusable as a checkpoint of a T-experience run, or None."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a checkpoint mapping"
+    for key, inner in CHECKPOINT_KEYS.items():
+        if key not in state:
+            return f"'{key}' is missing"
+        if inner and not isinstance(state[key], dict):
+            return f"'{key}' is not a mapping"
+        missing = [k for k in inner if k not in state[key]]
+        if missing:
+            return f"'{key}.{missing[0]}' is missing"
+    n, rows = state["next_experience"], state["history"]["rows_done"]
+    if not isinstance(n, int) or isinstance(n, bool):
+        return f"next_experience {n!r} is not an integer"
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.dim() != 1:
+        return "'history.rows_done' is not a vector of flags"
+    held = len(rows) - 1
+    if T is not None and held != T:
+        return f"holds {held} experiences, this run's stream has {T}"
+    if not 1 <= n <= held:
+        return f"next_experience {n} is outside 1..{held}"
+    if not bool(rows[: n + 1].all()) or bool(rows[n + 1:].any()):
+        return f"next_experience {n} does not match the {int(rows.sum()) - 1} experiences it has results for"
+    if not all(isinstance(state["timing"][k], (int, float)) for k in CHECKPOINT_KEYS["timing"]):
+        return "'timing' holds non-numbers"
+    return None
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", T: int | None = None) -> dict[str, Any]:
+    """A run's checkpoint, loaded without running code (``weights_only``) and checked: every key present and a
+    ``next_experience`` that agrees with the rows it has results for. Raises RunExistsError otherwise."""
+    fix = "pass --overwrite to run it again"
+    try:
+        state = torch.load(path, weights_only=True, map_location=device)
+    except Exception as e:  # noqa: BLE001 - truncated by a power loss (renamed, not fsynced), or not a checkpoint
+        raise RunExistsError(f"{path}: unreadable checkpoint ({type(e).__name__}); {fix}") from None
+    problem = _checkpoint_problem(state, T)
+    if problem:
+        raise RunExistsError(f"{path}: not a valid checkpoint ({problem}); {fix}")
+    return state
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 CHECKPOINT_WORK_RATIO = 20  # checkpoints cost at most ~5% of a run's time
 
 
 def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: bool = False,
-                quiet: bool = False) -> dict[str, Any]:
-    """Train and evaluate one (strategy, seed) run into ``run_dir``; returns metrics.json's content."""
-    import yaml
+                quiet: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Train and evaluate one (strategy, seed) run into ``run_dir``; returns metrics.json's content.
 
+    ``threads``: torch threads for this run (a resumed run passes the count it started with: the thread count
+    changes float summation order, so this keeps a resumed run bit-identical to an uninterrupted one).
+    """
     seed = run_cfg["seed"]
     wall_start = time.perf_counter()
-    train_cfg = cfgmod.train_config(run_cfg)
-    torch.manual_seed(seed)
-    model = build_model(run_cfg, stream)
-    learner = Learner(model, build_plugins(run_cfg["strategy"]), train_cfg, seed=seed)
-    stream = stream.to(learner.device)
-    T = len(stream)
-    history = History(T, stream.n_classes, len(stream.eval_experiences))
+    before_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        train_cfg = cfgmod.train_config(run_cfg)
+        torch.manual_seed(seed)
+        model = build_model(run_cfg, stream)
+        learner = Learner(model, build_plugins(run_cfg["strategy"]), train_cfg, seed=seed)
+        stream = stream.to(learner.device)
+        T = len(stream)
+        history = History(T, stream.n_classes, len(stream.eval_experiences))
+        ckpt = run_dir / "checkpoint" / "state.pt"
+        start, prior = 0, {"wall_s": 0.0, "eval_s": 0.0}
+        state = load_checkpoint(ckpt, learner.device, T) if resume else None
+        if state is not None:
+            try:
+                learner.load_state_dict(state["learner"])
+                history.load_state_dict(state["history"])
+            except Exception as e:  # noqa: BLE001 - well-formed, but not this run's (another model or strategy)
+                raise RunExistsError(f"{ckpt}: does not fit this run ({_one_line(e)}); pass --overwrite to run "
+                                     "it again") from None
+            start, prior = state["next_experience"], state["timing"]
+        return _train(run_cfg, stream, run_dir, learner, history, start, prior, wall_start, quiet)
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+def _train(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, learner: Learner, history: History, start: int,
+           prior: dict[str, float], wall_start: float, quiet: bool) -> dict[str, Any]:
+    cpu_start = time.process_time()  # this process's CPU time, all threads (cost.cpu_s; not loader workers)
+    import yaml
+
+    seed, T = run_cfg["seed"], len(stream)
     ckpt = run_dir / "checkpoint" / "state.pt"
-    start, prior = 0, {"wall_s": 0.0, "eval_s": 0.0}
-    threads = torch.get_num_threads()
-    if resume and ckpt.exists():
-        # The thread count changes float summation order: continue with the threads the run started with,
-        # so that a resumed run ends bit-identical to an uninterrupted one whatever --workers is now.
-        before = _recorded_threads(run_dir)
-        if before and before != threads:
-            torch.set_num_threads(before)
     env = _env(learner.device)
-    if resume and ckpt.exists():
-        try:
-            state = torch.load(ckpt, weights_only=True, map_location=learner.device)
-        except Exception as e:  # e.g. truncated by a power loss (checkpoints are renamed, not fsynced)
-            raise CLToolboxError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}); rerun this run with "
-                                 "--overwrite") from None
-        learner.load_state_dict(state["learner"])
-        history.load_state_dict(state["history"])
-        start, prior = int(state["next_experience"]), state["timing"]
+    if start > 0:
         env["resumed_at_experience"] = start
         try:  # a run keeps its first start time (reports order runs by it)
             env["start_time"] = json.loads((run_dir / "env.json").read_text())["start_time"]
@@ -256,7 +368,8 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
         if exp.index < T - 1 and now - last_save["end"] < CHECKPOINT_WORK_RATIO * last_save["cost"]:
             bar.update(1)
             return
-        timing = {"wall_s": prior["wall_s"] + now - wall_start, "eval_s": eval_s}
+        timing = {"wall_s": prior["wall_s"] + now - wall_start, "eval_s": eval_s,
+                  "cpu_s": prior.get("cpu_s", 0.0) + time.process_time() - cpu_start}
         blob = {"learner": lrn.state_dict(), "history": history.state_dict(), "next_experience": exp.index + 1,
                 "timing": timing}
         import io
@@ -287,14 +400,14 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
         raise
     finally:
         bar.close()
-        torch.set_num_threads(threads)
         summary = _finish(run_dir, run_cfg, stream, learner, history, env, status,
-                          wall_s=prior["wall_s"] + time.perf_counter() - wall_start, eval_s=eval_s)
+                          wall_s=prior["wall_s"] + time.perf_counter() - wall_start, eval_s=eval_s,
+                          cpu_s=prior.get("cpu_s", 0.0) + time.process_time() - cpu_start)
     return summary
 
 
 def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, history: History, env: dict,
-            status: str, wall_s: float, eval_s: float) -> dict[str, Any]:
+            status: str, wall_s: float, eval_s: float, cpu_s: float | None = None) -> dict[str, Any]:
     """Write every result file (also for a diverged run: what was measured is kept); DONE last if done."""
     write_csv(run_dir / "accuracy.csv", history.accuracy_rows(), ACCURACY_FIELDS)
     write_csv(run_dir / "per_class.csv", history.per_class_rows(), PER_CLASS_FIELDS)
@@ -311,7 +424,8 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
     items = sum(p.memory_usage()[0] for p in learner.plugins)
     mem_bytes = sum(p.memory_usage()[1] for p in learner.plugins)
     cost = {
-        "wall_s": wall_s, "train_s": learner.train_seconds, "eval_s": eval_s, "peak_rss_mb": _peak_rss_mb(),
+        "wall_s": wall_s, "cpu_s": cpu_s, "train_s": learner.train_seconds, "eval_s": eval_s,
+        "peak_rss_mb": _peak_rss_mb(),
         # the largest loader worker's peak (file-backed data; 0 without workers), beside the process's own
         "peak_rss_workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
         "n_params": sum(p.numel() for p in learner.model.parameters()),
@@ -360,7 +474,13 @@ def check_same_config(run_dir: Path, run_cfg: dict[str, Any]) -> None:
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    old = yaml.safe_load(path.read_text()) or {}
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        old = e
+    if not isinstance(old, dict):
+        why = type(old).__name__ if isinstance(old, Exception) else f"a {type(old).__name__}, not a mapping"
+        raise RunExistsError(f"{path}: unreadable run config ({why}); pass --overwrite to run it again")
     new = yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False))
     old.pop("out", None)
     new.pop("out", None)
@@ -369,6 +489,35 @@ def check_same_config(run_dir: Path, run_cfg: dict[str, Any]) -> None:
         key, a, b = diff
         raise RunExistsError(f"{run_dir}: was started with a different config ({key}: {a!r}, now {b!r}); pass "
                              "--overwrite to replace it or --out DIR for a new place")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A finished run's metrics.json; RunExistsError (one line, with the fix) when it is damaged."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        summary = e
+    keys = ("class_il", "task_il", "cost", "labels")
+    if not isinstance(summary, dict) or not all(isinstance(summary.get(k), dict) for k in keys):
+        why = type(summary).__name__ if isinstance(summary, Exception) else "not a run summary"
+        raise RunExistsError(f"{path}: unreadable although the run is finished ({why}); pass --overwrite to run it "
+                             f"again, or delete {Path(run_dir) / 'DONE'} and rerun with --resume")
+    return summary
+
+
+def check_existing(run_dir: Path, action: str, run_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Before anything trains: a run to skip or resume must come from the same config and be intact (its
+    metrics.json, or its checkpoint). Returns the summary of a run to skip."""
+    if action not in ("skip", "resume"):
+        return None
+    check_same_config(run_dir, run_cfg)
+    if action == "skip":
+        return read_summary(run_dir)
+    ckpt = run_dir / "checkpoint" / "state.pt"
+    if ckpt.exists():
+        load_checkpoint(ckpt)
+    return None
 
 
 def run_action(run_dir: Path, resume: bool, overwrite: bool) -> str:
@@ -439,11 +588,115 @@ def check_buildable(resolved: dict, data) -> Stream:
         where = f"strategy[{i}].train" if any(k.startswith("augment_") for k in given) else "train"
         check_augment({**resolved["train"], **given}, stream.input_shape, where)
     plugins = [build_plugins(strategy) for strategy in resolved["strategy"]]
-    with torch.device("meta"):  # validates the model's parameters without paying for its initialisation
-        model = build_model(resolved, stream)
+    model = check_model(resolved, stream)
     for plugin in (p for group in plugins for p in group):
         plugin.check(model, stream)  # strategy x model x stream constraints (e.g. a prompt layer past the depth)
     return stream
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def check_model(resolved: dict, stream: Stream) -> torch.nn.Module:
+    """Build the model on the meta device (free): its parameters are checked by its factory, and its size
+    against the memory of the device it will train on. Returns the meta model."""
+    from cltoolbox.loop import resolve_device
+
+    name = resolved["model"]["name"]
+    try:
+        with torch.device("meta"):
+            model = build_model(resolved, stream)
+    except CLToolboxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a parameter value the factory does not check itself
+        raise ConfigError(f"model: {name} cannot be built with these parameters ({_one_line(e)}); check the "
+                          "model.* values") from e
+    device = resolve_device(resolved["train"]["device"])
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    memory = _memory_bytes(device)
+    if memory is not None and size > memory:
+        n = sum(p.numel() for p in model.parameters())
+        raise ConfigError(f"model: {name} has {n:,} parameters ({size / 2**30:,.1f} GiB), more than the "
+                          f"{memory / 2**30:,.1f} GiB memory of {device}; make it smaller (e.g. model.hidden)")
+    return model
+
+
+def check_writable(out: str | Path) -> Path:
+    """Prove that run folders can be created under ``out`` (create it and a probe file, then remove whatever
+    this made); returns the nearest folder that already existed, below which failed runs leave nothing."""
+    out = Path(out).absolute()
+    base = out
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise CLToolboxError(f"--out {out}: {base} is a file, not a folder; choose another --out")
+    probe = out / f".cltoolbox_probe{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        prune_empty(out, base)
+        raise CLToolboxError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}); choose a "
+                             "writable folder with --out") from None
+    prune_empty(out, base)
+    return base
+
+
+def io_error(e: OSError, run_dir: Path) -> CLToolboxError:
+    """An I/O failure while writing a run folder, as one line (its checkpoints are kept: --resume)."""
+    where = e.filename or run_dir
+    return CLToolboxError(f"{where}: {e.strerror or _one_line(e)} while writing the run folder; free space or "
+                          "choose another --out, then rerun with --resume")
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """A run that raised an unexpected exception (a strategy bug): metrics.json gets ``status: failed`` and the
+    one-line error, error.log the traceback. The run keeps what it measured and has no DONE."""
+    import traceback
+
+    path = run_dir / "metrics.json"
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        summary = {}
+    summary.update(status="failed", error=_one_line(error))
+    atomic_write_text(run_dir / "error.log", "".join(traceback.format_exception(error)))
+    write_json(path, summary)
+
+
+def run_in_folder(run_cfg: dict[str, Any], stream: Any, run_dir: Path, planned: str, overwrite: bool,
+                  quiet: bool = True, stop: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """Run one planned run in its folder: take the lock, decide again (``claim``), train; returns (action,
+    metrics.json's content). ``stream`` is the run's Stream or a function that makes it. Whatever happens,
+    no temporary files are left, nor an empty folder below ``stop``. An unexpected exception is recorded in
+    the folder (``record_failure``) and raised again."""
+    try:
+        with RunLock(run_dir):
+            action, threads = claim(run_dir, planned, overwrite)
+            if action == "skip":
+                return action, read_summary(run_dir)
+            try:
+                summary = execute_run(run_cfg, stream() if callable(stream) else stream, run_dir,
+                                      resume=action == "resume", quiet=quiet, threads=threads)
+            except (CLToolboxError, OSError, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                record_failure(run_dir, e)
+                raise
+            return action, summary
+    finally:
+        try:
+            remove_temporaries(run_dir)
+            prune_empty(run_dir, stop)
+        except OSError:
+            pass
 
 
 def run(
@@ -462,40 +715,46 @@ def run(
     raw = load_raw(config, overrides, out, seeds)
     resolved = cfgmod.validate(raw)
     todo = plan(resolved, resume, overwrite)
+    skipped = {run_dir: check_existing(run_dir, action, cfgmod.run_config(resolved, strategy, seed))
+               for strategy, seed, run_dir, action in todo}  # skip or continue only what this config started
 
     from cltoolbox.data import load_dataset
 
-    for strategy, seed, run_dir, action in todo:  # skip or continue only what this config started
-        if action in ("skip", "resume"):
-            check_same_config(run_dir, cfgmod.run_config(resolved, strategy, seed))
     scen = resolved["scenario"]
     data = load_dataset(scen["dataset"], scen["root"], scen["download"])
     streams = {resolved["seeds"][0]: check_buildable(resolved, data)}
+    stop = check_writable(resolved["out"])
 
     results, failures = [], []
     for strategy, seed, run_dir, action in todo:
         if action == "skip":
-            results.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
+            results.append({**skipped[run_dir], "run_dir": str(run_dir)})
             continue
         if seed not in streams:
             streams.clear()
             streams[seed] = build_stream(resolved, data, seed)
         run_cfg = cfgmod.run_config(resolved, strategy, seed)
         try:
-            with RunLock(run_dir):  # taken before clearing: an active writer's folder is never removed
-                if action == "run":
-                    clear_run_dir(run_dir)
-                summary = execute_run(run_cfg, streams[seed], run_dir, resume=action == "resume", quiet=quiet)
-        except DivergenceError as e:
-            failures.append(f"{run_dir}: {e}")
+            _, summary = run_in_folder(run_cfg, streams[seed], run_dir, action, overwrite, quiet=quiet, stop=stop)
+        except OSError as e:  # a full disk or a folder gone read-only: the next runs would fail the same way
+            raise io_error(e, run_dir) from e
+        except CLToolboxError as e:  # diverged, locked by another process, a damaged checkpoint: the others go on
+            failures.append(f"{run_dir}: {'diverged: ' if isinstance(e, DivergenceError) else ''}{e}")
             if not quiet:
-                print(f"error: {run_dir}: {e}", file=sys.stderr)
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        except Exception as e:  # noqa: BLE001 - a bug in a strategy: its traceback, then the next run
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+            failures.append(f"{run_dir}: failed with {_one_line(e)} (traceback in {run_dir / 'error.log'})")
             continue
         results.append({**summary, "run_dir": str(run_dir)})
-    if not quiet:
+    if not quiet and results:
         print(format_table(results))
     if failures:
-        raise CLToolboxError(f"{len(failures)} run(s) diverged (kept, without DONE): {failures[0]}")
+        raise CLToolboxError(f"{len(failures)} of {len(todo)} run(s) did not finish, kept without DONE; the first: "
+                             f"{failures[0]}")
     return results
 
 

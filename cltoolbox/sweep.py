@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cltoolbox import config as cfgmod
-from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError
+from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError, RunLockedError
 
 GRID_SECTIONS = ("scenario", "model", "strategy", "train")
 BACKENDS = ("local", "ray")
@@ -62,6 +62,7 @@ class Job:
     run_dir: Path
     action: str  # run | resume | skip
     run_cfg: dict[str, Any]
+    summary: dict[str, Any] | None = None  # a finished run's metrics.json (action skip)
 
 
 def available_cores() -> int:
@@ -141,6 +142,7 @@ def expand(raw: dict[str, Any]) -> list[Point]:
     grid = _check_grid(raw.pop("grid", None) or {})
     base = cfgmod.validate(raw)  # errors of the base config read exactly as for `cltoolbox run`
     entries = raw["strategy"] if isinstance(raw["strategy"], list) else [raw["strategy"]]
+    entries = [{"name": e} if isinstance(e, str) else e for e in entries]  # `strategy: [naive, er]`
     short = _short_names(list(grid))
     used: set[str] = set()
     points: list[Point] = []
@@ -178,10 +180,8 @@ def expand(raw: dict[str, Any]) -> list[Point]:
 def check_points(points: list[Point]) -> None:
     """Build every distinct stream (first seed), every strategy's plugins and every model (on the meta
     device), so that no bad generator, strategy or model parameter is found after runs have started."""
-    import torch
-
     from cltoolbox.data import load_dataset
-    from cltoolbox.runner import build_model, build_plugins, build_stream
+    from cltoolbox.runner import build_plugins, build_stream, check_model
 
     data, streams, models = {}, {}, set()
     for pt in points:
@@ -197,8 +197,7 @@ def check_points(points: list[Point]) -> None:
             build_plugins(pt.strategy)
             mkey = (_canon(r["model"]), skey)
             if mkey not in models:
-                with torch.device("meta"):
-                    build_model(r, streams[skey])
+                check_model(r, streams[skey])
                 models.add(mkey)
         except ConfigError as e:
             if not pt.values:
@@ -212,7 +211,7 @@ def check_points(points: list[Point]) -> None:
 def plan_jobs(points: list[Point], resume: bool, overwrite: bool) -> list[Job]:
     """One job per point x seed with its action ('run', 'resume' or 'skip'); refuses (RunExistsError), before
     anything runs, to touch existing runs without --resume or --overwrite."""
-    from cltoolbox.runner import check_same_config, run_action, run_dir_for
+    from cltoolbox.runner import check_existing, run_action, run_dir_for
 
     jobs = []
     for pt in points:
@@ -220,9 +219,7 @@ def plan_jobs(points: list[Point], resume: bool, overwrite: bool) -> list[Job]:
             d = run_dir_for(pt.resolved, pt.strategy, seed)
             action = run_action(d, resume, overwrite)
             run_cfg = cfgmod.run_config(pt.resolved, pt.strategy, seed)
-            if action in ("skip", "resume"):
-                check_same_config(d, run_cfg)
-            jobs.append(Job(pt, seed, d, action, run_cfg))
+            jobs.append(Job(pt, seed, d, action, run_cfg, check_existing(d, action, run_cfg)))
     return jobs
 
 
@@ -277,8 +274,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from cltoolbox.registry import import_plugins
-    from cltoolbox.results import is_done
-    from cltoolbox.runner import RunLock, clear_run_dir, execute_run
+    from cltoolbox.runner import run_in_folder
 
     if spec.get("cache"):
         os.environ.setdefault("CLTOOLBOX_CACHE", spec["cache"])
@@ -291,24 +287,23 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         import_plugins(run_cfg.get("imports") or [])
         _warm_up()
-        with RunLock(run_dir):
-            action = spec["action"]
-            if is_done(run_dir) and not (action == "run" and spec["overwrite"]):
-                rec.update(status="skipped", action="skip", message="finished meanwhile by another process",
-                           summary=json.loads((run_dir / "metrics.json").read_text()))
-                return rec
-            if action == "resume" and not (run_dir / "checkpoint" / "state.pt").exists():
-                action = "restart"  # killed before its first checkpoint: nothing to continue from
-            if action != "resume":
-                clear_run_dir(run_dir)
-            rec["action"] = action
-            summary = execute_run(run_cfg, _stream_for(run_cfg), run_dir, resume=action == "resume", quiet=True)
+        action, summary = run_in_folder(run_cfg, lambda: _stream_for(run_cfg), run_dir, spec["action"],
+                                        spec["overwrite"], stop=Path(spec["stop"]) if spec.get("stop") else None)
+        rec.update(action=action, summary=summary)
+        if action == "skip":
+            rec.update(status="skipped", message="finished meanwhile by another process")
+        else:
             resumed = json.loads((run_dir / "env.json").read_text()).get("resumed_at_experience")
-            rec.update(status="done", summary=summary, resumed_at=resumed)
-    except RunExistsError as e:  # the lock: another process is writing this run
-        rec.update(status="locked", action="skip", message=str(e))
+            rec.update(status="done", resumed_at=resumed)
     except DivergenceError as e:
         rec.update(status="diverged", message=str(e))
+    except RunExistsError as e:  # the lock (another process is writing this run), or a damaged checkpoint
+        locked = isinstance(e, RunLockedError)
+        rec.update(status="locked" if locked else "failed", action="skip" if locked else rec["action"],
+                   message=str(e))
+    except OSError as e:  # a full disk: every other run would fail the same way, the parent stops the sweep
+        rec.update(status="io_error", message=f"{e.strerror or type(e).__name__}"
+                   + (f" ({e.filename})" if e.filename else ""))
     except Exception as e:  # a crash in one run (e.g. a plugin bug) must not take the other runs down
         rec.update(status="failed", message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     finally:
@@ -350,12 +345,25 @@ def _ray_connect(workers: int) -> bool:
     return True
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C goes to the whole process group: only the parent handles it (it stops the workers), so that a
-    worker does not carry on with its next run after an interrupted one."""
+PARENT_POLL_S = 0.5
+
+
+def _init_worker(parent: int) -> None:
+    """A local worker: Ctrl-C goes to the whole process group and only the parent handles it (it stops the
+    workers), so that a worker does not carry on with its next run after an interrupted one; and a worker
+    whose parent is gone (kill -9) exits at once instead of running what was queued to it and then idling.
+    Its run's finished experiences are checkpointed and its stale lock is taken over by the next --resume."""
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cltoolbox-parent-watch", daemon=True).start()
 
 
 def _run_local(specs: list[dict], workers: int, on_result) -> None:
@@ -368,7 +376,7 @@ def _run_local(specs: list[dict], workers: int, on_result) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
     pool = ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_ignore_sigint)
+                               initializer=_init_worker, initargs=(os.getpid(),))
     try:
         futures = [pool.submit(run_job, spec) for spec in specs]
         for fut in as_completed(futures):
@@ -418,8 +426,10 @@ def _run_ray(specs: list[dict], workers: int, limit: int | None, on_result) -> N
 
 
 def execute(jobs: list[Job], backend: str = "local", workers: int | None = None, overwrite: bool = False,
-            threads: int | None = None, quiet: bool = False, debug: bool = False) -> list[dict[str, Any]]:
-    """Run the planned jobs; returns one record per job (skipped ones included), in plan order."""
+            threads: int | None = None, quiet: bool = False, debug: bool = False,
+            stop: Path | None = None) -> list[dict[str, Any]]:
+    """Run the planned jobs; returns one record per job (skipped ones included), in plan order. ``stop``: the
+    folder below which a run that failed before writing anything leaves no empty folders (check_writable)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
     explicit = workers is not None
@@ -429,7 +439,7 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
     records: dict[str, dict] = {}
     for job in jobs:
         if job.action == "skip":
-            summary = json.loads((job.run_dir / "metrics.json").read_text())
+            summary = job.summary
             records[str(job.run_dir)] = {"run_dir": str(job.run_dir), "label": job.point.label, "seed": job.seed,
                                          "action": "skip", "status": "skipped", "message": "finished",
                                          "summary": summary}
@@ -442,7 +452,7 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     cache = os.environ.get("CLTOOLBOX_CACHE")
     specs = [{"run_cfg": j.run_cfg, "run_dir": str(j.run_dir), "action": j.action, "overwrite": overwrite,
-              "threads": threads, "cache": cache} for j in todo]
+              "threads": threads, "cache": cache, "stop": str(stop) if stop else None} for j in todo]
     where = f"{min(workers, len(todo)) if todo else 0} local worker(s)" if backend == "local" else "Ray"
     n_resume = sum(j.action == "resume" for j in todo)
     if not quiet:
@@ -454,6 +464,9 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
         records[rec["run_dir"]] = rec
         count[0] += 1
         status = rec["status"]
+        if status == "io_error":  # stops the sweep (the workers are terminated): the next runs would fail too
+            raise CLToolboxError(f"{rec['run_dir']}: {rec['message']} while writing the run folder; free space or "
+                                 "choose another --out, then rerun with --resume")
         if status in ("locked", "diverged", "failed"):
             kind = "warning" if status == "locked" else "error"
             what = "skipped, " if status == "locked" else ""
@@ -526,7 +539,11 @@ def sweep(
     if dry_run:
         print(format_plan(jobs))
         return []
-    records = execute(jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug)
+    from cltoolbox.runner import check_writable
+
+    stop = check_writable(points[0].resolved["out"])
+    records = execute(jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,
+                      stop=stop)
     return finish(records, quiet)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cltoolbox import config as cfgmod
-from cltoolbox.errors import RunExistsError
+from cltoolbox.errors import CLToolboxError, RunExistsError
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner, resolve_device
 from cltoolbox.results import atomic_write_text, is_done, write_csv, write_json
@@ -67,7 +67,18 @@ def transfer(
     ``run_dir``); prints a table unless ``quiet``. ``plot=False`` skips the heatmaps (PNG/PDF).
     """
     from cltoolbox.data import load_dataset
-    from cltoolbox.runner import RunLock, build_model, build_plugins, build_stream, load_raw, scenario_label
+    from cltoolbox.runner import (
+        RunLock,
+        build_plugins,
+        build_stream,
+        check_model,
+        check_writable,
+        clear_run_dir,
+        load_raw,
+        prune_empty,
+        remove_temporaries,
+        scenario_label,
+    )
 
     raw = load_raw(config if isinstance(config, (str, Path)) else copy.deepcopy(dict(config)), overrides, out, seeds)
     resolved = cfgmod.validate(raw)
@@ -87,8 +98,8 @@ def transfer(
     streams = {resolved["seeds"][0]: build_stream(resolved, data, resolved["seeds"][0])}
     for strategy in resolved["strategy"]:  # fail early on bad parameters, before anything trains
         build_plugins(strategy)
-    with torch.device("meta"):
-        build_model(resolved, streams[resolved["seeds"][0]])
+    check_model(resolved, streams[resolved["seeds"][0]])
+    stop = check_writable(resolved["out"])
 
     results: list[dict[str, Any]] = []
     for strategy, seed, run_dir in todo:
@@ -96,12 +107,19 @@ def transfer(
             streams.clear()
             streams[seed] = build_stream(resolved, data, seed)
         run_cfg = cfgmod.run_config(resolved, strategy, seed)
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        with RunLock(run_dir):
-            summary = transfer_run(run_cfg, streams[seed], run_dir, quiet=quiet, plot=plot)
+        try:
+            with RunLock(run_dir):  # decided again under the lock: another process may have finished it since
+                if is_done(run_dir) and not overwrite:
+                    raise RunExistsError(f"{run_dir}: another process finished this transfer run meanwhile; pass "
+                                         "--overwrite to replace it")
+                clear_run_dir(run_dir)
+                summary = transfer_run(run_cfg, streams[seed], run_dir, quiet=quiet, plot=plot)
+        except OSError as e:
+            raise CLToolboxError(f"{e.filename or run_dir}: {e.strerror or e} while writing the transfer run; free "
+                                 "space or choose another --out") from e
+        finally:
+            remove_temporaries(run_dir)
+            prune_empty(run_dir, stop)
         results.append({**summary, "run_dir": str(run_dir)})
     for strategy in resolved["strategy"]:
         mine = [r for r in results if r["labels"]["strategy"] == strategy["label"]]

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cltoolbox.config import NAME_RE
+from cltoolbox.config import check_folder_name
 from cltoolbox.errors import CLToolboxError, ConfigError
 from cltoolbox.sweep import Point, check_points, execute, expand, plan_jobs, prepare, require_ray
 
@@ -62,7 +62,9 @@ def _parse(raw: dict[str, Any]) -> tuple[dict, dict, dict[str, Any]]:
     raw = copy.deepcopy(raw)
     evaluation = raw.pop("evaluation", None)
     select = raw.pop("select", None) or {}
-    if not isinstance(evaluation, dict) or not evaluation:
+    if evaluation is not None and not isinstance(evaluation, dict):
+        raise ConfigError(f"evaluation: expected a mapping like {{scenario: {{dataset: mnist5k}}}}, got {evaluation!r}")
+    if not evaluation:
         raise ConfigError("evaluation: missing; add e.g. `evaluation: {scenario: {dataset: mnist5k}}` (the scenario "
                           "on which the selected hyperparameters are evaluated)")
     for key in evaluation:
@@ -78,14 +80,17 @@ def _parse(raw: dict[str, Any]) -> tuple[dict, dict, dict[str, Any]]:
         if key not in ("metric", "setting"):
             raise ConfigError(f"select.{key}: unknown key; use metric and setting")
     metric, setting = select.get("metric", "acc"), select.get("setting", "class_il")
-    if metric not in SELECT_METRICS:
+    if not isinstance(metric, str) or metric not in SELECT_METRICS:
         raise ConfigError(f"select.metric: unknown metric {metric!r}; use one of: {', '.join(SELECT_METRICS)}")
-    if setting not in SETTINGS:
+    if not isinstance(setting, str) or setting not in SETTINGS:
         raise ConfigError(f"select.setting: unknown setting {setting!r}; use one of: {', '.join(SETTINGS)}")
     name = raw.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ConfigError(f"name: {'missing' if name is None else repr(name)}; add a folder-safe name, e.g. "
-                          "`name: tuning_mnist5k` (both phases land under <out>/<name>/)")
+    if name is None:
+        raise ConfigError("name: missing; add a folder-safe name, e.g. `name: tuning_mnist5k` (both phases land "
+                          "under <out>/<name>/)")
+    check_folder_name(name, "name")
+    if not isinstance(raw.get("out", "runs"), str):
+        raise ConfigError(f"out: expected a folder path string, got {raw['out']!r}")
     root = Path(raw.get("out", "runs")) / name
     tuning = {**raw, "name": "tuning", "out": str(root)}
     evaluation_cfg = _merge({**raw, "name": "evaluation", "out": str(root)}, evaluation)
@@ -205,7 +210,7 @@ def tune(
     """Run both phases; returns {'selected': {strategy: point label}, 'tuning': records, 'evaluation': records,
     'report': [csv, md]}. Everything, the evaluation phase of every grid point included, is validated before
     the first run starts."""
-    from cltoolbox.runner import scenario_label
+    from cltoolbox.runner import check_writable, scenario_label
 
     if backend == "ray":
         require_ray()
@@ -227,6 +232,7 @@ def tune(
     e_points = {t.label: e for t, e in zip(t_points, e_list, strict=True)}  # same grid, same order
     t_jobs = plan_jobs(t_points, resume, overwrite)
     e_jobs = plan_jobs(e_list, resume, overwrite)  # refuse existing runs now, not after the tuning phase
+    stop = check_writable(str(sel["root"].parent))
 
     t_scen, e_scen = t_points[0].resolved["scenario"], e_list[0].resolved["scenario"]
     changed = ", ".join(f"{k}: {v}" for k, v in e_scen.items() if t_scen.get(k) != v)
@@ -235,7 +241,8 @@ def tune(
     if not quiet:
         print(f"tuning phase: {len(t_points)} grid points on {phases['tuning']['scenario']}", file=sys.stderr,
               flush=True)
-    t_records = execute(t_jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug)
+    t_records = execute(t_jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,
+                        stop=stop)
     _raise_broken(t_records, "tuning")
     t_scores = _scores(t_points, t_records, sel)
     chosen = _select(t_points, t_scores, SELECT_METRICS[sel["metric"]])
@@ -251,7 +258,8 @@ def tune(
         print(f"evaluation phase: {len(chosen)} strategies on {phases['evaluation']['scenario']}", file=sys.stderr,
               flush=True)
     e_run = [j for j in e_jobs if j.point.label in selected_labels]
-    e_records = execute(e_run, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug)
+    e_records = execute(e_run, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,
+                        stop=stop)
     e_scores = _scores([e_points[c.label] for c in chosen.values()], e_records, sel)
     paths = write_report(sel["root"], t_points, e_points, t_scores, e_scores, chosen, sel, phases)
     _raise_broken(e_records, "evaluation")

@@ -6,6 +6,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_model
 
 
@@ -39,5 +40,10 @@ class MLP(nn.Module):
 def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: list[int] = [400, 400],  # noqa: B006
         dropout: float = 0.0, activation: Literal["relu", "tanh"] = "relu") -> MLP:
     """Fully connected network (default 2x400 ReLU, as in the Split/Permuted-MNIST literature)."""
+    for i, h in enumerate(hidden):
+        if h < 1:
+            raise ConfigError(f"model.hidden[{i}]: a layer width must be >= 1, got {h}; e.g. `hidden: [400, 400]`")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"model.dropout: must be in [0, 1) (the probability of zeroing a unit), got {dropout}")
     act = nn.ReLU if activation == "relu" else nn.Tanh
     return MLP(math.prod(input_shape), list(hidden), n_classes, dropout, act)

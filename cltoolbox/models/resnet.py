@@ -59,4 +59,8 @@ def reduced_resnet18(input_shape: tuple[int, ...], n_classes: int, nf: int = 20)
             f"model.name: resnet18_reduced needs image inputs (C, H, W), the dataset gives {input_shape}; "
             "use model.name: mlp"
         )
+    if nf < 1:
+        from cltoolbox.errors import ConfigError
+
+        raise ConfigError(f"model.nf: the base width must be >= 1, got {nf}; e.g. `nf: 20` (the default)")
     return ReducedResNet18(input_shape[0], n_classes, nf)

@@ -162,6 +162,14 @@ def vit(input_shape: tuple[int, ...], n_classes: int, arch: str | None = None, i
         normalize: Literal["auto", "minmax", "imagenet"] = "auto", drop_path: float = 0.0) -> ViTClassifier:
     """Vision Transformer from timm: a named arch (hub or local weights) or a small one from its sizes."""
     timm = _timm()
+    for field, value in (("patch_size", patch_size), ("embed_dim", embed_dim), ("depth", depth),
+                         ("num_heads", num_heads)):
+        if value < 1:
+            raise ConfigError(f"model.{field}: must be >= 1, got {value}")
+    if not mlp_ratio > 0:
+        raise ConfigError(f"model.mlp_ratio: must be > 0, got {mlp_ratio}; e.g. `mlp_ratio: 2.0`")
+    if not 0 <= drop_path < 1:
+        raise ConfigError(f"model.drop_path: must be in [0, 1) (stochastic depth rate), got {drop_path}")
     if weights is not None and not os.path.isfile(weights):
         raise ConfigError(f"model.weights: no file at {weights}; give the path of a saved ViT state dict")
     if pretrained and weights is not None:
