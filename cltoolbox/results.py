@@ -113,6 +113,40 @@ def _run_labels(run_dir: Path) -> dict[str, Any]:
     return {"run": str(run_dir), **meta.get("labels", {})}
 
 
+def _method(run_dir: Path, label: str) -> str:
+    """The registry name of the run's strategy (config.yaml), e.g. ``joint`` for a run labelled ``joint-lr0.1``."""
+    import yaml
+
+    try:
+        strategy = yaml.safe_load((run_dir / "config.yaml").read_text()).get("strategy")
+        name = strategy.get("name") if isinstance(strategy, dict) else None
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        name = None
+    return name if isinstance(name, str) else label
+
+
+def unfinished_runs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """Run folders at or below ``paths`` without a DONE marker, with the reason metrics.json gives (diverged,
+    failed, interrupted) or 'no DONE marker'."""
+    out: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.is_dir():
+            continue
+        for cfg in sorted(p.rglob("config.yaml")):
+            run = cfg.parent
+            if run in seen or is_done(run) or not run.name.startswith("seed_"):
+                continue
+            seen.add(run)
+            try:
+                status = json.loads((run / "metrics.json").read_text()).get("status", "unknown")
+                why = f"not finished (status: {status})"
+            except (OSError, ValueError, AttributeError):
+                why = "not finished (no DONE marker; interrupted or still running)"
+            out.append((run, why))
+    return out
+
+
 def _seen(accuracy: Any, run: Path) -> Any:
     """Per row: had training reached the evaluated experience (``metrics.seen_mask`` of stream.json's
     ``first_seen``)? Not ``eval_exp <= trained_exp`` on streams whose training experiences are chunks or
@@ -128,28 +162,77 @@ def _seen(accuracy: Any, run: Path) -> Any:
     return mask[accuracy.trained_exp.to_numpy() + 1, accuracy.eval_exp.to_numpy()]
 
 
-def load(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
+class RunUnreadableError(CLToolboxError, ValueError):
+    """A finished run folder whose result files cannot be read."""
+
+
+def _read_run(run: Path) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(accuracy, train_log, metric rows) of one finished run; RunUnreadableError says what is wrong."""
+    import pandas as pd
+
+    try:
+        meta = json.loads((run / "metrics.json").read_text())
+    except OSError as e:
+        raise RunUnreadableError(f"metrics.json unreadable ({e.strerror or e})") from None
+    except ValueError as e:
+        raise RunUnreadableError(f"metrics.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict) for k in ("class_il", "task_il", "cost")):
+        raise RunUnreadableError("metrics.json lacks its class_il/task_il/cost sections")
+    if meta.get("status", "done") != "done":
+        raise RunUnreadableError(f"status {meta.get('status')!r} in metrics.json")
+    try:
+        a = pd.read_csv(run / "accuracy.csv")
+    except pd.errors.EmptyDataError:
+        raise RunUnreadableError("accuracy.csv is empty") from None
+    except (OSError, ValueError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise RunUnreadableError(f"accuracy.csv unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                 ) from None
+    missing = [c for c in ACCURACY_FIELDS if c not in a.columns]
+    if missing or a.empty:
+        raise RunUnreadableError("accuracy.csv has no rows" if not missing else f"accuracy.csv lacks {missing[0]!r}")
+    try:
+        log_df = pd.read_csv(run / "train_log.csv")
+    except (OSError, ValueError):
+        log_df = pd.DataFrame(columns=TRAIN_LOG_FIELDS)
+    labels = {"run": str(run), **(meta.get("labels") if isinstance(meta.get("labels"), dict) else {})}
+    if "strategy" not in labels or "scenario" not in labels:
+        raise RunUnreadableError("metrics.json lacks the run's labels (strategy, scenario)")
+    labels["method"] = _method(run, labels["strategy"])
+    a["seen"] = _seen(a, run)
+    for k, v in labels.items():
+        a[k] = v
+        log_df[k] = v
+    rows = [{**labels, "setting": s, **meta[s], **meta["cost"]} for s in ("class_il", "task_il")]
+    return a, log_df, rows
+
+
+def load(paths: str | Path | Iterable[str | Path], dropped: list[tuple[Path, str]] | None = None) -> dict[str, Any]:
     """DataFrames over one or many run folders: ``accuracy`` (tidy, with ``seen``: the evaluated experience
     had been trained by that row), ``metrics`` (one row per run and setting), ``train_log``. Each row carries
-    the run's labels (experiment, strategy, scenario, seed)."""
+    the run's labels (experiment, strategy, scenario, seed) and ``method``, the strategy's registry name.
+
+    A finished run whose files cannot be read raises RunUnreadableError naming it; with a ``dropped`` list,
+    such runs, and run folders that never finished (diverged, failed, interrupted), are left out and listed
+    there as (folder, reason) instead."""
     import pandas as pd
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    paths = list(paths)
     acc, met, log = [], [], []
+    if dropped is not None:
+        dropped.extend(unfinished_runs(paths))
     for run in sorted(find_runs(paths), key=_start_time):  # run order = config order in tables and legends
-        labels = _run_labels(run)
-        a = pd.read_csv(run / "accuracy.csv")
-        a["seen"] = _seen(a, run)
-        log_df = pd.read_csv(run / "train_log.csv")
-        for k, v in labels.items():
-            a[k] = v
-            log_df[k] = v
+        try:
+            a, log_df, rows = _read_run(run)
+        except RunUnreadableError as e:
+            if dropped is None:
+                raise RunUnreadableError(f"{run}: {e}") from None
+            dropped.append((run, str(e)))
+            continue
         acc.append(a)
         log.append(log_df)
-        meta = json.loads((run / "metrics.json").read_text())
-        for setting in ("class_il", "task_il"):
-            met.append({**labels, "setting": setting, **meta[setting], **meta["cost"]})
+        met.extend(rows)
     if not acc:
         raise ResultsNotFoundError(
             f"runs: no finished run folder (with DONE) under {', '.join(map(str, paths))}; "
