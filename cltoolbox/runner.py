@@ -587,11 +587,24 @@ def check_buildable(resolved: dict, data) -> Stream:
         given = strategy.get("train", {})
         where = f"strategy[{i}].train" if any(k.startswith("augment_") for k in given) else "train"
         check_augment({**resolved["train"], **given}, stream.input_shape, where)
-    plugins = [build_plugins(strategy) for strategy in resolved["strategy"]]
+    plugins = [check_plugins(strategy, f"strategy[{i}]" if len(resolved["strategy"]) > 1 else "strategy")
+               for i, strategy in enumerate(resolved["strategy"])]
     model = check_model(resolved, stream)
     for plugin in (p for group in plugins for p in group):
         plugin.check(model, stream)  # strategy x model x stream constraints (e.g. a prompt layer past the depth)
     return stream
+
+
+def check_plugins(strategy: dict[str, Any], field: str = "strategy") -> list[Plugin]:
+    """Build a strategy's plugins before any run starts; a parameter value that its factory does not check
+    itself (and so raises something else than a ConfigError) is reported as one line naming the strategy."""
+    try:
+        return build_plugins(strategy)
+    except CLToolboxError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{field}: {strategy['name']} cannot be built with these parameters ({_one_line(e)}); "
+                          f"check the {field}.* values") from e
 
 
 def _memory_bytes(device: torch.device) -> int | None:

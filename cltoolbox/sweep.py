@@ -181,7 +181,7 @@ def check_points(points: list[Point]) -> None:
     """Build every distinct stream (first seed), every strategy's plugins and every model (on the meta
     device), so that no bad generator, strategy or model parameter is found after runs have started."""
     from cltoolbox.data import load_dataset
-    from cltoolbox.runner import build_plugins, build_stream, check_model
+    from cltoolbox.runner import build_stream, check_model, check_plugins
 
     data, streams, models = {}, {}, set()
     for pt in points:
@@ -194,7 +194,7 @@ def check_points(points: list[Point]) -> None:
             skey = (_canon(scen), r["seeds"][0])
             if skey not in streams:
                 streams[skey] = build_stream(r, data[dkey], r["seeds"][0])
-            build_plugins(pt.strategy)
+            check_plugins(pt.strategy)
             mkey = (_canon(r["model"]), skey)
             if mkey not in models:
                 check_model(r, streams[skey])

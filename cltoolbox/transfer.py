@@ -69,9 +69,9 @@ def transfer(
     from cltoolbox.data import load_dataset
     from cltoolbox.runner import (
         RunLock,
-        build_plugins,
         build_stream,
         check_model,
+        check_plugins,
         check_writable,
         clear_run_dir,
         load_raw,
@@ -97,7 +97,7 @@ def transfer(
     data = load_dataset(scen["dataset"], scen["root"], scen["download"])
     streams = {resolved["seeds"][0]: build_stream(resolved, data, resolved["seeds"][0])}
     for strategy in resolved["strategy"]:  # fail early on bad parameters, before anything trains
-        build_plugins(strategy)
+        check_plugins(strategy)
     check_model(resolved, streams[resolved["seeds"][0]])
     stop = check_writable(resolved["out"])
 
