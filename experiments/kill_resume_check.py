@@ -1,12 +1,23 @@
 """kill -9 a 4-strategy sweep at random points, resume it each time, compare with an uninterrupted twin.
 
-    python experiments/kill_resume_check.py [--kills 10] [--seed 0] [--workers 2] [--out DIR]
+    python experiments/kill_resume_check.py [--kills 10] [--early-kills 4] [--concurrent 3] [--seed 0]
+                                            [--workers 2] [--out DIR]
 
 A twin sweep runs uninterrupted first. Then the same sweep is started again and again (with --resume after
-the first kill): each time, once a run folder shows progress (a new config.yaml or checkpoint), the script
-waits a seeded random delay and SIGKILLs the sweep's whole process group (parent and worker processes). After
-the last kill a final --resume finishes the sweep, and every run's accuracy.csv, per_class.csv, matrices
-and training losses are compared byte for byte with the twin's. Prints one line per kill and a summary.
+the first kill), in three kinds of rounds, in a seeded random order:
+
+- ``progress``: once a run folder shows progress (a new config.yaml or checkpoint), wait a seeded random delay
+  and SIGKILL the sweep's whole process group (parent and worker processes);
+- ``early``: once a run starts (a new config.yaml), kill within half of one experience's training time, so the
+  run dies before its first checkpoint. Resumes alternate --workers between N and 1, so a run restarted from
+  scratch must take the thread count recorded in its env.json to end identical;
+- ``concurrent``: a sweep --resume and a ``cltoolbox run --resume`` (seeds in another order) start together on
+  the same folder, then both are killed.
+
+Throughout, every DONE seen is watched: a finished run must never lose its DONE or be rewritten. After the last
+kill, a ``run --resume`` and a ``sweep --resume`` finish the runs together, a last ``sweep --resume`` checks that
+nothing is left, and every run's accuracy.csv, per_class.csv, matrices and training losses are compared byte
+for byte with the twin's; no temporary file may remain. Prints one line per round and a summary.
 """
 
 from __future__ import annotations
@@ -42,15 +53,42 @@ def sweep_cmd(cfg: Path, out: Path, workers: int, *extra: str) -> list[str]:
             *extra]
 
 
-def progress_marks(out: Path) -> dict[str, int]:
+def run_cmd(cfg: Path, out: Path, threads: int, seeds: list[int], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cltoolbox.cli", "run", str(cfg), "--out", str(out), "--threads", str(threads),
+            "-q", "--seeds", *map(str, seeds), *extra]
+
+
+def progress_marks(out: Path, checkpoints: bool = True) -> dict[str, int]:
     marks = {}
-    for pattern in ("*/*/*/*/config.yaml", "*/*/*/*/checkpoint/state.pt"):
+    patterns = ("*/*/*/*/config.yaml", "*/*/*/*/checkpoint/state.pt") if checkpoints else ("*/*/*/*/config.yaml",)
+    for pattern in patterns:
         for p in out.glob(pattern):
             try:
                 marks[str(p)] = p.stat().st_mtime_ns
             except FileNotFoundError:
                 pass
     return marks
+
+
+class DoneWatch:
+    """Every DONE seen must stay, with the same bytes: a finished run is never cleared nor run again."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.seen, self.violations = out, {}, []
+
+    def poll(self) -> None:
+        for path, text in self.seen.items():
+            try:
+                now = Path(path).read_bytes()
+            except FileNotFoundError:
+                now = None
+            if now != text and path not in self.violations:
+                self.violations.append(path)
+        for p in self.out.glob("*/*/*/*/DONE"):
+            try:
+                self.seen.setdefault(str(p), p.read_bytes())
+            except FileNotFoundError:
+                pass
 
 
 def state_of(out: Path) -> tuple[int, list[str]]:
@@ -86,9 +124,47 @@ def compare(twin: Path, killed: Path) -> tuple[int, list[str]]:
     return same, diffs
 
 
+def per_experience_seconds(twin: Path) -> float:
+    """Median training time of one experience in the twin (train_log has one row per epoch)."""
+    import json
+
+    import pandas as pd
+
+    times = []
+    for log in twin.rglob("train_log.csv"):
+        exps = json.loads((log.parent / "stream.json").read_text())["experiences"]
+        n_train = {e["index"]: e["n_train"] for e in exps}
+        df = pd.read_csv(log)
+        seconds = df.experience.map(n_train) / df.samples_per_s
+        times.extend(seconds.groupby(df.experience).sum().tolist())
+    times.sort()
+    return times[len(times) // 2]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill(procs: list[subprocess.Popen], logs: list[str]) -> bool:
+    """SIGKILL each process's session (its parent and its workers); True if any was still running."""
+    alive = False
+    for p in procs:
+        if p.poll() is None:
+            alive = True
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+        logs.append(p.stderr.read())
+    return alive
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--kills", type=int, default=10, help="kills at a random point after progress")
+    ap.add_argument("--early-kills", type=int, default=4, help="kills before a run's first checkpoint")
+    ap.add_argument("--concurrent", type=int, default=3, help="rounds with a sweep and a run resuming together")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-delay", type=float, default=1.0, help="seconds after progress is seen")
@@ -100,55 +176,86 @@ def main() -> int:
     cfg.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     twin, killed = root / "twin", root / "killed"
     rng = random.Random(args.seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // args.workers)  # the sweep's threads per run: `run` must start runs with the same
 
     t0 = time.perf_counter()
     subprocess.run(sweep_cmd(cfg, twin, args.workers, "-q", "--overwrite"), check=True)
-    print(f"twin sweep ({len(CONFIG['strategy'])} strategies x {len(CONFIG['seeds'])} seeds, {args.workers} workers): "
-          f"{time.perf_counter() - t0:.1f} s")
+    per_exp = per_experience_seconds(twin)
+    print(f"twin sweep ({len(CONFIG['strategy'])} strategies x {len(CONFIG['seeds'])} seeds, {args.workers} workers, "
+          f"{threads} thread(s) per run): {time.perf_counter() - t0:.1f} s; one experience ~{per_exp:.2f} s")
 
-    kills, mid_run, logs, states = 0, 0, [], set()
-    started = False
-    while kills < args.kills:
-        extra = ["--resume"] if started else ["--overwrite"]
-        before = progress_marks(killed)
-        proc = subprocess.Popen(sweep_cmd(cfg, killed, args.workers, *extra), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        started = True
-        while proc.poll() is None and progress_marks(killed) == before:
+    rounds = ["early"] * args.early_kills + ["progress"] * args.kills + ["concurrent"] * args.concurrent
+    rng.shuffle(rounds)
+    if "early" in rounds:  # the very first start is fresh: make it an early kill
+        rounds.remove("early")
+        rounds.insert(0, "early")
+    watch = DoneWatch(killed)
+    logs: list[str] = []
+    kills = early_hits = concurrent = 0
+    states: set[str] = set()
+    n_runs = len(CONFIG["strategy"]) * len(CONFIG["seeds"])
+    for i, kind in enumerate(rounds):
+        extra = ["--resume"] if i else ["--overwrite"]
+        workers = args.workers if kind != "early" or i % 2 == 0 else 1  # another thread count for early resumes
+        before = progress_marks(killed, checkpoints=kind != "early")
+        procs = [start(sweep_cmd(cfg, killed, workers, *extra))]
+        if kind == "concurrent":
+            seeds = list(CONFIG["seeds"])
+            rng.shuffle(seeds)
+            procs.append(start(run_cmd(cfg, killed, threads, seeds, "--resume")))
+        while any(p.poll() is None for p in procs) and progress_marks(killed, checkpoints=kind != "early") == before:
+            watch.poll()
             time.sleep(0.01)
-        delay = rng.uniform(0, args.max_delay)
-        time.sleep(delay)
-        if proc.poll() is not None:
-            logs.append(proc.stderr.read())
-            print("the sweep finished before the kill: stopping")
+        delay = rng.uniform(0, 0.5 * per_exp if kind == "early" else args.max_delay)
+        end = time.monotonic() + delay
+        while time.monotonic() < end:
+            watch.poll()
+            time.sleep(0.01)
+        if not kill(procs, logs):
+            print(f"round {i + 1} ({kind}): the processes finished before the kill: stopping")
             break
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep's own session: its parent and its workers
-        proc.wait()
-        logs.append(proc.stderr.read())
         kills += 1
+        concurrent += kind == "concurrent"
+        watch.poll()
         done, partial = state_of(killed)
-        mid_run += bool(partial)
+        early_hits += kind == "early" and any(x.endswith("@0") for x in partial)
         states.update(partial)
-        print(f"kill {kills:>2}: {delay:.2f} s after progress; {done} runs finished, unfinished: "
-              f"{' '.join(partial) or '-'}")
+        print(f"kill {kills:>2} ({kind}, {workers} workers{' + a run' if kind == 'concurrent' else ''}): "
+              f"{delay:.2f} s after progress; {done}/{n_runs} runs finished, unfinished: {' '.join(partial) or '-'}")
+        if done == n_runs:
+            break
+    # the runs finish with a `run --resume` and a `sweep --resume` working on the folder at the same time
+    seeds = list(CONFIG["seeds"])
+    rng.shuffle(seeds)
+    procs = [start(sweep_cmd(cfg, killed, args.workers, "--resume")),
+             start(run_cmd(cfg, killed, threads, seeds, "--resume"))]
+    while any(p.poll() is None for p in procs):
+        watch.poll()
+        time.sleep(0.01)
+    kill(procs, logs)
     final = subprocess.run(sweep_cmd(cfg, killed, args.workers, "--resume"), capture_output=True, text=True)
     logs.append(final.stderr)
+    watch.poll()
     if final.returncode != 0:
         print(final.stderr)
         return 1
-    # distinct interrupted states (run@next experience) the resumes had to recover from
     resumed = sum(not x.endswith("@0") for x in states)
     restarted = sum(x.endswith("@0") for x in states)
     finished_lines = sum(len(re.findall(r"resumed at experience|restarted \(no checkpoint\)", log)) for log in logs)
     same, diffs = compare(twin, killed)
     total = len(list(twin.rglob("DONE")))
-    print(f"summary: {kills} kills ({mid_run} left unfinished runs behind); {len(states)} distinct interrupted run "
-          f"states: {resumed} continued from a checkpoint, {restarted} started again (killed before their first "
-          f"checkpoint); {finished_lines} runs finished after a resume or restart; {same}/{total} runs byte-identical "
-          "to the uninterrupted twin")
+    leftovers = [p for p in killed.rglob("*") if ".tmp" in p.name]
+    print(f"summary: {kills} kills ({early_hits} of the early kills caught a run before its first checkpoint, "
+          f"{concurrent} with a sweep and a run resuming together); {len(states)} distinct interrupted run states: "
+          f"{resumed} continued from a checkpoint, {restarted} started again; {finished_lines} sweep runs finished "
+          f"after a resume or restart; {len(watch.violations)} finished runs lost or rewritten; "
+          f"{len(leftovers)} temporary files left; {same}/{total} runs byte-identical to the uninterrupted twin")
     for d in diffs:
         print(f"  DIFFERS {d}")
-    return 0 if same == total else 1
+    for v in watch.violations:
+        print(f"  FINISHED RUN CHANGED {v}")
+    return 0 if same == total and not watch.violations and not leftovers else 1
 
 
 if __name__ == "__main__":
