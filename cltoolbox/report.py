@@ -53,7 +53,7 @@ DATASET_NAMES = {"mnist5k": "MNIST-5k", "digits": "Digits 8x8", "mnist1d": "MNIS
                  "cifar100": "CIFAR-100", "svhn": "SVHN", "image_folder": "image folder"}
 SCENARIO_NAMES = {"class_incremental": "Split {d}", "task_incremental": "Split {d}",
                   "domain_incremental": "Split {d}", "permuted": "Permuted {d}", "rotated": "Rotated {d}",
-                  "online": "Online {d}", "few_shot": "Few-shot {d}", "power_law": "{d}, power-law revisits",
+                  "online": "{d}", "few_shot": "{d}", "power_law": "{d}, power-law revisits",
                   "curriculum": "{d}, curriculum order", "repetition": "{d} with repetitions"}
 LATEX_COLUMN_IN = 3.33  # \columnwidth of a two-column paper (ACL, CVPR, ICML, NeurIPS-style 2-col)
 
@@ -214,7 +214,9 @@ def _cells(table: Any) -> list[list[tuple[str, float, float, bool] | str]]:
             elif mean != mean:
                 cells.append(("na", np.nan, np.nan, False))
             else:
-                bold = not r["reference"] and bool(np.isclose(mean, best.get((r["scenario"], c), np.nan)))
+                top = best.get((r["scenario"], c), np.nan)
+                d = _digits(c, mean * metrics[c][2])  # ties at the printed precision are all bold
+                bold = not r["reference"] and round(mean * metrics[c][2], d) == round(top * metrics[c][2], d)
                 cells.append(("num", mean * metrics[c][2], std * metrics[c][2], bold))
         out.append(cells)
     return out
@@ -257,7 +259,8 @@ def table_notes(table: Any, setting: str = "class_il") -> list[str]:
     elif "wall_s" in cols:
         notes.append("Wall time: elapsed seconds, sensitive to other load on the machine.")
     if "memory_mb" in cols:
-        notes.append("Memory: stored replay samples, exemplars and extra models, at native size (1 MB = 10^6 B).")
+        notes.append("Memory: stored replay samples, exemplars and extra models, at native size "
+                     "(1 MB = 1,000,000 bytes).")
     if len(table) and table["reference"].astype(bool).any():
         refs = sorted(set(table.loc[table["reference"].astype(bool), "method"]))
         notes.append("(ref.) " + "; ".join(f"{m}: {REFERENCES[m][0]}" for m in refs) + ". References are not "
@@ -304,48 +307,74 @@ def _latex_num(cell: Any, col: str) -> str:
     return f"$\\mathbf{{{body}}}$" if bold else f"${body}$"
 
 
+LATEX_TEXT_IN = 7.0  # \textwidth of a two-column paper (the width table* spans)
+_PT_PER_CHAR, _SEP_PT = 4.5, 8.0  # \small (9 pt): ~0.5 em per character; \tabcolsep 4 pt on each side
+
+
+def _latex_header(table: Any) -> tuple[list[str], list[str]]:
+    """Two header rows: names, then units ("ACC" over "(%)"), so headers are no wider than their numbers."""
+    metrics = {**TABLE_METRICS, **COST_METRICS}
+    names, units = ["Strategy", "Seeds"], ["", ""]
+    for c in _columns(table):
+        name, _, unit = metrics[c][0].rpartition(" (")
+        names.append(name)
+        units.append(f"({unit}" if unit else "")
+    return names, units
+
+
 def latex_width_in(table: Any) -> float:
-    """Rough printed width of the LaTeX table at \\small (9 pt): ~0.5 em (4.5 pt) per character plus 2 x 6 pt
-    of column separation per column."""
+    """Estimated printed width of :func:`to_latex`'s tabular at \\small: ~4.5 pt per character of the widest
+    entry of each column, plus 8 pt of column separation per column."""
     cols = _columns(table)
-    head = table_headers(table)
+    names, units = _latex_header(table)
+    k = 3 - _first(table)
     rows = _cells(table)
-    widths = []
-    n_label = 3 - _first(table)
-    for k, h in enumerate(head):
-        if k < n_label:
-            texts = [h] + [str(r[k]) for r in rows]
-        else:
-            texts = [h] + [_plain(r[k], cols[k - n_label]) for r in rows]
-        widths.append(max(len(t) for t in texts))
-    pts = sum(w * 4.5 for w in widths) + 12 * len(widths)
-    return pts / 72.27
+    widths = [max(len(names[0]), *(len(str(r[k - 2])) for r in rows)), max(len(names[1]), 2)]
+    for i, c in enumerate(cols):
+        widths.append(max(len(names[2 + i]), len(units[2 + i]), *(len(_plain(r[k + i], c)) for r in rows)))
+    return (sum(widths) * _PT_PER_CHAR + _SEP_PT * len(widths)) / 72.27
 
 
 def to_latex(table: Any, caption: str = "", setting: str = "class_il") -> str:
-    head = table_headers(table)
+    """A booktabs table: a row per strategy, scenarios as spanning header rows, references last below a rule,
+    numbers in math mode (real minus signs). ``table`` when it fits one column, else ``table*``, and scaled
+    to the text width when even that is too narrow; the comment lines at the top say which and why."""
     cols = _columns(table)
+    names, units = _latex_header(table)
     width = latex_width_in(table)
-    wide = width > LATEX_COLUMN_IN
-    env = "table*" if wide else "table"
+    n = len(names)
+    if width <= LATEX_COLUMN_IN:
+        env, fit = "table", f"fits one column ({LATEX_COLUMN_IN} in): table."
+    elif width <= LATEX_TEXT_IN:
+        env, fit = "table*", (f"wider than one column ({LATEX_COLUMN_IN} in): table*, which spans both columns of "
+                              "a two-column paper.")
+    else:
+        env, fit = "table*", (f"wider than the text ({LATEX_TEXT_IN} in): table* with \\resizebox to "
+                              "\\textwidth (needs \\usepackage{graphicx}); better drop columns.")
     lines = [r"% Needs \usepackage{booktabs} (\toprule, \midrule, \bottomrule) in the preamble.",
-             f"% Estimated width {width:.1f} in at \\small: "
-             + (f"wider than one column ({LATEX_COLUMN_IN} in), so this uses table* (spans both columns of a "
-                "two-column paper)." if wide else f"fits one column ({LATEX_COLUMN_IN} in)."),
-             rf"\begin{{{env}}}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{" + "l" * (2 - _first(table)) + "r" * (len(head) - 2 + _first(table)) + "}",
-             r"\toprule", " & ".join(_latex_escape(h) for h in head) + r" \\", r"\midrule"]
-    rows = _cells(table)
-    prev_ref = None
-    for row, ref in zip(rows, table["reference"].astype(bool), strict=True):
-        if ref and prev_ref is False:
-            lines.append(r"\midrule")
-        prev_ref = ref
-        k = 3 - _first(table)
-        cells = [_latex_escape(str(c)) for c in row[:k]] + [_latex_num(c, col) for c, col in zip(row[k:], cols,
-                                                                                                 strict=True)]
+             f"% Estimated width {width:.1f} in at \\small: {fit}",
+             rf"\begin{{{env}}}[t]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}"]
+    if width > LATEX_TEXT_IN:
+        lines.append(r"\resizebox{\textwidth}{!}{%")
+    lines += [r"\begin{tabular}{l" + "r" * (n - 1) + "}", r"\toprule",
+              " & ".join(_latex_escape(h) for h in names) + r" \\",
+              " & ".join(_latex_escape(u) for u in units) + r" \\", r"\midrule"]
+    k = 3 - _first(table)
+    several = not _first(table)
+    prev: tuple[str, bool] | None = None
+    for row, r in zip(_cells(table), table.to_dict("records"), strict=True):
+        ref = bool(r["reference"])
+        if several and (prev is None or prev[0] != r["scenario"]):
+            if prev is not None:
+                lines.append(r"\midrule")
+            lines.append(rf"\multicolumn{{{n}}}{{l}}{{\emph{{{_latex_escape(str(row[0]))}}}}} \\")
+        elif ref and prev is not None and not prev[1]:
+            lines.append(r"\cmidrule(lr){1-" + str(n) + "}")
+        prev = (r["scenario"], ref)
+        cells = [_latex_escape(str(c)) for c in row[k - 2 : k]]
+        cells += [_latex_num(c, col) for c, col in zip(row[k:], cols, strict=True)]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}" + ("}" if width > LATEX_TEXT_IN else "")]
     text = " ".join([caption, *table_notes(table, setting)]).strip()
     if text:
         lines.append(r"\caption{" + _latex_escape(text) + "}")
@@ -401,11 +430,12 @@ def plot_heatmaps(accuracy: Any, setting: str, out: Path, infos: dict[str, dict]
         rows = (len(items) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(COLUMN_WIDTH_IN * 2 if cols > 1 else COLUMN_WIDTH_IN,
                                                       2.2 * rows + 0.5), squeeze=False, layout="constrained")
+        methods = dict(zip(accuracy.strategy, accuracy.get("method", accuracy.strategy), strict=False))
         for k, (ax, (strategy, m)) in enumerate(zip(axes.flat, items, strict=False)):
             pct = m * 100
             im = ax.imshow(pct, vmin=0, vmax=100, cmap="viridis", aspect="auto", interpolation="nearest")
             n_rows, T = m.shape  # rows: init + training experiences (more than T on online/recurring streams)
-            ax.set_title(strategy)
+            ax.set_title(strategy + (" (reference)" if _is_reference(methods.get(strategy, strategy)) else ""))
             ax.set_xlabel("evaluated experience")
             if k % cols == 0:
                 ax.set_ylabel("after training on")
@@ -472,8 +502,15 @@ def plot_bars(metrics: Any, setting: str, out: Path, infos: dict[str, dict]) -> 
         g = g.copy()
         for key in ("forgetting", "bwt"):
             g[key] = g[key].astype(float) * 100
+        if "method" not in g:
+            g["method"] = g["strategy"]
+        nothing = g["method"].map(lambda m: _measures_nothing(m, "forgetting"))
+        left_out = list(dict.fromkeys(g.loc[nothing, "strategy"]))  # joint: zero by construction
+        g = g[~nothing]
+        if g.empty:
+            continue
         stats = g.groupby("strategy", sort=False)[["forgetting", "bwt"]].agg(["mean", "std"])
-        methods = g.groupby("strategy", sort=False)["method"].first() if "method" in g else stats.index.to_series()
+        methods = g.groupby("strategy", sort=False)["method"].first()
         seeds = g.groupby("strategy", sort=False).size()
         refs = [_is_reference(methods[s]) for s in stats.index]
         labels = [s + (" (ref.)" if r else "") for s, r in zip(stats.index, refs, strict=True)]
@@ -487,6 +524,9 @@ def plot_bars(metrics: Any, setting: str, out: Path, infos: dict[str, dict]) -> 
             ax.axhline(0, color="black", linewidth=0.5)
         fig.suptitle(f"{info['title']}, {info['settings'][setting]}\nmean ± std over {_seeds_text(seeds)} "
                      "(lower forgetting, higher BWT is better)", fontsize=8)
+        if left_out:
+            fig.supxlabel(f"not shown: {', '.join(left_out)} (zero by construction: trains on the whole stream "
+                          "at once)", fontsize=6)
         paths += _save(fig, out, f"forgetting_{setting}_{scenario}")
     return paths
 
@@ -517,8 +557,12 @@ def plot_pareto(metrics: Any, setting: str, out: Path, infos: dict[str, dict]) -
             ax.scatter(x[~ref], y[~ref], s=14, zorder=3, label="strategy")
             if ref.any():
                 ax.scatter(x[ref], y[ref], s=18, marker="s", color="0.5", zorder=3, label="reference (upper bound)")
-            for strategy, xi, yi in zip(stats.index, x, y, strict=True):
-                ax.annotate(strategy, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            pts = np.stack([x, y], 1) / np.array([np.ptp(x) or 1.0, np.ptp(y) or 1.0])
+            for i, (strategy, xi, yi) in enumerate(zip(stats.index, x, y, strict=True)):
+                near = np.all(np.abs(pts - pts[i]) < 0.06, axis=1)  # labels of these points would overlap
+                below = bool(np.any(near & (y > yi)))  # the lower of two close points is labelled underneath
+                ax.annotate(strategy, (xi, yi), fontsize=6, xytext=(3, -3 if below else 3), textcoords="offset points",
+                            va="top" if below else "bottom")
             comp = np.flatnonzero(~ref)
             if len(comp):
                 front = comp[_pareto_front(x[comp], y[comp])]
