@@ -186,7 +186,7 @@ def fwt(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
 
 
 def forgetting(R: np.ndarray, first_seen: np.ndarray | None = None) -> float:
-    """Average forgetting (Chaudhry et al. 2018, RWalk, Sec. 4 "Forgetting measure"): mean over experiences j
+    """Average forgetting (Chaudhry et al. 2018, RWalk, their "forgetting measure"): mean over experiences j
     learned before the last row of f_j = max_{l in [j, T-1]} R[l, j] - R[T, j]. NaN rows in the max are
     skipped; NaN when T == 1. Equals the mean of the defined entries of ``forgetting_matrix(R)[T]``.
 
