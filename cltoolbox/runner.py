@@ -172,10 +172,10 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove everything in a run folder except its lock (call it while holding the lock)."""
+def clear_run_dir(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove everything in a run folder except its lock and ``keep`` (call it while holding the lock)."""
     for p in Path(run_dir).iterdir():
-        if p.name == ".lock":
+        if p.name == ".lock" or p.name in keep:
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -230,7 +230,8 @@ def claim(run_dir: Path, planned: str, overwrite: bool) -> tuple[str, int | None
     if planned == "resume" and (run_dir / "checkpoint" / "state.pt").exists():
         remove_temporaries(run_dir)
         return "resume", threads
-    clear_run_dir(run_dir)
+    # a restart keeps env.json until the run rewrites it: a kill in between must not lose the thread count
+    clear_run_dir(run_dir, keep=("env.json",) if planned == "resume" else ())
     return ("restart" if planned == "resume" else "run"), threads
 
 
@@ -736,7 +737,7 @@ def run(
     scen = resolved["scenario"]
     data = load_dataset(scen["dataset"], scen["root"], scen["download"])
     streams = {resolved["seeds"][0]: check_buildable(resolved, data)}
-    stop = check_writable(resolved["out"])
+    stop = check_writable(resolved["out"]) if any(action != "skip" for *_, action in todo) else None
 
     results, failures = [], []
     for strategy, seed, run_dir, action in todo:

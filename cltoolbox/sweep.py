@@ -541,7 +541,7 @@ def sweep(
         return []
     from cltoolbox.runner import check_writable
 
-    stop = check_writable(points[0].resolved["out"])
+    stop = check_writable(points[0].resolved["out"]) if any(j.action != "skip" for j in jobs) else None
     records = execute(jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,
                       stop=stop)
     return finish(records, quiet)

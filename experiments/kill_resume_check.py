@@ -8,7 +8,7 @@ the first kill), in three kinds of rounds, in a seeded random order:
 
 - ``progress``: once a run folder shows progress (a new config.yaml or checkpoint), wait a seeded random delay
   and SIGKILL the sweep's whole process group (parent and worker processes);
-- ``early``: once a run starts (a new config.yaml), kill within half of one experience's training time, so the
+- ``early``: once a run starts (a new config.yaml), kill within 30% of one experience's training time, so the
   run dies before its first checkpoint. Resumes alternate --workers between N and 1, so a run restarted from
   scratch must take the thread count recorded in its env.json to end identical;
 - ``concurrent``: a sweep --resume and a ``cltoolbox run --resume`` (seeds in another order) start together on
@@ -207,7 +207,7 @@ def main() -> int:
         while any(p.poll() is None for p in procs) and progress_marks(killed, checkpoints=kind != "early") == before:
             watch.poll()
             time.sleep(0.01)
-        delay = rng.uniform(0, 0.5 * per_exp if kind == "early" else args.max_delay)
+        delay = rng.uniform(0, 0.3 * per_exp if kind == "early" else args.max_delay)
         end = time.monotonic() + delay
         while time.monotonic() < end:
             watch.poll()

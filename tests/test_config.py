@@ -276,3 +276,12 @@ def test_strategy_names_alone_mean_their_defaults() -> None:
         validate(cfg(strategy=["naive", "gemm"]))
     with pytest.raises(ConfigError, match=r"strategy\[0\]: expected a name or a mapping"):
         validate(cfg(strategy=[3]))
+
+
+def test_yaml_merge_keys_may_override_but_repeated_keys_are_refused(tmp_path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("base: &b {lr: 0.1, epochs: 1}\ntrain:\n  <<: *b\n  lr: 0.05\n")
+    assert load_yaml(path)["train"] == {"lr": 0.05, "epochs": 1}
+    path.write_text("train:\n  lr: 0.1\n  epochs: 1\n  lr: 0.05\n")
+    with pytest.raises(ConfigError, match="line 4.*'lr' appears twice"):
+        load_yaml(path)
