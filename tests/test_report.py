@@ -197,3 +197,13 @@ def test_report_names_each_run_it_leaves_out_and_never_tracebacks(runs: Path, tm
     res = subprocess.run(cli, capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith(
         "error: ")
+
+
+def test_time_is_the_runs_cpu_time_when_recorded_else_wall_time(runs: Path) -> None:
+    m = cltoolbox.load_results(runs)["metrics"]
+    assert (m.cpu_s > 0).all()  # metrics.json's cost.cpu_s: process CPU time of the run
+    with_cpu = report.summary_table(m)
+    assert "cpu_s_mean" in with_cpu and "wall_s_mean" not in with_cpu
+    older = report.summary_table(m.drop(columns="cpu_s"))  # run folders written before cpu_s existed
+    md = report.to_markdown(older)
+    assert "Wall time (s)" in md and "CPU time" not in md and "sensitive to other load" in md
