@@ -118,8 +118,9 @@ class PromptPlugin(Plugin):
 
     @torch.no_grad()
     def after_step(self, learner, batch) -> None:
-        """Put back every entry outside the current task's allotment (undoing weight decay; momentum of a
-        zero gradient is zero under Adam, and SGD momentum restarts with each experience's optimizer)."""
+        """Put back every entry outside the current task's allotment, bit for bit: whatever weight decay (or
+        optimizer state built from it) did to them in this step is undone. An L2P pool entry joins the
+        allotment at the first step a batch of the task selects it, from its value at the task's start."""
         task = learner.experience.index
         for name, t in self.module.named_parameters():
             mask = self.frozen(name, t, task)
