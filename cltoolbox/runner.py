@@ -269,12 +269,14 @@ def _checkpoint_problem(state: Any, T: int | None) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu", T: int | None = None) -> dict[str, Any]:
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", T: int | None = None,
+                    mmap: bool = False) -> dict[str, Any]:
     """A run's checkpoint, loaded without running code (``weights_only``) and checked: every key present and a
-    ``next_experience`` that agrees with the rows it has results for. Raises RunExistsError otherwise."""
+    ``next_experience`` that agrees with the rows it has results for. Raises RunExistsError otherwise.
+    ``mmap``: map the tensors instead of reading them (a check before the run loads it for real)."""
     fix = "pass --overwrite to run it again"
     try:
-        state = torch.load(path, weights_only=True, map_location=device)
+        state = torch.load(path, weights_only=True, map_location=device, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated by a power loss (renamed, not fsynced), or not a checkpoint
         raise RunExistsError(f"{path}: unreadable checkpoint ({type(e).__name__}); {fix}") from None
     problem = _checkpoint_problem(state, T)
@@ -517,7 +519,7 @@ def check_existing(run_dir: Path, action: str, run_cfg: dict[str, Any]) -> dict[
         return read_summary(run_dir)
     ckpt = run_dir / "checkpoint" / "state.pt"
     if ckpt.exists():
-        load_checkpoint(ckpt)
+        load_checkpoint(ckpt, mmap=True)
     return None
 
 

@@ -145,6 +145,7 @@ CONFIG_CASES: dict[str, tuple[str, dict | str, list[str], tuple[str, ...]]] = {
     "--out below a file": ("run", TINY, ["--out", "{tmp}/afile/sub"], ("afile", "--out")),
     "--out under /proc": ("run", TINY, ["--out", "/proc/cltoolbox_out"], ("/proc/cltoolbox_out", "--out")),
     "--out under /sys (read-only)": ("run", TINY, ["--out", "/sys/cltoolbox_out"], ("/sys/cltoolbox_out", "--out")),
+    "--out an existing read-only folder": ("run", TINY, ["--out", "/sys"], ("/sys", "cannot write", "--out")),
     "sweep --out is a file": ("sweep", SWEEP, ["--out", "{tmp}/afile"], ("afile", "--out")),
     "sweep --out under /proc": ("sweep", SWEEP, ["--out", "/proc/cltoolbox_out"], ("/proc/cltoolbox_out",)),
     "tune --out is a file": ("tune", TUNE, ["--out", "{tmp}/afile"], ("afile", "--out")),
