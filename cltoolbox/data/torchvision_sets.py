@@ -196,7 +196,8 @@ def _read_cifar_batches(name: str, root: str, base: str, files: list[str], label
             raise _unreadable(name, root, path, err) from err
         data.append(rows)
         labels.extend(file_labels)
-    return torch.from_numpy(np.concatenate(data)), torch.as_tensor(labels, dtype=torch.int64)
+    x = data[0] if len(data) == 1 else np.concatenate(data)  # CIFAR-100 has one training file: no second copy
+    return torch.from_numpy(x), torch.as_tensor(labels, dtype=torch.int64)
 
 
 def _latin1_bytes(text: str, encoding: str) -> bytes:
