@@ -1,7 +1,8 @@
 """Evaluation: before training (the init row) and after every experience, test every test experience.
 
 One pass per test experience gives class-IL accuracy (argmax over all classes), task-IL accuracy (argmax
-over the classes of that experience's task), the mean cross-entropy for each, and per-class counts.
+over the classes of that experience's task), the mean cross-entropy for each, per-class counts, class-IL
+top-5 accuracy, and the class-IL confusion counts of the latest model evaluated.
 Future experiences are evaluated too: the transfer matrix needs them. Results go into preallocated
 tensors (:class:`History`), so bookkeeping per experience stays constant as the stream grows.
 """
@@ -33,6 +34,8 @@ class History:
         self.class_total = torch.zeros(K, C, dtype=torch.long)
         self.class_correct = torch.zeros(T + 1, K, 2, C, dtype=torch.int32)  # in every checkpoint: keep it small
         self.rows_done = torch.zeros(T + 1, dtype=torch.bool)
+        self.top5 = torch.full((T + 1, K), float("nan"), dtype=torch.float64)  # class-IL, true label in the top 5
+        self.confusion = torch.zeros(C, C, dtype=torch.int32)  # (true, predicted) class-IL, latest row evaluated
 
     def matrix(self, setting: str) -> np.ndarray:
         return self.accuracy[:, :, SETTINGS.index(setting)].numpy().copy()
@@ -64,6 +67,30 @@ class History:
                             "trained_exp": i - 1, "eval_exp": j, "setting": setting, "class": c,
                             "n_samples": total[j][c], "n_correct": correct[i][j][s][c],
                         })
+        return rows
+
+    def old_new_rows(self, first_seen: list[int]) -> list[dict[str, Any]]:
+        """Accuracy on the old and the new test samples after each experience (PyCIL's old/new split).
+
+        After training row r, "new" is every eval experience first trained at r and "old" every one trained
+        before it; each side is sample-weighted (accuracy over all of its test samples). On a class-incremental
+        stream these are the classes introduced at r and the classes learnt before; a step that only revisits
+        (recurring streams) has no new samples (NaN). The gap old - new is what bias corrections (BiC, WA) close.
+        """
+        acc, n = self.accuracy.tolist(), self.n_samples.tolist()
+        rows = []
+        for r in torch.nonzero(self.rows_done).flatten().tolist():
+            if r == 0:
+                continue
+            groups = {"old": [j for j, f in enumerate(first_seen) if 0 < f < r],
+                      "new": [j for j, f in enumerate(first_seen) if f == r]}
+            for s, setting in enumerate(SETTINGS):
+                row: dict[str, Any] = {"trained_exp": r - 1, "setting": setting}
+                for side, js in groups.items():
+                    total = sum(n[j] for j in js)
+                    row[f"n_{side}"] = total
+                    row[f"accuracy_{side}"] = (sum(acc[r][j][s] * n[j] for j in js) / total) if total else float("nan")
+                rows.append(row)
         return rows
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -136,22 +163,27 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
     task_logits = logits.masked_fill(ts.not_own[ts.exp_of], float("-inf")) if ts.any_masked else logits
     pred = logits.argmax(1)
     correct = torch.stack((pred, task_logits.argmax(1) if ts.any_masked else pred)) == ts.y
+    in_top5 = (logits.topk(min(5, C), 1).indices == ts.y[:, None]).any(1).double()
+    history.confusion = torch.bincount(ts.y * C + pred, minlength=C * C).view(C, C).to(torch.int32).cpu()
     as_double = correct.double()
-    acc, loss = [], []
+    acc, loss, top5 = [], [], []
     nan = torch.full((2,), float("nan"), dtype=torch.float64, device=logits.device)
     for j, (a, b) in enumerate(ts.bounds):
         if b == a:  # an empty test experience has no accuracy or loss (they stay NaN)
             acc.append(nan)
             loss.append(nan)
+            top5.append(nan[0])
             continue
         y = tests[j].y_test
         acc.append(as_double[:, a:b].mean(1))
+        top5.append(in_top5[a:b].mean())
         class_il = F.cross_entropy(logits[a:b].float(), y)
         task_il = class_il if ts.all_own[j] else F.cross_entropy(task_logits[a:b].float(), y)
         loss.append(torch.stack((class_il, task_il)).double())
     K = len(tests)
     history.accuracy[row] = torch.stack(acc).cpu()
     history.loss[row] = torch.stack(loss).cpu()
+    history.top5[row] = torch.stack(top5).cpu()
     counts = torch.bincount(ts.keys[correct], minlength=K * 2 * C)
     history.class_correct[row] = counts.view(K, 2, C).cpu()
     history.n_samples.copy_(ts.n_samples)
