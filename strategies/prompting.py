@@ -25,8 +25,9 @@ components, keys and attention vectors; L2P's pool entries (prompt and key) that
 has selected. The pools are single tensors in the optimizer, so weight decay (AdamW's decoupled decay, Adam's
 and SGD's L2 term) would move every row, zero gradient or not; the entries outside the allotment are put back
 after every optimizer step (``after_step``), bit for bit, so earlier tasks' prompts stay as they were
-learned under any optimizer; training logits are restricted to the current experience's
-classes (``train_mask``, as in the authors' class-incremental code) and inference masks classes not seen
+learned under any optimizer. Training logits are restricted to the current experience's classes
+(``train_mask``, as in the authors' class-incremental code), so the head's rows of the other classes get no
+gradient: with ``train_mask`` they are put back after every step too. Inference masks classes not seen
 yet. One task = one experience. ``selected_task(learner, x)`` tells which task's prompts an input selects.
 
 Defaults follow the authors' released configurations: L2P pool 10, length 5, top-5, pull 0.1; DualPrompt
@@ -70,6 +71,7 @@ class PromptPlugin(Plugin):
         self._pending: dict | None = None
         self._aux: torch.Tensor | float = 0.0
         self._snapshot: dict[str, torch.Tensor] = {}  # the prompt tensors at the start of the experience
+        self._head: list[torch.Tensor] = []  # the head's weight and bias at the start of the experience
 
     # -- subclass API ----------------------------------------------------------------------------------
     def check(self, model, stream) -> None:
@@ -106,6 +108,8 @@ class PromptPlugin(Plugin):
         self.current[list(exp.classes)] = True
         self.prepare(learner, exp)
         self._snapshot = {k: v.detach().clone() for k, v in self.module.named_parameters()}
+        if self.train_mask:  # the head's rows of the other classes: masked out of the loss, so frozen too
+            self._head = [p.detach().clone() for p in learner.model.head.parameters()]
 
     def prepare(self, learner, exp) -> None:
         """Per-experience set-up of the prompt tensors before the frozen entries are recorded (CODA-Prompt
@@ -126,6 +130,10 @@ class PromptPlugin(Plugin):
             mask = self.frozen(name, t, task)
             if mask is not None:
                 t.copy_(torch.where(mask, self._snapshot[name], t))
+        if self.train_mask:
+            other = ~self.current
+            for p, before in zip(learner.model.head.parameters(), self._head, strict=True):
+                p.copy_(torch.where(other.view(-1, *[1] * (p.dim() - 1)), before, p))
 
     def forward(self, learner, x, t):
         feats, self._aux = self.prompted(learner.model, x, learner.experience.index)

@@ -135,6 +135,7 @@ def test_nothing_outside_the_current_allotment_moves_under_weight_decay(name: st
         learner.experience = exp
         plugin.before_experience(learner, exp)  # CODA initialises the task's slice here: compare after it
         before = {k: v.detach().clone() for k, v in plugin.module.named_parameters()}
+        head = [p.detach().clone() for p in model.head.parameters()]
         learner.train_data(stream.keys(exp.train), exp.y_train, torch.full_like(exp.y_train, exp.task_id))
         plugin.after_experience(learner, exp)
         after = {k: v.detach() for k, v in plugin.module.named_parameters()}
@@ -155,6 +156,10 @@ def test_nothing_outside_the_current_allotment_moves_under_weight_decay(name: st
             assert torch.equal(before[key].index_select(dim, idx), after[key].index_select(dim, idx)), (t, key)
             mine = torch.tensor([i for i in range(before[key].shape[dim]) if i not in idx.tolist()])
             assert not torch.equal(before[key].index_select(dim, mine), after[key].index_select(dim, mine))
+        others = [c for c in range(10) if c not in exp.classes]  # the head rows of the masked-out classes
+        for p, b in zip(model.head.parameters(), head, strict=True):
+            assert torch.equal(p.detach()[others], b[others]), t
+            assert not torch.equal(p.detach()[list(exp.classes)], b[list(exp.classes)])
 
 
 def test_training_logits_are_masked_to_the_current_classes() -> None:
