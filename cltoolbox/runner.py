@@ -229,6 +229,7 @@ def claim(run_dir: Path, planned: str, overwrite: bool) -> tuple[str, int | None
     threads = _recorded_threads(run_dir) if planned == "resume" else None
     if planned == "resume" and (run_dir / "checkpoint" / "state.pt").exists():
         remove_temporaries(run_dir)
+        (run_dir / "error.log").unlink(missing_ok=True)  # of an earlier attempt that failed
         return "resume", threads
     # a restart keeps env.json until the run rewrites it: a kill in between must not lose the thread count
     clear_run_dir(run_dir, keep=("env.json",) if planned == "resume" else ())
@@ -741,7 +742,7 @@ def run(
     streams = {resolved["seeds"][0]: check_buildable(resolved, data)}
     stop = check_writable(resolved["out"]) if any(action != "skip" for *_, action in todo) else None
 
-    results, failures = [], []
+    results, failures, causes = [], [], []
     for strategy, seed, run_dir, action in todo:
         if action == "skip":
             results.append({**skipped[run_dir], "run_dir": str(run_dir)})
@@ -762,15 +763,16 @@ def run(
         except Exception as e:  # noqa: BLE001 - a bug in a strategy: its traceback, then the next run
             import traceback
 
-            traceback.print_exception(e, file=sys.stderr)
+            traceback.print_exception(e, file=sys.stderr)  # a bug: its traceback belongs on the screen
+            causes.append(e)
             failures.append(f"{run_dir}: failed with {_one_line(e)} (traceback in {run_dir / 'error.log'})")
             continue
         results.append({**summary, "run_dir": str(run_dir)})
     if not quiet and results:
         print(format_table(results))
-    if failures:
+    if failures:  # from the first crash, if any: --debug and Python callers see its traceback
         raise CLToolboxError(f"{len(failures)} of {len(todo)} run(s) did not finish, kept without DONE; the first: "
-                             f"{failures[0]}")
+                             f"{failures[0]}") from (causes[0] if causes else None)
     return results
 
 

@@ -17,6 +17,7 @@ import torch
 
 import cltoolbox
 from cltoolbox.data import load_dataset
+from cltoolbox.errors import CLToolboxError
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import SCENARIOS, STRATEGIES, register_strategy
 
@@ -173,12 +174,13 @@ def test_strategy_contract(name: str, tmp_path: Path) -> None:
     cltoolbox.run(_config(name, c, seed=1), quiet=True)  # another seed: different
     assert (run / "accuracy.csv").read_bytes() != (_run_dir(c, name, seed=1) / "accuracy.csv").read_bytes()
 
-    with pytest.raises(Crash):  # killed while finishing experience 2 (after a checkpoint, or before any)
-        Recorder.crash_at = 2
+    with pytest.raises(CLToolboxError) as failed:  # killed while finishing experience 2 (after a checkpoint, or
+        Recorder.crash_at = 2                        # before any): recorded as failed, raised after the other runs
         try:
             cltoolbox.run(_config(name, d), quiet=True)
         finally:
             Recorder.crash_at = -1
+    assert isinstance(failed.value.__cause__, Crash)
     assert not (_run_dir(d, name) / "DONE").exists()
     cltoolbox.run(_config(name, d), resume=True, quiet=True)
     for f in ("accuracy.csv", "per_class.csv", "matrices/forgetting_class_il.csv"):

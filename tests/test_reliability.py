@@ -184,13 +184,15 @@ def test_sweep_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
 # -- 5. a crash inside a strategy: recorded in its run folder, the other runs go on ---------------------------
 
 CRASH = '''
+import os
+
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import register_strategy
 
 
 class Crash(Plugin):
     def before_experience(self, learner, exp):
-        if exp.index == 1:
+        if exp.index == 1 and os.environ.get("CLTOOLBOX_CRASH_TEST") == "1":
             raise RuntimeError("plugin bug")
 
 
@@ -213,7 +215,8 @@ def crash_plugin(tmp_path: Path):
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_strategy_crash_is_recorded_and_the_others_go_on(command: str, tmp_path: Path, crash_plugin: str,
-                                                         capsys) -> None:
+                                                         capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CLTOOLBOX_CRASH_TEST", "1")
     cfg = write(tmp_path, {**CFG, "imports": [crash_plugin], "strategy": ["crash_test", "naive"], "seeds": [0, 1],
                            "train": {**CFG["train"], "epochs": 1}})
     extra = ["--workers", "1"] if command == "sweep" else []
@@ -229,6 +232,13 @@ def test_strategy_crash_is_recorded_and_the_others_go_on(command: str, tmp_path:
         assert "Traceback" in log and "before_experience" in log and "plugin bug" in log
         assert not (crashed / "DONE").exists()
         assert (tmp_path / "out" / RUN / f"seed_{seed}" / "DONE").exists()  # naive went on
+    monkeypatch.setenv("CLTOOLBOX_CRASH_TEST", "0")  # the bug fixed: --resume continues from the checkpoint
+    assert with_threads(1, command, cfg, "--out", str(tmp_path / "out"), "-q", "--resume", *extra) == 0
+    for seed in (0, 1):
+        resumed = tmp_path / "out" / "rel" / "crash_test" / "class_incremental-digits" / f"seed_{seed}"
+        assert json.loads((resumed / "metrics.json").read_text())["status"] == "done"
+        assert (resumed / "DONE").exists() and not (resumed / "error.log").exists()
+        assert json.loads((resumed / "env.json").read_text())["resumed_at_experience"] == 1
 
 
 # -- 6. nothing left behind: a full disk, stale temporaries, a run that fails before writing ------------------
