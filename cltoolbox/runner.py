@@ -191,14 +191,14 @@ def _recorded_threads(run_dir: Path) -> int | None:
     return threads if threads >= 1 else None
 
 
+TEMPORARY = re.compile(r"^\..+\.tmp\d+$")  # results.atomic_write_bytes's temporary names
+
+
 def remove_temporaries(run_dir: Path) -> None:
     """Delete what a killed or failed atomic write left (``.<name>.tmp<pid>``); call it holding the lock."""
     for p in Path(run_dir).rglob(".*.tmp*"):
         if p.is_file() and TEMPORARY.match(p.name):
             p.unlink(missing_ok=True)
-
-
-TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
 
 
 def prune_empty(folder: Path, stop: Path | None) -> None:

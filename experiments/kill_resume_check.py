@@ -17,7 +17,9 @@ the first kill), in three kinds of rounds, in a seeded random order:
 Throughout, every DONE seen is watched: a finished run must never lose its DONE or be rewritten. After the last
 kill, a ``run --resume`` and a ``sweep --resume`` finish the runs together, a last ``sweep --resume`` checks that
 nothing is left, and every run's accuracy.csv, per_class.csv, matrices and training losses are compared byte
-for byte with the twin's; no temporary file may remain. Prints one line per round and a summary.
+for byte with the twin's; no temporary file may remain. A run keeps the thread count it first started with
+(recorded in env.json): one first started by a 1-worker round is compared with an uninterrupted run of its own
+with those threads. Prints one line per round and a summary.
 """
 
 from __future__ import annotations
@@ -70,13 +72,16 @@ def progress_marks(out: Path, checkpoints: bool = True) -> dict[str, int]:
     return marks
 
 
-class DoneWatch:
-    """Every DONE seen must stay, with the same bytes: a finished run is never cleared nor run again."""
+class Watch:
+    """Every DONE seen must stay, with the same bytes: a finished run is never cleared nor run again. Also
+    records the torch thread count each run first started with (its first env.json)."""
 
     def __init__(self, out: Path) -> None:
-        self.out, self.seen, self.violations = out, {}, []
+        self.out, self.seen, self.violations, self.threads = out, {}, [], {}
 
     def poll(self) -> None:
+        import json
+
         for path, text in self.seen.items():
             try:
                 now = Path(path).read_bytes()
@@ -89,6 +94,13 @@ class DoneWatch:
                 self.seen.setdefault(str(p), p.read_bytes())
             except FileNotFoundError:
                 pass
+        for p in self.out.glob("*/*/*/*/env.json"):
+            run = str(p.parent.relative_to(self.out))
+            if run not in self.threads:
+                try:
+                    self.threads[run] = json.loads(p.read_text())["torch_threads"]
+                except (OSError, ValueError, KeyError):
+                    pass
 
 
 def state_of(out: Path) -> tuple[int, list[str]]:
@@ -107,18 +119,33 @@ def state_of(out: Path) -> tuple[int, list[str]]:
     return done, partial
 
 
-def compare(twin: Path, killed: Path) -> tuple[int, list[str]]:
+def twins_with_other_threads(cfg: Path, root: Path, runs: dict[str, int]) -> dict[str, Path]:
+    """An uninterrupted twin for each run that first started with another thread count (in a 1-worker round):
+    ``cltoolbox run`` of that strategy and seed alone, with those threads. Returns run -> its twin's run folder."""
+    twins = {}
+    for run, n in sorted(runs.items()):
+        _, label, _, seed = Path(run).parts
+        one = {**CONFIG, "strategy": [s for s in CONFIG["strategy"] if s["name"] == label], "seeds": [int(seed[5:])]}
+        path = root / f"twin_{label}_{seed}.yaml"
+        path.write_text(yaml.safe_dump(one, sort_keys=False))
+        out = root / f"twin_threads{n}"
+        subprocess.run(run_cmd(path, out, n, one["seeds"], "--overwrite"), check=True)
+        twins[run] = out / run
+    return twins
+
+
+def compare(twin: Path, killed: Path, other_twins: dict[str, Path]) -> tuple[int, list[str]]:
     import pandas as pd
 
     same, diffs = 0, []
-    for d in sorted(p.parent for p in twin.rglob("DONE")):
-        k = killed / d.relative_to(twin)
+    for run in sorted(str(p.parent.relative_to(twin)) for p in twin.rglob("DONE")):
+        k, d = killed / run, other_twins.get(run, twin / run)
         bad = [f for f in COMPARED if not (k / f).exists() or (k / f).read_bytes() != (d / f).read_bytes()]
         cols = ["experience", "epoch", "step", "loss", "lr"]
         if not pd.read_csv(k / "train_log.csv")[cols].equals(pd.read_csv(d / "train_log.csv")[cols]):
             bad.append("train_log.csv losses")
         if bad:
-            diffs.append(f"{d.relative_to(twin)}: {', '.join(bad)}")
+            diffs.append(f"{run}: {', '.join(bad)}")
         else:
             same += 1
     return same, diffs
@@ -190,7 +217,7 @@ def main() -> int:
     if "early" in rounds:  # the very first start is fresh: make it an early kill
         rounds.remove("early")
         rounds.insert(0, "early")
-    watch = DoneWatch(killed)
+    watch = Watch(killed)
     logs: list[str] = []
     kills = early_hits = concurrent = 0
     states: set[str] = set()
@@ -243,14 +270,17 @@ def main() -> int:
     resumed = sum(not x.endswith("@0") for x in states)
     restarted = sum(x.endswith("@0") for x in states)
     finished_lines = sum(len(re.findall(r"resumed at experience|restarted \(no checkpoint\)", log)) for log in logs)
-    same, diffs = compare(twin, killed)
+    other = {run: n for run, n in watch.threads.items() if n != threads}
+    same, diffs = compare(twin, killed, twins_with_other_threads(cfg, root, other))
     total = len(list(twin.rglob("DONE")))
     leftovers = [p for p in killed.rglob("*") if ".tmp" in p.name]
     print(f"summary: {kills} kills ({early_hits} of the early kills caught a run before its first checkpoint, "
           f"{concurrent} with a sweep and a run resuming together); {len(states)} distinct interrupted run states: "
           f"{resumed} continued from a checkpoint, {restarted} started again; {finished_lines} sweep runs finished "
           f"after a resume or restart; {len(watch.violations)} finished runs lost or rewritten; "
-          f"{len(leftovers)} temporary files left; {same}/{total} runs byte-identical to the uninterrupted twin")
+          f"{len(leftovers)} temporary files left; {same}/{total} runs byte-identical to an uninterrupted twin "
+          f"({len(other)} of them first started in a 1-worker round, with {sorted(set(other.values())) or '-'} "
+          "threads: compared with a twin run with those threads)")
     for d in diffs:
         print(f"  DIFFERS {d}")
     for v in watch.violations:
