@@ -1,0 +1,163 @@
+"""LUCIR: Learning a Unified Classifier Incrementally via Rebalancing.
+
+Hou, Pan, Loy, Wang and Lin 2019, "Learning a Unified Classifier Incrementally via Rebalancing" (CVPR). An
+exemplar method (the experience's data plus a class-balanced memory, see ``strategies/exemplar.py``) with
+three parts against the imbalance between new and old classes:
+
+* Cosine normalisation (their Sec. 3.2): logits are sigma * cos(theta_c, f(x)), the cosine between the
+  feature and each class's weight vector times a learnable scale sigma (initialised to 1), so new classes
+  cannot win by larger weight norms or biases. The weight vectors are the rows of the model's own ``head``
+  (its bias is unused); sigma is the plugin's parameter.
+* Less-forget constraint (Sec. 3.3, Eq. 6): lambda * (1 - cos(f*(x), f(x))) on every training sample, f* the
+  features of the model frozen at the end of the previous experience, with the adaptive weight
+  lambda = lambda_base * sqrt(|C_old| / |C_new|) (Eq. 7).
+* Inter-class separation (Sec. 3.4, Eq. 8): for every exemplar (a sample of an old class) in the batch, a
+  margin ranking loss max(0, m - cos(theta_y, f(x)) + cos(theta_k, f(x))) against each of the K new classes
+  with the highest cosine (the hard negatives), averaged over the (sample, negative) pairs.
+
+In each incremental step the new classes' weight vectors start as their normalised mean feature ("imprinted",
+as in the authors' implementation; ``imprint: false`` keeps the head's values) and the old classes' weight
+vectors stay fixed (``fix_old: true``: also the authors' implementation, which trains only the new classes'
+part of the cosine layer); the CE runs over all outputs.
+
+Defaults from the paper's CIFAR-100 setting: lambda_base = 5, K = 2, m = 0.5 (Sec. 4.1). Deviations: the
+exemplars are a uniform random sample per class (ClassBalancedMemory) instead of herding; the features are the
+model's ``features(x)`` as they are (the paper removes the last ReLU of its ResNets so that features can be
+negative; our MLP's features end with a ReLU, so cosines lie in [0, 1]); the optional class-balanced
+finetuning of the paper is not implemented. Task-IL streams train with the loop's task mask; the margin loss
+then does nothing (old and new classes never compete) and is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cltoolbox.errors import ConfigError
+from cltoolbox.plugin import Batch, Plugin
+from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory_size
+
+
+def margin_ranking(cos: torch.Tensor, y: torch.Tensor, old: torch.Tensor, new: torch.Tensor, k: int,
+                   margin: float) -> torch.Tensor:
+    """LUCIR's Eq. 8: mean over the rows of old classes and their top-``k`` new classes of
+    max(0, margin - cos[gt] + cos[negative]); 0 when the batch holds no old-class sample."""
+    rows = torch.isin(y, old)
+    if not bool(rows.any()):
+        return cos.new_zeros(())
+    c = cos[rows]
+    gt = c.gather(1, y[rows].unsqueeze(1))
+    hard = c.index_select(1, new).topk(min(k, len(new)), dim=1).values
+    return F.relu(margin - gt + hard).mean()
+
+
+class LUCIRPlugin(ExemplarPlugin):
+    name = "lucir"
+
+    def __init__(self, memory_size: int, lambda_base: float, margin: float, k: int, imprint: bool,
+                 fix_old: bool) -> None:
+        super().__init__(memory_size)
+        self.lambda_base, self.margin, self.k, self.imprint, self.fix_old = lambda_base, margin, k, imprint, fix_old
+        self.sigma = torch.ones((), requires_grad=True)
+        self._stash: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (x, features, cosines)
+        self._old_rows: torch.Tensor | None = None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.sigma]
+
+    def before_fit(self, learner, stream) -> None:
+        super().before_fit(learner, stream)
+        # a leaf on the training device (the optimizers are made later, per experience)
+        self.sigma = self.sigma.detach().to(learner.device).requires_grad_(True)
+
+    def cosine(self, learner, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, cosines with every class's weight vector) of ``x``."""
+        feats = learner.model.features(x).flatten(1)
+        return feats, F.normalize(feats, dim=1) @ F.normalize(learner.model.head.weight, dim=1).T
+
+    def forward(self, learner, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        feats, cos = self.cosine(learner, x)
+        self._stash = (x, feats, cos)
+        return self.sigma * cos
+
+    def predict(self, learner, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.cosine(learner, x)[1]
+
+    # -- an incremental step ------------------------------------------------------------------------------
+    def before_experience(self, learner, exp) -> None:
+        super().before_experience(learner, exp)
+        head = learner.model.head
+        new = [c for c in self.current_classes.tolist() if c not in set(self.seen)]
+        if self.imprint and self.old_classes is not None and new:
+            self._imprint(learner, exp, new)
+        self._old_rows = head.weight.detach()[self.old_classes].clone() if self.fix_old and \
+            self.old_classes is not None else None
+
+    def _imprint(self, learner, exp, new: list[int]) -> None:
+        """New classes' weight vectors := their normalised mean normalised feature, at the old rows' mean norm."""
+        from cltoolbox.strategies.pretrained import stream_features
+
+        y = exp.y_train
+        feats = F.normalize(stream_features(learner, learner.stream.keys(exp.train)), dim=1)
+        w = learner.model.head.weight
+        with torch.no_grad():
+            scale = w[self.old_classes].norm(dim=1).mean()
+            for c in new:
+                mean = feats[(y == c).to(feats.device)].mean(0)
+                w[c] = F.normalize(mean, dim=0) * scale
+
+    def loss(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | float:
+        if self.old_classes is None:
+            return 0.0
+        x = learner.model_input(batch.x)
+        stash = self._stash
+        feats, cos = (stash[1], stash[2]) if stash is not None and stash[0] is x else self.cosine(learner, x)
+        self._stash = None
+        self.teacher(learner)
+        with torch.no_grad():
+            old_feats = self._teacher.features(x).flatten(1)
+        lam = self.lambda_base * (len(self.old_classes) / len(self.current_classes)) ** 0.5
+        out = lam * (1 - F.cosine_similarity(feats, old_feats, dim=1)).mean()
+        if not learner.multi_head and self.margin > 0 and self.k > 0:
+            out = out + margin_ranking(cos, batch.y, self.old_classes, self.current_classes, self.k, self.margin)
+        return out
+
+    def after_step(self, learner, batch: Batch) -> None:
+        if self._old_rows is not None:  # the old classes' embeddings stay as they were (weight decay included)
+            with torch.no_grad():
+                learner.model.head.weight[self.old_classes] = self._old_rows
+
+    def after_experience(self, learner, exp) -> None:
+        self._old_rows = self._stash = None
+        super().after_experience(learner, exp)
+
+    def report(self, learner, stream) -> dict[str, float]:
+        return {"lucir_sigma": float(self.sigma.detach())}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "sigma": self.sigma.detach()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.sigma = state["sigma"].detach().clone().requires_grad_(True)
+
+
+@register_strategy("lucir")
+def lucir(memory_size: int = 500, lambda_base: float = 5.0, margin: float = 0.5, k: int = 2,
+          imprint: bool = True, fix_old: bool = True) -> list[Plugin]:
+    """LUCIR (Hou et al. 2019): cosine classifier, feature distillation (less-forget), margin ranking on exemplars.
+
+    ``memory_size`` (>= 1): class-balanced exemplars; ``lambda_base`` (>= 0): less-forget weight (paper: 5 on
+    CIFAR-100, 10 on ImageNet); ``margin`` in [0, 2] and ``k`` (>= 0, 0 = off): margin ranking loss (paper:
+    0.5, 2); ``imprint``: new classes' weights start at their mean feature; ``fix_old``: old classes' weights stay
+    fixed in later steps.
+    """
+    check_memory_size(memory_size)
+    if not lambda_base >= 0:
+        raise ConfigError(f"strategy.lambda_base: must be >= 0, got {lambda_base}; the paper uses 5 (CIFAR-100)")
+    if not 0 <= margin <= 2:
+        raise ConfigError(f"strategy.margin: must be in [0, 2] (a gap between cosines), got {margin}; paper: 0.5")
+    if k < 0:
+        raise ConfigError(f"strategy.k: must be >= 0 (hard negatives per exemplar; 0 = off), got {k}; paper: 2")
+    return [LUCIRPlugin(memory_size, lambda_base, margin, k, imprint, fix_old)]

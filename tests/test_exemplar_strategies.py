@@ -1,0 +1,212 @@
+"""ER-ACE, WA, BiC and LUCIR: one test per mechanism (each fails if the mechanism is removed) and a small
+learning test each. Resume and determinism are covered for every registered strategy by test_conformance.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from toys import gaussian_pairs_stream
+
+import cltoolbox.strategies.bias_correction as bc
+from cltoolbox.errors import ConfigError
+from cltoolbox.loop import Learner, TrainConfig
+from cltoolbox.models.mlp import mlp
+from cltoolbox.plugin import Batch
+from cltoolbox.registry import STRATEGIES
+from cltoolbox.strategies.er_ace import ERACEPlugin
+from cltoolbox.strategies.lucir import LUCIRPlugin, margin_ranking
+from cltoolbox.strategies.memory import ClassBalancedMemory
+
+
+def _fit(name: str, stream=None, epochs: int = 3, **params) -> tuple[Learner, object]:
+    stream = stream or gaussian_pairs_stream(n_exp=3, per_class=60)
+    torch.manual_seed(0)
+    plugins = STRATEGIES.get(name).factory(**params)
+    learner = Learner(mlp(stream.input_shape, stream.n_classes, hidden=[32]), plugins,
+                      TrainConfig(epochs=epochs, batch_size=10, lr=0.05, device="cpu"), seed=0)
+    learner.fit(stream)
+    return learner, stream
+
+
+def _class_il_acc(learner: Learner, stream) -> list[float]:
+    out = []
+    for e in stream:
+        pred = learner.logits(e.x_test, torch.zeros(e.n_test, dtype=torch.long)).argmax(1)
+        out.append(float((pred == e.y_test).float().mean()))
+    return out
+
+
+# -- ER-ACE ----------------------------------------------------------------------------------------------------
+def test_er_ace_incoming_loss_leaves_absent_classes_alone() -> None:
+    plugin = ERACEPlugin(memory_size=10, mem_batch_size=None)
+    plugin.seen = torch.tensor([True, True, False, False, False, False])  # classes 0, 1 met before
+    y_in, y_mem = torch.tensor([2, 3, 2]), torch.tensor([0, 1])
+    plugin._current = Batch(torch.zeros(3, 1), y_in, torch.zeros(3, dtype=torch.long))
+    batch = plugin._current.cat(torch.zeros(2, 1), y_mem, torch.zeros(2, dtype=torch.long))
+    logits = torch.randn(5, 6, requires_grad=True)
+    plugin.criterion(None, batch, logits).backward()
+    g = logits.grad
+    assert torch.all(g[:3, [0, 1, 4, 5]] == 0)  # incoming rows: nothing for classes absent from the batch
+    assert torch.all(g[:3, [2, 3]] != 0)
+    assert torch.all(g[3:, 4:] == 0) and torch.all(g[3:, :4] != 0)  # replay rows: every seen class, no unseen
+    assert plugin.seen.tolist() == [True, True, True, True, False, False]
+    plain = torch.randn(3, 6, requires_grad=True)  # plain CE would push the absent classes down
+    F.cross_entropy(plain, y_in).backward()
+    assert torch.all(plain.grad[:, [0, 1]] > 0)
+
+
+def test_er_ace_beats_naive_and_validates() -> None:
+    ace, stream = _fit("er_ace", memory_size=60)
+    naive, _ = _fit("naive")
+    assert sum(_class_il_acc(ace, stream)) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
+    assert ace.plugins[0].memory_usage()[0] == 60
+    with pytest.raises(ConfigError, match="mem_batch_size"):
+        STRATEGIES.get("er_ace").factory(mem_batch_size=0)
+
+
+# -- WA ----------------------------------------------------------------------------------------------------------
+def test_weight_aligning_equalises_mean_norms() -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(5, 6)
+    with torch.no_grad():
+        head.weight[4:] *= 7.0  # new classes with much larger weights
+    before = head.weight.detach().clone()
+    old, new = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5])
+    gamma = bc.align_weights(head, old, new)
+    norms = head.weight.detach().norm(dim=1)
+    assert gamma < 0.2
+    assert torch.isclose(norms[old].mean(), norms[new].mean())
+    assert torch.equal(head.weight.detach()[old], before[old])  # old classes untouched
+
+
+def test_wa_clips_weights_and_learns() -> None:
+    wa, stream = _fit("wa", memory_size=60)
+    head = wa.model.head
+    assert (head.weight >= 0).all() and (head.bias == 0).all()
+    assert len(wa.plugins[0].gammas) == 2  # aligned after experiences 2 and 3
+    naive, _ = _fit("naive")
+    assert sum(_class_il_acc(wa, stream)) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
+
+
+# -- BiC ---------------------------------------------------------------------------------------------------------
+def test_bias_layer_corrects_only_new_classes() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(50)
+    logits = 3 * F.one_hot(y, 4).float() + torch.randn(200, 4, generator=g)
+    biased = logits.clone()
+    biased[:, 2:] = 2.0 * biased[:, 2:] + 3.0  # the new classes 2, 3 win too often
+    allowed = torch.ones_like(biased, dtype=torch.bool)
+    alpha, beta = bc.fit_bias_layer(biased, y, torch.tensor([2, 3]), allowed, steps=100)
+    plugin = bc.BiCPlugin(100, 0.1, 2.0, 100)
+    plugin.scale, plugin.shift = torch.ones(4), torch.zeros(4)
+    plugin.scale[2:], plugin.shift[2:] = alpha, beta
+    fixed = plugin.correct(biased)
+    assert torch.equal(fixed[:, :2], biased[:, :2])  # old classes' logits pass unchanged
+    acc = lambda z: float((z.argmax(1) == y).float().mean())  # noqa: E731
+    assert acc(fixed) > acc(biased) + 0.2 and acc(fixed) >= acc(logits) - 0.05
+    assert beta < 0  # the new classes' offset is taken back
+
+
+def test_bic_validation_split_is_stable_and_held_out(monkeypatch) -> None:
+    plugin = bc.BiCPlugin(100, 0.1, 2.0, 50)
+    mem = plugin.memory
+    g = torch.Generator().manual_seed(0)
+    mem.update(torch.arange(200), torch.arange(2).repeat(100), torch.zeros(200, dtype=torch.long), g)
+    val = set(mem.key[: mem.size][plugin.memory_split()].tolist())
+    assert len(val) == 10  # 50 exemplars a class, 1 in 10 for validation
+    mem.update(torch.arange(200, 300), torch.arange(2, 4).repeat(50), torch.zeros(100, dtype=torch.long), g)
+    keys, split = mem.key[: mem.size].tolist(), plugin.memory_split().tolist()
+    kept = {k for k, v in zip(keys, split, strict=True) if v}
+    # 25 a class now (2 for validation); the old classes' remaining validation samples stay validation
+    assert len(kept) == 4 * 2 and {k for k in kept if k < 200} <= val
+
+    fitted: list[torch.Tensor] = []
+    trained: list[torch.Tensor] = []
+    real_fit, real_train = bc.validation_logits, Learner.train_data
+    monkeypatch.setattr(bc, "validation_logits", lambda lrn, key, correct: fitted.append(key) or
+                        real_fit(lrn, key, correct))
+    monkeypatch.setattr(Learner, "train_data", lambda self, key, y, t, epochs=None: trained.append(key) or
+                        real_train(self, key, y, t, epochs))
+    learner, stream = _fit("bic", memory_size=60)
+    assert len(fitted) == 2 and len(trained) == 3  # stage 2 after experiences 2 and 3 only
+    for val_keys, train_keys in zip(fitted, trained[1:], strict=True):
+        assert not set(val_keys.tolist()) & set(train_keys.tolist())  # fitted on held-out samples only
+        counts = torch.bincount(_labels(stream, val_keys))
+        assert counts[counts > 0].min() == counts.max()  # balanced: as many per class, old and new
+    a = _class_il_acc(learner, stream)
+    naive, _ = _fit("naive")
+    assert sum(a) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
+
+
+def _labels(stream, keys: torch.Tensor) -> torch.Tensor:
+    all_keys = torch.cat([stream.keys(e.train) for e in stream])
+    all_y = torch.cat([e.y_train for e in stream])
+    pos = {k: i for i, k in enumerate(all_keys.tolist())}
+    return all_y[torch.tensor([pos[k] for k in keys.tolist()])]
+
+
+# -- LUCIR -------------------------------------------------------------------------------------------------------
+def test_lucir_classifier_is_cosine_normalised() -> None:
+    torch.manual_seed(0)
+    model = mlp((8,), 6, hidden=[16])
+    plugin = LUCIRPlugin(50, 5.0, 0.5, 2, True, True)
+    learner = Learner(model, [plugin], TrainConfig(device="cpu"))
+    plugin.sigma = torch.tensor(4.0, requires_grad=True)
+    x = torch.randn(20, 8)
+    out = plugin.predict(learner, x, torch.zeros(20, dtype=torch.long)).detach()
+    assert out.abs().max() <= 4.0 + 1e-5
+    with torch.no_grad():
+        model.head.weight[3] *= 10  # a class's weight norm and the head's bias do not matter
+        model.head.bias += 5
+    again = plugin.predict(learner, x, torch.zeros(20, dtype=torch.long)).detach()
+    assert torch.allclose(out, again, atol=1e-6)
+    assert torch.allclose(out / 4.0, F.normalize(model.features(x), dim=1) @ F.normalize(model.head.weight, dim=1).T,
+                          atol=1e-6)
+
+
+def test_lucir_margin_loss_is_zero_when_satisfied() -> None:
+    old, new = torch.tensor([0, 1]), torch.tensor([2, 3, 4])
+    cos = torch.tensor([[0.9, 0.1, 0.3, 0.2, 0.35],    # old sample, margin 0.5 met: 0.9 - 0.35 >= 0.5
+                        [0.0, 0.8, 0.1, 0.2, 0.25],    # old sample, met
+                        [0.0, 0.0, 0.1, 0.9, 0.0]])    # a new-class sample: not ranked
+    y = torch.tensor([0, 1, 3])
+    assert margin_ranking(cos, y, old, new, k=2, margin=0.5) == 0
+    cos[0, 4] = 0.6  # a hard negative within the margin: 0.5 - 0.9 + 0.6 = 0.2, over 4 pairs
+    assert torch.isclose(margin_ranking(cos, y, old, new, k=2, margin=0.5), torch.tensor(0.2 / 4))
+    assert margin_ranking(cos, torch.tensor([2, 3, 4]), old, new, k=2, margin=0.5) == 0  # no exemplar in batch
+
+
+def test_lucir_learns_and_keeps_old_embeddings() -> None:
+    stream = gaussian_pairs_stream(n_exp=3, per_class=60)
+    seen_rows: list[torch.Tensor] = []
+
+    class Spy(LUCIRPlugin):
+        def after_experience(self, learner, exp):
+            seen_rows.append(learner.model.head.weight.detach().clone())
+            super().after_experience(learner, exp)
+
+    torch.manual_seed(0)
+    plugin = Spy(60, 5.0, 0.5, 2, True, True)
+    learner = Learner(mlp(stream.input_shape, stream.n_classes, hidden=[32]), [plugin],
+                      TrainConfig(epochs=3, batch_size=10, lr=0.05, device="cpu"), seed=0)
+    learner.fit(stream)
+    assert torch.equal(seen_rows[1][:2], seen_rows[0][:2]) and torch.equal(seen_rows[2][:4], seen_rows[1][:4])
+    assert float(plugin.sigma.detach()) > 1.0  # the scale is learnt
+    naive, _ = _fit("naive", stream)
+    assert sum(_class_il_acc(learner, stream)) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
+
+
+def test_factories_reject_bad_values() -> None:
+    for name, bad in (("wa", {"temperature": 0}), ("bic", {"val_fraction": 1.0}), ("bic", {"bias_steps": 0}),
+                      ("lucir", {"margin": 3.0}), ("lucir", {"k": -1}), ("lucir", {"memory_size": 0})):
+        with pytest.raises(ConfigError, match=f"strategy.{next(iter(bad))}"):
+            STRATEGIES.get(name).factory(**bad)
+
+
+def test_memory_is_class_balanced_keys() -> None:
+    learner, _ = _fit("wa", memory_size=60, epochs=1)
+    mem: ClassBalancedMemory = learner.plugins[0].memory
+    assert mem.key.dtype == torch.int64 and torch.bincount(mem.y[: mem.size]).tolist() == [10] * 6
+    items, nbytes = learner.plugins[0].memory_usage()
+    assert items == 60 and nbytes > 60 * 8 * 4  # exemplars at native size plus the teacher's weights
