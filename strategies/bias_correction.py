@@ -35,7 +35,9 @@ BiC: Wu, Chen, Wang, Ye, Liu, Guo and Fu 2019, "Large Scale Incremental Learning
   (``bias_steps`` iterations), which reaches the same minimiser in milliseconds.
 * Which exemplars are for validation is decided by each exemplar's rank in its class's memory order
   (ClassBalancedMemory keeps each class's highest-priority samples): every ``1/val_fraction``-th rank, so when a
-  class gives up exemplars its remaining validation samples stay validation samples.
+  class gives up exemplars its remaining validation samples stay validation samples. While the memory holds
+  too few exemplars a class for any to be set aside (fewer than ``1/val_fraction``), there is no balanced
+  validation set and stage 2 is skipped.
 
 Common deviation: the exemplars are a uniform random sample per class (ClassBalancedMemory) rather than
 iCaRL's herding selection that both papers use (herding is in ``strategies/icarl.py``). Defaults: memory 500
@@ -186,6 +188,8 @@ class BiCPlugin(ExemplarPlugin):
         is_val = self.memory_split()
         mk, my, mt = m.key[: m.size], m.y[: m.size], m.t[: m.size]
         old_val = is_val & torch.isin(my, self.old_classes.to(my.device))
+        if not bool(old_val.any()):  # too few exemplars a class for a validation part: no balanced set, no stage 2
+            return super().training_set(learner, exp)
         n_per_class = max(1, round(int(old_val.sum()) / len(self.old_classes)))
         # hold out n_per_class random samples of each class of this experience
         held = torch.zeros(len(y), dtype=torch.bool)
