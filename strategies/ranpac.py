@@ -135,8 +135,9 @@ class RanPACPlugin(FixedExtractorPlugin):
         """Seen classes; bytes of the projection, the Gram matrix, the prototypes and the ridge head."""
         if self.gram is None:
             return 0, 0
+        head = self.prototypes.numel() * self.prototypes.element_size()  # W, the same shape (whether solved yet)
         return int((self.counts > 0).sum()), tensor_bytes(self.projection, self.gram, self.prototypes,
-                                                          self.counts, self._w)
+                                                          self.counts) + head
 
     def report(self, learner, stream) -> dict[str, float]:
         return {f"ranpac_lambda_exp{i}": v for i, v in enumerate(self.chosen)}

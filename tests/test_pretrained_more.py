@@ -214,3 +214,73 @@ def test_learning_on_digits(tmp_path) -> None:
     assert ranpac["cost"]["memory_bytes"] >= 500 * 500 * 8  # the Gram matrix is counted
     assert aper > 0.7, aper
     assert slca > 0.8, slca
+
+
+# -- resume and file-backed streams -----------------------------------------------------------------------
+@pytest.mark.parametrize("adapt", ["adapter", "body"])
+def test_aper_resumes_from_a_checkpoint(adapt: str) -> None:
+    """A learner restored from a state dict (plugin state loaded before before_fit, as the runner does) predicts
+    exactly as the one that trained, the pre-trained copy of ``body`` rebuilt from the checkpoint."""
+    from cltoolbox.loop import Learner, TrainConfig
+
+    stream = _digits()
+
+    def make() -> Learner:
+        torch.manual_seed(0)
+        model = MODELS.get("mlp").factory(stream.input_shape, 10, hidden=[16])
+        return Learner(model, STRATEGIES.get("aper").factory(adapt=adapt, adapter_scale=1.0),
+                       TrainConfig(epochs=2, batch_size=32, lr=0.1), seed=0)
+
+    a = make()
+    a.begin(stream)
+    for exp in stream.experiences[:2]:
+        a.train_experience(exp)
+    state = a.state_dict()
+    torch.manual_seed(5)  # the restored learner must not depend on the global RNG either
+    b = make()
+    b.load_state_dict(state)
+    b.begin(stream)
+    b.train_experience(stream.experiences[2])
+    a.train_experience(stream.experiences[2])
+    x = torch.cat([e.x_test for e in stream.experiences])
+    t = torch.zeros(len(x), dtype=torch.int64)
+    assert torch.equal(a.logits(x, t), b.logits(x, t))
+
+
+def test_file_backed_stream_embeds_each_image_once(tmp_path) -> None:
+    """On PNG files through a frozen ViT, every method walks samples by stream key: each image is decoded and
+    embedded once per run (training, statistics, alignment and evaluation hit the cache), nothing is copied."""
+    import numpy as np
+    from PIL import Image
+
+    from cltoolbox.data.base import Dataset
+    from cltoolbox.data.source import ImageFiles
+    from cltoolbox.evaluate import History, evaluate_stream
+    from cltoolbox.loop import Learner, TrainConfig
+
+    rng = np.random.default_rng(0)
+
+    def pngs(folder, labels):
+        folder.mkdir()
+        paths = []
+        for i, c in enumerate(labels.tolist()):
+            img = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+            img[2 * c : 2 * c + 2] += 180  # class c: a bright band at rows 2c, 2c+1
+            Image.fromarray(img).save(folder / f"{i}.png")
+            paths.append(str(folder / f"{i}.png"))
+        return ImageFiles(paths, labels, folder.name, resize=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    ytr, yte = torch.arange(40) % 4, torch.arange(16) % 4
+    data = Dataset("files", pngs(tmp_path / "tr", ytr), pngs(tmp_path / "te", yte), 4)
+    stream = SCENARIOS.get("class_incremental").factory(data, 0, n_experiences=2)
+    assert stream.file_backed()
+    for name, params in (("ranpac", {"projection_dim": 64}), ("aper", {}), ("slca", {"ca_samples": 32})):
+        torch.manual_seed(0)
+        model = MODELS.get("vit").factory(stream.input_shape, 4, patch_size=4, embed_dim=16, depth=1,
+                                          num_heads=2, frozen=True)
+        learner = Learner(model, STRATEGIES.get(name).factory(**params),
+                          TrainConfig(epochs=2, batch_size=8, lr=0.05, workers=0), seed=0)
+        history = History(len(stream), stream.n_classes)
+        learner.fit(stream, on_experience_end=lambda lrn, e, h=history: evaluate_stream(lrn, stream, e.index, h))
+        assert model.cache.misses == len(model.cache) == 56, name  # 40 + 16 images, each embedded once
+        assert history.accuracy[-1].mean() > 0.35, (name, history.accuracy)  # chance: 0.25 (class-IL)
