@@ -30,22 +30,29 @@ BiC: Wu, Chen, Wang, Ye, Liu, Guo and Fu 2019, "Large Scale Incremental Learning
   classes' logits (old classes' logits pass unchanged), fitted by cross-entropy over the classes seen so far
   on the balanced validation set only, with the rest of the model frozen. Each experience's (alpha, beta) stay
   applied to its classes afterwards, in training and at test.
-  Deviation: the paper fits (alpha, beta) by SGD; the loss is convex in (alpha, beta) and the logits are fixed
-  while it is fitted, so we compute the validation logits once and run L-BFGS on them
-  (``bias_steps`` iterations), which reaches the same minimiser in milliseconds.
+  Deviation: the paper fits (alpha, beta) by SGD for a fixed number of epochs from (1, 0); the logits are fixed
+  while it is fitted and the loss is convex in (alpha, beta), so we compute the validation logits once and run
+  L-BFGS on them (``bias_steps`` iterations, milliseconds) with a ridge ``bias_l2 * ((alpha - 1)^2 + beta^2)``
+  in place of the paper's implicit early stopping: a validation set that some (alpha, beta) classifies
+  perfectly (small ones do) has no finite minimiser, and without the ridge the fitted layer ran off to
+  alpha = 17, beta = -44 on a toy stream and wrecked every later experience. bias_l2 = 0.01 was chosen
+  among {0, 0.001, 0.01} on Split-MNIST-5k (class-IL ACC 0.846 / 0.878 / 0.882, 3 seeds).
 * Which exemplars are for validation is decided by each exemplar's rank in its class's memory order
-  (ClassBalancedMemory keeps each class's highest-priority samples): every ``1/val_fraction``-th rank, so when a
+  (the herding order, or a random priority order with ``selection: random``; a class's memory keeps the head of
+  that order): every ``1/val_fraction``-th rank, so when a
   class gives up exemplars its remaining validation samples stay validation samples. While the memory holds
   too few exemplars a class for any to be set aside (fewer than ``1/val_fraction``), there is no balanced
   validation set and stage 2 is skipped.
 
-Common deviation: the exemplars are a uniform random sample per class (ClassBalancedMemory) rather than
-iCaRL's herding selection that both papers use (herding is in ``strategies/icarl.py``). Defaults: memory 500
+Exemplars: iCaRL's herding, as both papers (``selection: random`` takes a uniform random sample per class).
+Defaults: memory 500
 (the toolbox's Split-MNIST budget; the papers use 2,000 on CIFAR-100 and 20,000 on ImageNet), T = 2 (both
 papers).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +61,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.distillation import distillation_loss
-from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory_size
+from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
 
 
 def kd_on(new: torch.Tensor, old: torch.Tensor, classes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -66,8 +73,9 @@ def kd_on(new: torch.Tensor, old: torch.Tensor, classes: torch.Tensor, temperatu
 class WAPlugin(ExemplarPlugin):
     name = "wa"
 
-    def __init__(self, memory_size: int, temperature: float, clip: bool, align: bool, head_bias: bool) -> None:
-        super().__init__(memory_size)
+    def __init__(self, memory_size: int, temperature: float, clip: bool, align: bool, head_bias: bool,
+                 selection: str = "herding") -> None:
+        super().__init__(memory_size, selection)
         self.temperature, self.clip, self.align, self.head_bias = temperature, clip, align, head_bias
         self.gammas: list[float] = []  # the aligning factor of each experience (metrics.json diagnostics)
 
@@ -123,26 +131,29 @@ def align_weights(head: torch.nn.Linear, old: torch.Tensor, new: torch.Tensor) -
 
 @register_strategy("wa")
 def wa(memory_size: int = 500, temperature: float = 2.0, clip: bool = True, align: bool = True,
-       head_bias: bool = False) -> list[Plugin]:
+       head_bias: bool = False, selection: Literal["herding", "random"] = "herding") -> list[Plugin]:
     """WA (Zhao et al. 2020): exemplars + KD, weights clipped >= 0, new-class weights aligned to old norms.
 
     ``memory_size`` (>= 1): class-balanced exemplars; ``temperature`` (> 0): KD temperature (paper: 2);
     ``clip``/``align``: the paper's weight clipping and weight aligning (switch off for ablations);
-    ``head_bias``: train the head's bias (the paper's layer has none; default: held at 0).
+    ``head_bias``: train the head's bias (the paper's layer has none; default: held at 0); ``selection``:
+    exemplars by herding (the paper's) or at random.
     """
-    check_memory_size(memory_size)
+    check_memory(memory_size, selection)
     if not temperature > 0:
         raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the paper uses 2")
-    return [WAPlugin(memory_size, temperature, clip, align, head_bias)]
+    return [WAPlugin(memory_size, temperature, clip, align, head_bias, selection)]
 
 
 # -- BiC -----------------------------------------------------------------------------------------------------
 class BiCPlugin(ExemplarPlugin):
     name = "bic"
 
-    def __init__(self, memory_size: int, val_fraction: float, temperature: float, bias_steps: int) -> None:
-        super().__init__(memory_size)
+    def __init__(self, memory_size: int, val_fraction: float, temperature: float, bias_steps: int,
+                 selection: str = "herding", bias_l2: float = 0.01) -> None:
+        super().__init__(memory_size, selection)
         self.val_fraction, self.temperature, self.bias_steps = val_fraction, temperature, bias_steps
+        self.bias_l2 = bias_l2
         # the bias correction layers: logits * scale + shift, per class (1 and 0 until a class is corrected)
         self.scale: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None
@@ -232,7 +243,7 @@ class BiCPlugin(ExemplarPlugin):
             t = t.to(logits.device)
             allowed = allowed & learner.task_mask[t] if learner.multi_head else allowed.expand_as(logits)
             alpha, beta = fit_bias_layer(logits, y.to(logits.device), self.current_classes, allowed,
-                                         self.bias_steps)
+                                         self.bias_steps, self.bias_l2)
             cur = self.current_classes
             self.scale[cur] *= alpha
             self.shift[cur] = alpha * self.shift[cur] + beta
@@ -272,10 +283,12 @@ def validation_logits(learner, key: torch.Tensor, correct) -> torch.Tensor:
 
 
 def fit_bias_layer(logits: torch.Tensor, y: torch.Tensor, new: torch.Tensor, allowed: torch.Tensor,
-                   steps: int) -> tuple[float, float]:
+                   steps: int, l2: float = 0.0) -> tuple[float, float]:
     """(alpha, beta) minimising the cross-entropy of ``logits`` with the columns ``new`` replaced by
     alpha * logit + beta (BiC's stage 2), from alpha = 1, beta = 0. ``allowed`` (bool, like ``logits``): the
-    classes each row competes among (those seen so far; on multi-head streams, of its task)."""
+    classes each row competes among (those seen so far; on multi-head streams, of its task). ``l2`` adds
+    l2 * ((alpha - 1)^2 + beta^2): without it a validation set that some (alpha, beta) separates has no finite
+    minimiser, and L-BFGS runs off to extreme corrections."""
     params = torch.tensor([1.0, 0.0], dtype=logits.dtype, device=logits.device, requires_grad=True)
     is_new = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
     is_new[new] = True
@@ -284,7 +297,7 @@ def fit_bias_layer(logits: torch.Tensor, y: torch.Tensor, new: torch.Tensor, all
     def closure() -> torch.Tensor:
         opt.zero_grad()
         q = torch.where(is_new, params[0] * logits + params[1], logits).masked_fill(~allowed, MASKED_LOGIT)
-        loss = F.cross_entropy(q, y)
+        loss = F.cross_entropy(q, y) + l2 * ((params[0] - 1) ** 2 + params[1] ** 2)
         loss.backward()
         return loss
 
@@ -296,19 +309,23 @@ def fit_bias_layer(logits: torch.Tensor, y: torch.Tensor, new: torch.Tensor, all
 
 @register_strategy("bic")
 def bic(memory_size: int = 500, val_fraction: float = 0.1, temperature: float = 2.0,
-        bias_steps: int = 100) -> list[Plugin]:
+        bias_steps: int = 100, bias_l2: float = 0.01,
+        selection: Literal["herding", "random"] = "herding") -> list[Plugin]:
     """BiC (Wu et al. 2019): exemplars + KD, then a 2-parameter bias layer on the new classes' logits fitted on
     a balanced validation split of the memory.
 
     ``memory_size`` (>= 1); ``val_fraction`` in (0, 1): the exemplars held out for stage 2 (paper: 0.1, a 9:1
     split); ``temperature`` (> 0): KD temperature (paper: 2); ``bias_steps`` (>= 1): L-BFGS iterations of
-    stage 2.
+    stage 2; ``bias_l2`` (>= 0): ridge pulling (alpha, beta) towards (1, 0) in stage 2; ``selection``: exemplars
+    by herding (the paper's) or at random.
     """
-    check_memory_size(memory_size)
+    check_memory(memory_size, selection)
     if not 0 < val_fraction < 1:
         raise ConfigError(f"strategy.val_fraction: must be in (0, 1), got {val_fraction}; the paper uses 0.1 (9:1)")
     if not temperature > 0:
         raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the paper uses 2")
     if bias_steps < 1:
         raise ConfigError(f"strategy.bias_steps: must be >= 1, got {bias_steps}; e.g. 100")
-    return [BiCPlugin(memory_size, val_fraction, temperature, bias_steps)]
+    if not bias_l2 >= 0:
+        raise ConfigError(f"strategy.bias_l2: must be >= 0, got {bias_l2}; e.g. 0.01")
+    return [BiCPlugin(memory_size, val_fraction, temperature, bias_steps, selection, bias_l2)]

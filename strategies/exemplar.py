@@ -4,8 +4,10 @@ These methods (unlike ER, which mixes a replay batch into every step) train each
 together with a small class-balanced exemplar memory, then distil from the model frozen at the end of the
 previous experience. :class:`ExemplarPlugin` does that bookkeeping once:
 
-* the memory is a :class:`ClassBalancedMemory` of stream keys (equal slots per class seen, each class's slots a
-  uniform random sample of its data), refilled after every experience;
+* the memory holds stream keys, equal slots per class seen, refilled after every experience: a uniform random
+  sample of each class (``selection: random``, :class:`ClassBalancedMemory`) or iCaRL's herding order in the
+  model's L2-normalised feature space (``selection: herding``, :class:`HerdingMemory`, what the three papers
+  use), reduced by truncating that order when classes arrive;
 * ``train_experience`` runs the standard epoch loop over the experience's keys plus the memory's;
 * the teacher is rebuilt lazily from ``old_state`` (the weights at the end of the previous experience),
   in eval mode and without gradients, so checkpoints hold plain tensors;
@@ -16,6 +18,7 @@ previous experience. :class:`ExemplarPlugin` does that bookkeeping once:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,13 +28,57 @@ from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.strategies.memory import ClassBalancedMemory
 
 
+class HerdingMemory(ClassBalancedMemory):
+    """Equal slots per class, each class's exemplars in iCaRL's herding order (Rebuffi et al. 2017, Alg. 4).
+
+    Stored like :class:`ClassBalancedMemory` (keys, labels, task ids), with ``priority`` = minus the herding rank,
+    so "each class keeps its highest-priority entries" means "truncate the herding order" here as well.
+    """
+
+    def update_herding(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                       features: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Add the samples (key, y, t): classes among them are herded afresh over those samples plus their
+        current exemplars; other classes keep the head of their order. ``features(keys)``: L2-normalised
+        features of stream samples."""
+        from cltoolbox.strategies.icarl import herding
+
+        self._allocate(key, y)
+        if self.priority is None:
+            self.priority = torch.zeros(self.capacity)
+        n = self.size
+        all_key, all_y, all_t = torch.cat((self.key[:n], key)), torch.cat((self.y[:n], y)), torch.cat((self.t[:n], t))
+        all_p = torch.cat((self.priority[:n], torch.full((y.shape[0],), float("-inf"))))
+        labels = all_y.cpu()
+        fresh = set(y.cpu().unique().tolist())
+        classes = torch.unique(labels)
+        quota, extra = divmod(self.capacity, len(classes))
+        keep, prio = [], []
+        for rank, c in enumerate(classes.tolist()):
+            idx = torch.nonzero(labels == c).flatten()
+            k = min(len(idx), quota + (1 if rank < extra else 0))
+            if c in fresh:
+                order = idx[herding(features(all_key[idx.to(all_key.device)]), k).cpu()]
+                keep.append(order)
+                prio.append(-torch.arange(len(order), dtype=torch.float))
+            else:
+                top = torch.topk(all_p[idx], k).indices
+                keep.append(idx[top])
+                prio.append(all_p[idx[top]])
+        keep = torch.cat(keep)
+        dev = keep.to(self.key.device)
+        self.size = len(keep)
+        self.key[: self.size], self.y[: self.size], self.t[: self.size] = all_key[dev], all_y[dev], all_t[dev]
+        self.priority[: self.size] = torch.cat(prio)
+
+
 class ExemplarPlugin(Plugin):
     """Base of the exemplar strategies; subclasses add the loss and what happens after an experience."""
 
     name = "exemplar"
 
-    def __init__(self, memory_size: int) -> None:
-        self.memory = ClassBalancedMemory(memory_size)
+    def __init__(self, memory_size: int, selection: str = "herding") -> None:
+        self.selection = selection
+        self.memory = HerdingMemory(memory_size) if selection == "herding" else ClassBalancedMemory(memory_size)
         self.seen: list[int] = []  # classes trained in earlier experiences, in order of arrival
         self.old_state: dict[str, torch.Tensor] | None = None
         self.old_classes: torch.Tensor | None = None  # seen before and absent from the current experience
@@ -82,7 +129,13 @@ class ExemplarPlugin(Plugin):
         """Refill the memory with this experience's data and freeze the model as the next teacher (subclasses
         apply their corrections first)."""
         t = torch.full_like(exp.y_train, exp.task_id)
-        self.memory.update(learner.stream.keys(exp.train), exp.y_train, t, learner.generator)
+        if self.selection == "herding":
+            from cltoolbox.strategies.icarl import normalised_stream_features
+
+            self.memory.update_herding(learner.stream.keys(exp.train), exp.y_train, t,
+                                       lambda keys: normalised_stream_features(learner, keys))
+        else:
+            self.memory.update(learner.stream.keys(exp.train), exp.y_train, t, learner.generator)
         for c in exp.y_train.unique().tolist():
             if c not in self.seen:
                 self.seen.append(c)
@@ -126,6 +179,8 @@ class ExemplarPlugin(Plugin):
         return items, nbytes + (tensor_bytes(*self.old_state.values()) if self.old_state else 0)
 
 
-def check_memory_size(memory_size: int) -> None:
+def check_memory(memory_size: int, selection: str) -> None:
     if memory_size < 1:
         raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")
+    if selection not in ("herding", "random"):
+        raise ConfigError(f"strategy.selection: must be 'herding' or 'random', got {selection!r}")

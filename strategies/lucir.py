@@ -20,8 +20,8 @@ as in the authors' implementation; ``imprint: false`` keeps the head's values) a
 vectors stay fixed (``fix_old: true``: also the authors' implementation, which trains only the new classes'
 part of the cosine layer); the CE runs over all outputs.
 
-Defaults from the paper's CIFAR-100 setting: lambda_base = 5, K = 2, m = 0.5 (Sec. 4.1). Deviations: the
-exemplars are a uniform random sample per class (ClassBalancedMemory) instead of herding; the features are the
+Defaults from the paper's CIFAR-100 setting: lambda_base = 5, K = 2, m = 0.5 (Sec. 4.1); exemplars by herding as
+in the paper (``selection: random`` for a uniform sample per class). Deviations: the features are the
 model's ``features(x)`` as they are (the paper removes the last ReLU of its ResNets so that features can be
 negative; our MLP's features end with a ReLU, so cosines lie in [0, 1]); the optional class-balanced
 finetuning of the paper is not implemented. Task-IL streams train with the loop's task mask; the margin loss
@@ -30,13 +30,15 @@ then does nothing (old and new classes never compete) and is skipped.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import Batch, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory_size
+from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
 
 
 def margin_ranking(cos: torch.Tensor, y: torch.Tensor, old: torch.Tensor, new: torch.Tensor, k: int,
@@ -56,8 +58,8 @@ class LUCIRPlugin(ExemplarPlugin):
     name = "lucir"
 
     def __init__(self, memory_size: int, lambda_base: float, margin: float, k: int, imprint: bool,
-                 fix_old: bool) -> None:
-        super().__init__(memory_size)
+                 fix_old: bool, selection: str = "herding") -> None:
+        super().__init__(memory_size, selection)
         self.lambda_base, self.margin, self.k, self.imprint, self.fix_old = lambda_base, margin, k, imprint, fix_old
         self.sigma = torch.ones((), requires_grad=True)
         self._stash: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (x, features, cosines)
@@ -145,19 +147,20 @@ class LUCIRPlugin(ExemplarPlugin):
 
 @register_strategy("lucir")
 def lucir(memory_size: int = 500, lambda_base: float = 5.0, margin: float = 0.5, k: int = 2,
-          imprint: bool = True, fix_old: bool = True) -> list[Plugin]:
+          imprint: bool = True, fix_old: bool = True,
+          selection: Literal["herding", "random"] = "herding") -> list[Plugin]:
     """LUCIR (Hou et al. 2019): cosine classifier, feature distillation (less-forget), margin ranking on exemplars.
 
     ``memory_size`` (>= 1): class-balanced exemplars; ``lambda_base`` (>= 0): less-forget weight (paper: 5 on
     CIFAR-100, 10 on ImageNet); ``margin`` in [0, 2] and ``k`` (>= 0, 0 = off): margin ranking loss (paper:
     0.5, 2); ``imprint``: new classes' weights start at their mean feature; ``fix_old``: old classes' weights stay
-    fixed in later steps.
+    fixed in later steps; ``selection``: exemplars by herding (the paper's) or at random.
     """
-    check_memory_size(memory_size)
+    check_memory(memory_size, selection)
     if not lambda_base >= 0:
         raise ConfigError(f"strategy.lambda_base: must be >= 0, got {lambda_base}; the paper uses 5 (CIFAR-100)")
     if not 0 <= margin <= 2:
         raise ConfigError(f"strategy.margin: must be in [0, 2] (a gap between cosines), got {margin}; paper: 0.5")
     if k < 0:
         raise ConfigError(f"strategy.k: must be >= 0 (hard negatives per exemplar; 0 = off), got {k}; paper: 2")
-    return [LUCIRPlugin(memory_size, lambda_base, margin, k, imprint, fix_old)]
+    return [LUCIRPlugin(memory_size, lambda_base, margin, k, imprint, fix_old, selection)]

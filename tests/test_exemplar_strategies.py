@@ -204,6 +204,23 @@ def test_factories_reject_bad_values() -> None:
             STRATEGIES.get(name).factory(**bad)
 
 
+def test_herding_memory_keeps_and_truncates_the_herding_order() -> None:
+    from cltoolbox.strategies.exemplar import HerdingMemory
+    from cltoolbox.strategies.icarl import herding
+
+    feats = F.normalize(torch.randn(100, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    mem = HerdingMemory(20)
+    y = torch.arange(2).repeat_interleave(25)
+    mem.update_herding(torch.arange(50), y, torch.zeros(50, dtype=torch.long), lambda k: feats[k])
+    first = {c: torch.arange(50)[y == c][herding(feats[:50][y == c], 10)] for c in (0, 1)}
+    for c in (0, 1):  # each class's first 10 in herding order (plain random selection would not match)
+        assert mem.key[: mem.size][mem.y[: mem.size] == c].tolist() == first[c].tolist()
+    mem.update_herding(torch.arange(50, 100), y + 2, torch.zeros(50, dtype=torch.long), lambda k: feats[k])
+    for c in (0, 1):  # 5 a class now: the head of the old order
+        assert mem.key[: mem.size][mem.y[: mem.size] == c].tolist() == first[c][:5].tolist()
+    assert torch.bincount(mem.y[: mem.size]).tolist() == [5, 5, 5, 5]
+
+
 def test_memory_is_class_balanced_keys() -> None:
     learner, _ = _fit("wa", memory_size=60, epochs=1)
     mem: ClassBalancedMemory = learner.plugins[0].memory
