@@ -23,8 +23,11 @@ part of the cosine layer); the CE runs over all outputs.
 Defaults from the paper's CIFAR-100 setting: lambda_base = 5, K = 2, m = 0.5 (Sec. 4.1); exemplars by herding as
 in the paper (``selection: random`` for a uniform sample per class). Deviations: the features are the
 model's ``features(x)`` as they are (the paper removes the last ReLU of its ResNets so that features can be
-negative; our MLP's features end with a ReLU, so cosines lie in [0, 1]); the optional class-balanced
-finetuning of the paper is not implemented. Task-IL streams train with the loop's task mask; the margin loss
+negative; our MLP's features end with a ReLU, so cosines lie in [0, 1]). The paper's optional class-balanced
+finetuning (CBF) is ``balanced_epochs`` (default 0, off): after an incremental step's exemplars are chosen, the
+cosine classifier (every class's weight vector and sigma) is finetuned with the backbone frozen on the exemplar
+memory, which holds the same number of samples of every class, at ``balanced_lr``. Task-IL streams train with
+the loop's task mask; the margin loss
 then does nothing (old and new classes never compete) and is skipped.
 """
 
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.plugin import Batch, Plugin
+from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
 
@@ -58,8 +61,10 @@ class LUCIRPlugin(ExemplarPlugin):
     name = "lucir"
 
     def __init__(self, memory_size: int, lambda_base: float, margin: float, k: int, imprint: bool,
-                 fix_old: bool, selection: str = "herding") -> None:
+                 fix_old: bool, selection: str = "herding", balanced_epochs: int = 0,
+                 balanced_lr: float = 0.01) -> None:
         super().__init__(memory_size, selection)
+        self.balanced_epochs, self.balanced_lr = balanced_epochs, balanced_lr
         self.lambda_base, self.margin, self.k, self.imprint, self.fix_old = lambda_base, margin, k, imprint, fix_old
         self.sigma = torch.ones((), requires_grad=True)
         self._stash: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (x, features, cosines)
@@ -132,7 +137,33 @@ class LUCIRPlugin(ExemplarPlugin):
 
     def after_experience(self, learner, exp) -> None:
         self._old_rows = self._stash = None
-        super().after_experience(learner, exp)
+        incremental = self.old_classes is not None
+        super().after_experience(learner, exp)  # exemplars chosen, teacher frozen
+        if incremental and self.balanced_epochs > 0:
+            self._balanced_finetune(learner)
+            self.old_state = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+
+    def _balanced_finetune(self, learner) -> None:
+        """CBF: the cosine classifier trained on the (class-balanced) exemplars' frozen features."""
+        from cltoolbox.strategies.pretrained import stream_features
+
+        m = self.memory
+        feats = F.normalize(stream_features(learner, m.key[: m.size]), dim=1)
+        y = m.y[: m.size].to(feats.device)
+        weight = learner.model.head.weight
+        opt = torch.optim.SGD([weight, self.sigma], lr=self.balanced_lr)
+        bs = learner.config.batch_size
+        for _ in range(self.balanced_epochs):
+            order = torch.randperm(m.size, generator=learner.generator).to(feats.device)
+            for s in range(0, m.size, bs):
+                idx = order[s : s + bs]
+                logits = self.sigma * feats[idx] @ F.normalize(weight, dim=1).T
+                if learner.multi_head:
+                    logits = logits.masked_fill(~learner.task_mask[m.t[: m.size][idx]], MASKED_LOGIT)
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(logits, y[idx]).backward()
+                opt.step()
+        weight.grad = self.sigma.grad = None
 
     def report(self, learner, stream) -> dict[str, float]:
         return {"lucir_sigma": float(self.sigma.detach())}
@@ -148,13 +179,15 @@ class LUCIRPlugin(ExemplarPlugin):
 @register_strategy("lucir")
 def lucir(memory_size: int = 500, lambda_base: float = 5.0, margin: float = 0.5, k: int = 2,
           imprint: bool = True, fix_old: bool = True,
-          selection: Literal["herding", "random"] = "herding") -> list[Plugin]:
+          selection: Literal["herding", "random"] = "herding", balanced_epochs: int = 0,
+          balanced_lr: float = 0.01) -> list[Plugin]:
     """LUCIR (Hou et al. 2019): cosine classifier, feature distillation (less-forget), margin ranking on exemplars.
 
     ``memory_size`` (>= 1): class-balanced exemplars; ``lambda_base`` (>= 0): less-forget weight (paper: 5 on
     CIFAR-100, 10 on ImageNet); ``margin`` in [0, 2] and ``k`` (>= 0, 0 = off): margin ranking loss (paper:
     0.5, 2); ``imprint``: new classes' weights start at their mean feature; ``fix_old``: old classes' weights stay
-    fixed in later steps; ``selection``: exemplars by herding (the paper's) or at random.
+    fixed in later steps; ``selection``: exemplars by herding (the paper's) or at random; ``balanced_epochs``
+    (>= 0, 0 = off) and ``balanced_lr`` (> 0): the optional class-balanced finetuning of the classifier.
     """
     check_memory(memory_size, selection)
     if not lambda_base >= 0:
@@ -163,4 +196,10 @@ def lucir(memory_size: int = 500, lambda_base: float = 5.0, margin: float = 0.5,
         raise ConfigError(f"strategy.margin: must be in [0, 2] (a gap between cosines), got {margin}; paper: 0.5")
     if k < 0:
         raise ConfigError(f"strategy.k: must be >= 0 (hard negatives per exemplar; 0 = off), got {k}; paper: 2")
-    return [LUCIRPlugin(memory_size, lambda_base, margin, k, imprint, fix_old, selection)]
+    if balanced_epochs < 0:
+        raise ConfigError(f"strategy.balanced_epochs: must be >= 0 (0 = no class-balanced finetuning), got "
+                          f"{balanced_epochs}")
+    if not balanced_lr > 0:
+        raise ConfigError(f"strategy.balanced_lr: must be > 0, got {balanced_lr}; e.g. 0.01")
+    return [LUCIRPlugin(memory_size, lambda_base, margin, k, imprint, fix_old, selection, balanced_epochs,
+                        balanced_lr)]

@@ -269,3 +269,18 @@ def test_runs_on_file_backed_streams_with_keys_only(name: str, tmp_path) -> None
     if name == "bic":  # experience 2's old classes had 10 exemplars each, one for validation: stage 2 ran
         assert len(learner.plugins[0].params) >= 1
     assert all(0 <= a <= 1 for a in _class_il_acc(learner, stream))
+
+
+def test_lucir_balanced_finetuning_moves_only_the_classifier() -> None:
+    learner, stream = _fit("lucir", memory_size=60, epochs=1)
+    plugin = learner.plugins[0]
+    plugin.balanced_epochs = 2
+    body = {k: v.clone() for k, v in learner.model.body.state_dict().items()}
+    head, sigma = learner.model.head.weight.detach().clone(), float(plugin.sigma.detach())
+    plugin._balanced_finetune(learner)
+    assert all(torch.equal(v, learner.model.body.state_dict()[k]) for k, v in body.items())
+    assert not torch.equal(head, learner.model.head.weight.detach()) and float(plugin.sigma.detach()) != sigma
+    assert learner.model.head.weight.grad is None
+    cbf, _ = _fit("lucir", stream, memory_size=60, balanced_epochs=2)
+    naive, _ = _fit("naive", stream)
+    assert sum(_class_il_acc(cbf, stream)) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
