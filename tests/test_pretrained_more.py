@@ -34,9 +34,12 @@ def _ranpac(m: int = 40, lambdas: list[float] | None = None, val: float = 0.2) -
 
 
 # -- RanPAC ---------------------------------------------------------------------------------------------
-def test_ranpac_statistics_are_the_sums_over_all_seen_samples_in_any_chunking() -> None:
+def test_ranpac_statistics_are_the_sums_over_all_seen_samples_in_any_chunking(monkeypatch) -> None:
+    import cltoolbox.strategies.ranpac as ranpac_module
+
     x, y = _feats()
     a, b = _ranpac(), _ranpac()
+    monkeypatch.setattr(ranpac_module, "_CHUNK", 7)  # projected 7 rows at a time inside each update
     a.update(SimpleNamespace(generator=torch.Generator().manual_seed(0)), x[y < 2], y[y < 2])  # experience 1
     a.update(SimpleNamespace(generator=torch.Generator().manual_seed(1)), x[y >= 2], y[y >= 2])  # experience 2
     b.update(SimpleNamespace(generator=torch.Generator().manual_seed(0)), x[:1], y[:1])  # same projection
