@@ -23,7 +23,8 @@ Defaults and where they deviate from the paper:
 - ``adapt: none`` (paper: first-session parameter-efficient adaptation, e.g. adapters or SSF). Adapting
   EfficientNet-Lite0 on a CPU is slow; ``adapt: film`` (a per-channel scale and shift after every
   normalisation layer, the SSF-like choice) or ``body`` runs phase 1 with ``train.*``.
-- ``lambdas``: 10^-8 ... 10^13, the span of grid the paper sweeps on (its exact points are a choice here).
+- ``lambdas``: 10^-8 ... 10^13 in decades. The paper searches a logarithmic grid; this span is our choice,
+  wide enough that the selected value (10^3 ... 10^5 on EfficientNet-Lite0 features) is never at an end.
 
 Task-IL comes from the evaluator's masking of the same logits. Features of a frozen backbone are cached per
 sample by stream key, so file-backed streams embed each image once; no sample is stored.
