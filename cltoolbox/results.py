@@ -27,6 +27,7 @@ class ResultsNotFoundError(CLToolboxError, FileNotFoundError):
 ACCURACY_FIELDS = ["trained_exp", "eval_exp", "setting", "accuracy", "loss", "n_samples"]
 PER_CLASS_FIELDS = ["trained_exp", "eval_exp", "setting", "class", "n_samples", "n_correct"]
 TRAIN_LOG_FIELDS = ["experience", "epoch", "step", "loss", "lr", "samples_per_s"]
+OLD_NEW_FIELDS = ["trained_exp", "setting", "accuracy_old", "n_old", "accuracy_new", "n_new"]
 
 
 def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview, durable: bool = False) -> None:
@@ -79,6 +80,14 @@ def write_matrix(path: Path, M: Any) -> None:
     lines = ["trained_exp," + ",".join(f"exp_{j}" for j in range(T))]
     for i in range(M.shape[0]):
         lines.append(f"{i - 1}," + ",".join("" if math.isnan(v) else repr(float(v)) for v in M[i]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_confusion(path: Path, counts: Any) -> None:
+    """A C x C count matrix: row = true class, column = predicted class (header ``true,pred_0..pred_{C-1}``)."""
+    C = counts.shape[0]
+    lines = ["true," + ",".join(f"pred_{c}" for c in range(C))]
+    lines += [f"{c}," + ",".join(str(int(v)) for v in counts[c]) for c in range(C)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from cltoolbox import config as cfgmod
-from cltoolbox import metrics
+from cltoolbox import metrics, rss
 from cltoolbox.augment import check_augment
 from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError, RunLockedError
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
@@ -28,11 +27,13 @@ from cltoolbox.plugin import Plugin
 from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES, import_plugins, resolve_import_path
 from cltoolbox.results import (
     ACCURACY_FIELDS,
+    OLD_NEW_FIELDS,
     PER_CLASS_FIELDS,
     TRAIN_LOG_FIELDS,
     atomic_write_bytes,
     atomic_write_text,
     is_done,
+    write_confusion,
     write_csv,
     write_json,
     write_matrix,
@@ -118,10 +119,6 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
         "first_seen": stream.first_seen(),
         "info": json.loads(json.dumps(stream.info, default=str)),
     }
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 class RunLock:
@@ -303,6 +300,7 @@ def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: 
     """
     seed = run_cfg["seed"]
     wall_start = time.perf_counter()
+    rss.reset_peak()  # cost.peak_rss_mb is this run's, not an earlier run's in the same process
     before_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -410,6 +408,21 @@ def _train(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, learner: Lear
     return summary
 
 
+def _write_extras(run_dir: Path, stream: Stream, history: History, first_seen: list[int],
+                  summary: dict[str, Any]) -> None:
+    """Old vs new accuracy per step, class-IL top-5 (streams of >= 20 classes) and the final confusion matrix."""
+    old_new = history.old_new_rows(first_seen)
+    write_csv(run_dir / "old_new.csv", old_new, OLD_NEW_FIELDS)
+    for row in old_new:  # the last step's row per setting ends in metrics.json
+        if row["trained_exp"] == len(stream) - 1:
+            summary[row["setting"]].update(acc_old=row["accuracy_old"], acc_new=row["accuracy_new"])
+    if stream.n_classes >= 20:
+        write_matrix(run_dir / "matrices" / "top5_class_il.csv", history.top5.numpy())
+        final, seen = history.top5[-1].numpy(), [j for j, f in enumerate(first_seen) if f > 0]
+        summary["class_il"]["acc_top5"] = float(final[seen].mean()) if seen else float("nan")
+    write_confusion(run_dir / "confusion.csv", history.confusion.numpy())
+
+
 def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, history: History, env: dict,
             status: str, wall_s: float, eval_s: float, cpu_s: float | None = None) -> dict[str, Any]:
     """Write every result file (also for a diverged run: what was measured is kept); DONE last if done."""
@@ -425,13 +438,14 @@ def _finish(run_dir: Path, run_cfg: dict, stream: Stream, learner: Learner, hist
         write_matrix(run_dir / "matrices" / f"forgetting_{setting}.csv", metrics.forgetting_matrix(R, first_seen))
         write_matrix(run_dir / "matrices" / f"transfer_{setting}.csv", metrics.transfer_matrix(R, first_seen))
         summary[setting] = metrics.summary(R, n_samples=n_samples, first_seen=first_seen)
+    _write_extras(run_dir, stream, history, first_seen, summary)
     items = sum(p.memory_usage()[0] for p in learner.plugins)
     mem_bytes = sum(p.memory_usage()[1] for p in learner.plugins)
     cost = {
         "wall_s": wall_s, "cpu_s": cpu_s, "train_s": learner.train_seconds, "eval_s": eval_s,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": rss.peak_mb(),
         # the largest loader worker's peak (file-backed data; 0 without workers), beside the process's own
-        "peak_rss_workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
+        "peak_rss_workers_mb": rss.children_peak_mb(),
         "n_params": sum(p.numel() for p in learner.model.parameters()),
         "memory_items": items, "memory_bytes": mem_bytes,
     }

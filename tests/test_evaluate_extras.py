@@ -4,10 +4,15 @@ accuracy on old vs new samples after each experience (on a stream whose experien
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pandas as pd
+import pytest
 import torch
 from toys import gaussian_pairs_stream
 
+import cltoolbox
+from cltoolbox import rss
 from cltoolbox.evaluate import History, evaluate_stream
 from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.registry import MODELS
@@ -83,3 +88,66 @@ def test_old_and_new_accuracy_are_sample_weighted_over_the_steps_tasks():
     last = rows[(len(stream) - 1, "class_il")]
     unweighted = history.accuracy[-1, : len(stream) - 1, 0].mean().item()
     assert not math.isclose(last["accuracy_old"], unweighted, abs_tol=1e-6)
+
+
+def _run_dir(out) -> Path:
+    (done,) = list(Path(out).rglob("DONE"))
+    return done.parent
+
+
+TWENTY_CLASSES = """
+import torch
+from cltoolbox.data.base import Dataset
+from cltoolbox.registry import register_dataset
+
+
+@register_dataset("gauss20_extras")
+def gauss20(root=None, download=False):
+    g = torch.Generator().manual_seed(0)
+    centres = 2.0 * torch.randn(20, 16, generator=g)
+    y_train, y_test = torch.arange(400) % 20, torch.arange(200) % 20
+    x_train = centres[y_train] + torch.randn(400, 16, generator=g)
+    x_test = centres[y_test] + torch.randn(200, 16, generator=g)
+    return Dataset.from_tensors("gauss20_extras", x_train, y_train, x_test, y_test, 20)
+"""
+
+
+def test_run_folder_holds_old_new_confusion_and_top5(tiny_config, tmp_path):
+    tiny_config["out"] = str(tmp_path / "digits")
+    (summary,) = cltoolbox.run(tiny_config, quiet=True)
+    run = _run_dir(tmp_path / "digits")
+    old_new = pd.read_csv(run / "old_new.csv")
+    acc = pd.read_csv(run / "accuracy.csv")
+    last = old_new[(old_new.trained_exp == 4) & (old_new.setting == "class_il")].iloc[0]
+    final = acc[(acc.trained_exp == 4) & (acc.setting == "class_il")]
+    old = final[final.eval_exp < 4]
+    assert last.n_old == old.n_samples.sum()
+    assert math.isclose(last.accuracy_old, (old.accuracy * old.n_samples).sum() / old.n_samples.sum(), abs_tol=1e-12)
+    assert math.isclose(summary["class_il"]["acc_old"], last.accuracy_old, abs_tol=1e-12)
+    assert math.isclose(summary["class_il"]["acc_new"], final[final.eval_exp == 4].accuracy.iloc[0], abs_tol=1e-12)
+    confusion = pd.read_csv(run / "confusion.csv", index_col="true").to_numpy()
+    assert confusion.shape == (10, 10) and confusion.sum() == final.n_samples.sum()
+    assert math.isclose(confusion.trace() / confusion.sum(), summary["class_il"]["acc_weighted"], abs_tol=1e-12)
+    assert not (run / "matrices" / "top5_class_il.csv").exists()  # 10 classes: top-5 says little
+    # 20 classes: the top-5 matrix and its final mean
+    plugin = tmp_path / "twenty_classes.py"
+    plugin.write_text(TWENTY_CLASSES)
+    tiny_config["out"] = str(tmp_path / "twenty")
+    tiny_config["imports"] = [str(plugin)]
+    tiny_config["scenario"] = {"name": "class_incremental", "dataset": "gauss20_extras", "n_experiences": 4}
+    (summary,) = cltoolbox.run(tiny_config, quiet=True)
+    assert summary["class_il"]["acc_top5"] >= summary["class_il"]["acc"]
+    top5 = pd.read_csv(_run_dir(tmp_path / "twenty") / "matrices" / "top5_class_il.csv")
+    assert math.isclose(top5[top5.trained_exp == 3].drop(columns="trained_exp").to_numpy().mean(),
+                        summary["class_il"]["acc_top5"], abs_tol=1e-12)
+
+
+def test_peak_rss_is_the_runs_own_not_an_earlier_peak_of_the_process(tiny_config, tmp_path):
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's resettable peak RSS")
+    big = torch.ones(100_000_000, dtype=torch.float32)  # 400 MB touched, then returned to the system
+    peak_with_big = rss.peak_mb()
+    del big
+    tiny_config["out"] = str(tmp_path)
+    (summary,) = cltoolbox.run(tiny_config, quiet=True)
+    assert summary["cost"]["peak_rss_mb"] < peak_with_big - 300
