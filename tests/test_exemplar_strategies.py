@@ -17,6 +17,7 @@ from cltoolbox.registry import STRATEGIES
 from cltoolbox.strategies.er_ace import ERACEPlugin
 from cltoolbox.strategies.lucir import LUCIRPlugin, margin_ranking
 from cltoolbox.strategies.memory import ClassBalancedMemory
+from cltoolbox.strategies.podnet import lsc_scores, nca_loss, pod_flat, pod_spatial
 
 
 def _fit(name: str, stream=None, epochs: int = 3, **params) -> tuple[Learner, object]:
@@ -255,12 +256,18 @@ def _file_stream(tmp_path):
     return SCENARIOS.get("class_incremental").factory(data, 0, n_experiences=3)
 
 
-@pytest.mark.parametrize("name", ["er_ace", "wa", "bic", "lucir"])
+@pytest.mark.parametrize("name", ["er_ace", "wa", "bic", "lucir", "podnet"])
 def test_runs_on_file_backed_streams_with_keys_only(name: str, tmp_path) -> None:
     stream = _file_stream(tmp_path)
     assert stream.file_backed()
     torch.manual_seed(0)
-    learner = Learner(mlp(stream.input_shape, 6, hidden=[16]), STRATEGIES.get(name).factory(memory_size=30),
+    if name == "podnet":  # its spatial distillation on a CNN's stage outputs
+        from cltoolbox.models.resnet import reduced_resnet18
+
+        model = reduced_resnet18(stream.input_shape, 6, nf=4)
+    else:
+        model = mlp(stream.input_shape, 6, hidden=[16])
+    learner = Learner(model, STRATEGIES.get(name).factory(memory_size=30),
                       TrainConfig(epochs=2, batch_size=8, lr=0.05, device="cpu", workers=0), seed=0)
     learner.fit(stream)
     mem = learner.plugins[0].memory
@@ -284,3 +291,55 @@ def test_lucir_balanced_finetuning_moves_only_the_classifier() -> None:
     cbf, _ = _fit("lucir", stream, memory_size=60, balanced_epochs=2)
     naive, _ = _fit("naive", stream)
     assert sum(_class_il_acc(cbf, stream)) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
+
+
+# -- PODNet ------------------------------------------------------------------------------------------------------
+def test_podnet_lsc_and_nca_margin() -> None:
+    g = torch.Generator().manual_seed(0)
+    proxies = torch.randn(3 * 2, 4, generator=g)  # 3 classes x 2 proxies
+    emb = proxies[2:3] * 5  # on class 1's first proxy
+    scores = lsc_scores(emb, proxies, 2)
+    assert scores.shape == (1, 3) and (scores <= 0).all() and (scores >= -4).all()
+    s = 2 * F.cosine_similarity(emb, proxies[2:4]) - 2  # class 1's proxies: 0 (the one emb sits on) and s[1] < 0
+    assert torch.isclose(scores[0, 1], (s.softmax(0) * s).sum()) and scores.argmax() == 1
+    y = torch.tensor([0, 1])
+    clear = torch.tensor([[0.0, -4.0, -4.0], [-4.0, 0.0, -4.0]])  # each true class ahead by far more than the margin
+    assert nca_loss(clear, y, torch.tensor(10.0), margin=0.6) == 0
+    close = torch.tensor([[0.0, -0.3, -4.0], [-4.0, 0.0, -0.3]])  # ahead by 0.3 < 0.6: hinge active
+    assert nca_loss(close, y, torch.tensor(10.0), margin=0.6) > 0
+
+
+def test_pod_spatial_pools_width_and_height() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 4, 4, generator=g)
+    assert pod_spatial([a], [a.clone()]) == 0 and pod_spatial([a], [3 * a]) < 1e-6  # normalised
+    swapped = a[:, :, :, [1, 0, 2, 3]]  # columns swapped: width sums unchanged, height sums change
+    assert pod_spatial([a], [swapped]) > 0
+    pooled = lambda t: torch.cat((t.sum(3).flatten(1), t.sum(2).flatten(1)), 1)  # noqa: E731
+    assert torch.isclose(pod_spatial([a], [swapped]),
+                         (F.normalize(pooled(a), dim=1) - F.normalize(pooled(swapped), dim=1)).norm(dim=1).mean())
+    v = torch.rand(2, 5, generator=g)
+    assert pod_flat(v, 2 * v) < 1e-6 and pod_flat(v, v.flip(1)) > 0
+
+
+def test_podnet_learns_and_keeps_old_proxies() -> None:
+    from cltoolbox.strategies.podnet import PODNetPlugin
+
+    stream = gaussian_pairs_stream(n_exp=3, per_class=60)
+    snapshots: list[torch.Tensor] = []
+
+    class Spy(PODNetPlugin):
+        def after_experience(self, learner, exp):
+            super().after_experience(learner, exp)
+            snapshots.append(self.proxies.detach().clone())
+
+    torch.manual_seed(0)  # without the class-balanced finetuning, which retrains every proxy on purpose
+    learner = Learner(mlp(stream.input_shape, stream.n_classes, hidden=[32]), [Spy(60, 3, 0.6, 3.0, 1.0,
+                                                                                   balanced_epochs=0)],
+                      TrainConfig(epochs=3, batch_size=10, lr=0.05, device="cpu"), seed=0)
+    learner.fit(stream)
+    assert torch.equal(snapshots[1][:6], snapshots[0][:6]) and torch.equal(snapshots[2][:12], snapshots[1][:12])
+    assert not torch.equal(snapshots[1][6:12], snapshots[0][6:12])  # new classes' proxies: imprinted, trained
+    podnet, _ = _fit("podnet", stream, memory_size=60, proxies=3)
+    naive, _ = _fit("naive", stream)
+    assert sum(_class_il_acc(podnet, stream)) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
