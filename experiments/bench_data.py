@@ -307,25 +307,41 @@ def inmemory(work: Path, repeats: int) -> None:
 
 
 # -- determinism -------------------------------------------------------------------------------------------
+SMALL_IMAGES_PLUGIN = """
+from cltoolbox.data.catalogue import load_image_folder
+from cltoolbox.registry import register_dataset
+
+
+@register_dataset("image_folder_32px")
+def image_folder_32px(root=None, download=False):
+    return load_image_folder(root, name="image_folder_32px", resize=32, crop=32)
+"""
+
+
+def determinism_config(work: Path, root: Path, workers: int) -> dict:
+    """ER by key with seeded augmentation on a file-backed 32 px tree (a dataset plugin sets the size)."""
+    plugin = work / "image_folder_32px.py"
+    plugin.write_text(SMALL_IMAGES_PLUGIN)
+    cfg = files_config(root, workers, epochs=3, augment_crop=4, augment_hflip=True)
+    cfg["imports"] = [str(plugin)]
+    cfg["model"] = {"name": "resnet18_reduced", "nf": 8}
+    cfg["scenario"].update(dataset="image_folder_32px", n_experiences=5)
+    return cfg
+
+
 def determinism(work: Path) -> None:
     root = make_image_folder(work / "image_folder_32", classes=20, train=1200, test=400, size=32)
     results = {}
     for w in (0, 2, 4):
-        cfg = files_config(root, w, epochs=3, augment_crop=4, augment_hflip=True)
-        cfg["model"] = {"name": "resnet18_reduced", "nf": 8}
-        cfg["scenario"]["n_experiences"] = 5
-        run_cli(cfg, work / f"det_w{w}")
+        run_cli(determinism_config(work, root, w), work / f"det_w{w}")
         results[w] = accuracy_csv(work / f"det_w{w}")
     same = all(results[w] == results[0] for w in results)
     print(f"\naccuracy.csv with 0, 2, 4 workers (ER by key, augmentation, 5 experiences): "
           f"{'byte-identical' if same else 'DIFFERENT'}")
     # kill -9 mid-run (after the first checkpoint), then --resume: same bytes as the uninterrupted run
-    cfg = files_config(root, 2, epochs=3, augment_crop=4, augment_hflip=True)
-    cfg["model"] = {"name": "resnet18_reduced", "nf": 8}
-    cfg["scenario"]["n_experiences"] = 5
     out = work / "det_kill"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (out / "config.yaml").write_text(yaml.safe_dump(determinism_config(work, root, 2)))
     cmd = [sys.executable, "-m", "cltoolbox.cli", "run", str(out / "config.yaml"), "--out", str(out / "runs"),
            "--threads", "1", "-q", "--overwrite"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
