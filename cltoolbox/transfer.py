@@ -33,6 +33,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def transfer(
         clear_run_dir,
         load_raw,
         prune_empty,
+        record_failure,
         remove_temporaries,
         scenario_label,
     )
@@ -102,6 +104,7 @@ def transfer(
     stop = check_writable(resolved["out"])
 
     results: list[dict[str, Any]] = []
+    failures: list[tuple[Path, BaseException]] = []
     for strategy, seed, run_dir in todo:
         if seed not in streams:
             streams.clear()
@@ -113,7 +116,15 @@ def transfer(
                     raise RunExistsError(f"{run_dir}: another process finished this transfer run meanwhile; pass "
                                          "--overwrite to replace it")
                 clear_run_dir(run_dir)
-                summary = transfer_run(run_cfg, streams[seed], run_dir, quiet=quiet, plot=plot)
+                try:
+                    summary = transfer_run(run_cfg, streams[seed], run_dir, quiet=quiet, plot=plot)
+                except (CLToolboxError, OSError):
+                    raise
+                except Exception as e:  # noqa: BLE001 - a bug in a strategy: recorded, its traceback shown, next run
+                    record_failure(run_dir, e)
+                    traceback.print_exception(e, file=sys.stderr)
+                    failures.append((run_dir, e))
+                    continue
         except OSError as e:
             raise CLToolboxError(f"{e.filename or run_dir}: {e.strerror or e} while writing the transfer run; free "
                                  "space or choose another --out") from e
@@ -121,6 +132,11 @@ def transfer(
             remove_temporaries(run_dir)
             prune_empty(run_dir, stop)
         results.append({**summary, "run_dir": str(run_dir)})
+    if failures:
+        run_dir, first = failures[0]
+        raise CLToolboxError(f"{len(failures)} of {len(todo)} transfer run(s) failed, kept without DONE; the first: "
+                             f"{run_dir}: {type(first).__name__}: {first} (traceback in {run_dir / 'error.log'})"
+                             ) from first
     for strategy in resolved["strategy"]:
         mine = [r for r in results if r["labels"]["strategy"] == strategy["label"]]
         if len(mine) > 1:

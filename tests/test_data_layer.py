@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +166,18 @@ def test_feature_cache_keys_stream_samples_by_key_not_content():
     with sample_keys(stream.keys(stream[1].train)[:5], stream):  # same indices, other view: other samples
         cache(stream.fetch(stream.keys(stream[1].train)[:5]), compute)
     assert calls == [5, 5]
+
+
+def test_dataset_cache_removes_what_a_killed_writer_left(tmp_path, monkeypatch):
+    from cltoolbox.data import sources
+
+    monkeypatch.setenv("CLTOOLBOX_CACHE", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f"toy-v1.tmp{dead.pid}", tmp_path / f"toy-v1.tmp{os.getppid()}"
+    stale.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    x, y = uint8_images(12)
+    data = sources._cached("toy", lambda: Dataset.from_tensors("toy", x, y, x, y, 6, MEAN, STD))
+    assert not stale.exists() and live.exists()  # a live writer's file is its own
+    assert (tmp_path / "toy-v1.pt").exists() and torch.equal(data.train.x, x)

@@ -316,3 +316,19 @@ def test_bare_name_strategy_list_in_sweep_and_tune(tmp_path: Path, capsys) -> No
                                            out=str(tmp_path)))
     assert [p.label for p in expand(evaluation)] == ["naive-lr0.01", "naive-lr0.1", "er-lr0.01", "er-lr0.1"]
     assert len(expand(tuning)) == 4
+
+
+def test_strategy_crash_in_transfer_is_recorded_and_the_others_go_on(tmp_path: Path, crash_plugin: str, capsys,
+                                                                     monkeypatch) -> None:
+    monkeypatch.setenv("CLTOOLBOX_CRASH_TEST", "1")
+    cfg = write(tmp_path, {**CFG, "imports": [crash_plugin], "strategy": ["crash_test", "naive"],
+                           "train": {**CFG["train"], "epochs": 1}})
+    rc = with_threads(1, "transfer", cfg, "--out", str(tmp_path / "out"), "-q")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().splitlines()[-1].startswith("error: ") and "1 of 2 transfer run(s) failed" in err
+    crashed = tmp_path / "out" / "rel" / "transfer" / "crash_test" / "class_incremental-digits" / "seed_0"
+    summary = json.loads((crashed / "metrics.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: plugin bug"
+    assert "plugin bug" in (crashed / "error.log").read_text() and not (crashed / "DONE").exists()
+    assert (tmp_path / "out" / "rel" / "transfer" / "naive" / "class_incremental-digits" / "seed_0" / "DONE").exists()

@@ -25,6 +25,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLTOOLBOX_CACHE", Path.home() / ".cache" / "cltoolbox"))
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete what a process killed while writing this cache file left (``<name>.tmp<pid>`` of a dead pid)."""
+    for tmp in path.parent.glob(f"{path.stem}.tmp*"):
+        pid = tmp.suffix[len(".tmp"):]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive under another user (EPERM): still writing
+            pass
+
+
 def _cached(name: str, build: Callable[[], Dataset]) -> Dataset:
     path = cache_dir() / f"{name}-v1.pt"
     if path.exists():
@@ -36,6 +50,7 @@ def _cached(name: str, build: Callable[[], Dataset]) -> Dataset:
             pass
     data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"x_train": data.train.x, "y_train": data.y_train, "x_test": data.test.x, "y_test": data.y_test,
                 "n_classes": data.n_classes}, tmp)
