@@ -108,7 +108,8 @@ TINY_STRATEGY_PARAMS: dict[str, dict] = {"er": {"memory_size": 50}, "gem": {"pat
                                          "der": {"memory_size": 50}, "derpp": {"memory_size": 50},
                                          "gdumb": {"memory_size": 60, "epochs": 2}, "icarl": {"memory_size": 50},
                                          "dualprompt": {"g_layers": [0], "e_layers": [1]},
-                                         "coda_prompt": {"pool_size": 6, "layers": [0, 1]}}
+                                         "coda_prompt": {"pool_size": 6, "layers": [0, 1]},
+                                         "ranpac": {"projection_dim": 200}}
 # Strategies that need another backbone than the default MLP.
 TINY_VIT = {"name": "vit", "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
 TINY_STRATEGY_MODELS: dict[str, dict] = {name: TINY_VIT for name in ("l2p", "dualprompt", "coda_prompt")}
