@@ -69,6 +69,17 @@ def kd_on(new: torch.Tensor, old: torch.Tensor, classes: torch.Tensor, temperatu
     return distillation_loss(new.index_select(1, classes), old.index_select(1, classes), temperature)
 
 
+def ce_with_kd(plugin: ExemplarPlugin, learner, batch: Batch, logits: torch.Tensor,
+               temperature: float) -> torch.Tensor:
+    """WA's and BiC's training loss: (1 - lam) CE + lam KD on the old classes, lam = n_old / n_seen."""
+    ce = F.cross_entropy(logits, batch.y)
+    lam = plugin.kd_weight()
+    if lam == 0:
+        return ce
+    old = plugin.teacher_logits(learner, learner.model_input(batch.x), batch.t)
+    return (1 - lam) * ce + lam * kd_on(logits, old, plugin.old_classes, temperature)
+
+
 # -- WA ------------------------------------------------------------------------------------------------------
 class WAPlugin(ExemplarPlugin):
     name = "wa"
@@ -80,12 +91,7 @@ class WAPlugin(ExemplarPlugin):
         self.gammas: list[float] = []  # the aligning factor of each experience (metrics.json diagnostics)
 
     def criterion(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits, batch.y)
-        lam = self.kd_weight()
-        if lam == 0:
-            return ce
-        old = self.teacher_logits(learner, learner.model_input(batch.x), batch.t)
-        return (1 - lam) * ce + lam * kd_on(logits, old, self.old_classes, self.temperature)
+        return ce_with_kd(self, learner, batch, logits, self.temperature)
 
     def before_fit(self, learner, stream) -> None:
         super().before_fit(learner, stream)
@@ -225,13 +231,8 @@ class BiCPlugin(ExemplarPlugin):
         return self.correct(learner.model(x))
 
     def criterion(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits, batch.y)
-        lam = self.kd_weight()
-        if lam == 0:
-            return ce
         # the teacher is the previous model with its correction layers (those of the old classes are unchanged)
-        old = self.teacher_logits(learner, learner.model_input(batch.x), batch.t)
-        return (1 - lam) * ce + lam * kd_on(logits, old, self.old_classes, self.temperature)
+        return ce_with_kd(self, learner, batch, logits, self.temperature)
 
     # -- stage 2 --------------------------------------------------------------------------------------------
     def after_experience(self, learner, exp) -> None:
