@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue unfinished runs, skip finished ones")
     r.add_argument("--overwrite", action="store_true", help="replace existing runs")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary table")
-    r.add_argument("--threads", type=int, help="torch threads (default: torch's, usually the number of cores; "
-                                                  "a resumed run keeps the threads it started with)")
+    r.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS if set, else 1, "
+                                                  "which a busy machine does not slow down; a resumed run keeps the "
+                                                  "threads it started with)")
 
     sw = sub.add_parser("sweep", parents=[debug],
                         help="run a sweep YAML (strategies x grid points x seeds) in parallel, locally or on Ray")
@@ -68,7 +69,7 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
                         "else starts a local instance)")
     p.add_argument("--workers", type=int, help="parallel runs (default: the number of cores)")
     p.add_argument("--threads", type=int,
-                   help="torch threads per run (default: cores // workers locally, 1 per Ray task)")
+                   help="torch threads per run (default: OMP_NUM_THREADS if set, else 1)")
     p.add_argument("--out", help="root folder for run folders (default: the config's `out`, else runs/)")
     p.add_argument("--resume", action="store_true", help="skip finished runs, continue unfinished ones")
     p.add_argument("--overwrite", action="store_true", help="replace existing runs")
@@ -100,14 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from cltoolbox.runner import run
 
-            if args.threads is not None:
-                if args.threads < 1:
-                    raise CLToolboxError(f"--threads: must be >= 1, got {args.threads}")
-                import torch
-
-                torch.set_num_threads(args.threads)
+            if args.threads is not None and args.threads < 1:
+                raise CLToolboxError(f"--threads: must be >= 1, got {args.threads}")
             run(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, resume=args.resume,
-                overwrite=args.overwrite, quiet=args.quiet)
+                overwrite=args.overwrite, quiet=args.quiet, threads=args.threads)
         elif args.command == "sweep":
             from cltoolbox.sweep import sweep
 

@@ -290,20 +290,55 @@ def _one_line(e: BaseException) -> str:
 
 CHECKPOINT_WORK_RATIO = 20  # checkpoints cost at most ~5% of a run's time
 
+DEFAULT_THREADS = 1
+
+
+def default_threads() -> int:
+    """Torch threads for a run whose user did not choose (no ``--threads``): ``OMP_NUM_THREADS`` when it is set
+    to a count, else 1. Not torch's default (one per core): intra-op threads spin-wait for each other, and when
+    other processes hold the cores that made a quickstart seed 6x slower on 2 cores (2 min 28 s vs 24 s with
+    1 thread); the small in-memory models gain little from a second thread on a quiet machine. A fixed count,
+    not one read from the machine's load, also keeps results identical across machines, `run` and `sweep`."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return DEFAULT_THREADS
+    return n if n >= 1 else DEFAULT_THREADS
+
+
+_WARM: list[bool] = []
+
+
+def warm_up() -> None:
+    """Pay a process's one-off costs before a run's clocks start, so that the same work reports the same time
+    whatever its position in the process: the first ``torch.optim`` optimizer imports ``torch._dynamo``
+    (``Optimizer.add_param_group`` is wrapped by ``torch._compile._disable_dynamo``; ~1.1 s here) and the
+    first backward starts autograd."""
+    if _WARM:
+        return
+    import torch._dynamo  # noqa: F401 - the import is the cost
+
+    w = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    (w * 2).sum().backward()
+    opt.step()
+    _WARM.append(True)
+
 
 def execute_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, resume: bool = False,
                 quiet: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Train and evaluate one (strategy, seed) run into ``run_dir``; returns metrics.json's content.
 
-    ``threads``: torch threads for this run (a resumed run passes the count it started with: the thread count
-    changes float summation order, so this keeps a resumed run bit-identical to an uninterrupted one).
+    ``threads``: torch threads for this run, ``default_threads()`` when None (a resumed run passes the count it
+    started with: the thread count changes float summation order, so this keeps a resumed run bit-identical to
+    an uninterrupted one).
     """
     seed = run_cfg["seed"]
+    warm_up()  # before the clocks: a process's first run must not pay torch._dynamo's import
     wall_start = time.perf_counter()
     rss.reset_peak()  # cost.peak_rss_mb is this run's, not an earlier run's in the same process
     before_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or default_threads())
     try:
         train_cfg = cfgmod.train_config(run_cfg)
         torch.manual_seed(seed)
@@ -703,14 +738,17 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 
 
 def run_in_folder(run_cfg: dict[str, Any], stream: Any, run_dir: Path, planned: str, overwrite: bool,
-                  quiet: bool = True, stop: Path | None = None) -> tuple[str, dict[str, Any]]:
+                  quiet: bool = True, stop: Path | None = None,
+                  threads: int | None = None) -> tuple[str, dict[str, Any]]:
     """Run one planned run in its folder: take the lock, decide again (``claim``), train; returns (action,
     metrics.json's content). ``stream`` is the run's Stream or a function that makes it. Whatever happens,
     no temporary files are left, nor an empty folder below ``stop``. An unexpected exception is recorded in
-    the folder (``record_failure``) and raised again."""
+    the folder (``record_failure``) and raised again. ``threads``: torch threads for a run that starts now
+    (None: ``default_threads()``); a resumed run keeps the count it started with."""
     try:
         with RunLock(run_dir):
-            action, threads = claim(run_dir, planned, overwrite)
+            action, recorded = claim(run_dir, planned, overwrite)
+            threads = recorded or threads
             if action == "skip":
                 return action, read_summary(run_dir)
             try:
@@ -738,11 +776,15 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run every strategy x seed of an experiment; returns one summary per run (metrics.json + run_dir).
 
     Everything is validated (config, data, streams, models, strategies) before the first run starts.
+    ``threads``: torch threads per run (None: ``default_threads()``; a resumed run keeps its own).
     """
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {threads}")
     raw = load_raw(config, overrides, out, seeds)
     resolved = cfgmod.validate(raw)
     todo = plan(resolved, resume, overwrite)
@@ -766,7 +808,8 @@ def run(
             streams[seed] = build_stream(resolved, data, seed)
         run_cfg = cfgmod.run_config(resolved, strategy, seed)
         try:
-            _, summary = run_in_folder(run_cfg, streams[seed], run_dir, action, overwrite, quiet=quiet, stop=stop)
+            _, summary = run_in_folder(run_cfg, streams[seed], run_dir, action, overwrite, quiet=quiet, stop=stop,
+                                       threads=threads)
         except OSError as e:  # a full disk or a folder gone read-only: the next runs would fail the same way
             raise io_error(e, run_dir) from e
         except CLToolboxError as e:  # diverged, locked by another process, a damaged checkpoint: the others go on

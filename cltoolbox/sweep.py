@@ -14,7 +14,7 @@ layout: ``<out>/<name>/er-lr0.1-memory_size500/<scenario>-<dataset>/seed_<s>/``.
 shows each grid point as one row.
 
 Every grid point's config is validated (and its stream, plugins and model built once) before any run
-starts. Runs go to worker processes (``spawn``; each sets torch threads to cores // workers) or to Ray
+starts. Runs go to worker processes (``spawn``; each runs 1 torch thread unless --threads) or to Ray
 tasks. Each worker takes the run folder's lock; a locked folder (another process is writing it) is skipped
 with a message. With ``resume`` finished runs are skipped and unfinished ones continue from their checkpoint
 (or start again when they have none); a finished run is replaced only with ``overwrite``.
@@ -254,15 +254,11 @@ def _warm_up() -> None:
     optimizer of a process imports torch._dynamo (seconds), the first backward starts autograd."""
     if _WARM:
         return
-    import torch
-
     from cltoolbox.registry import MODELS, STRATEGIES
+    from cltoolbox.runner import warm_up
 
     STRATEGIES.names(), MODELS.names()  # import the built-in plugins
-    w = torch.zeros(2, requires_grad=True)
-    opt = torch.optim.SGD([w], lr=0.1)
-    (w * 2).sum().backward()
-    opt.step()
+    warm_up()
     _WARM.append(True)
 
 
@@ -288,7 +284,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
         import_plugins(run_cfg.get("imports") or [])
         _warm_up()
         action, summary = run_in_folder(run_cfg, lambda: _stream_for(run_cfg), run_dir, spec["action"],
-                                        spec["overwrite"], stop=Path(spec["stop"]) if spec.get("stop") else None)
+                                        spec["overwrite"], stop=Path(spec["stop"]) if spec.get("stop") else None,
+                                        threads=spec["threads"])
         rec.update(action=action, summary=summary)
         if action == "skip":
             rec.update(status="skipped", message="finished meanwhile by another process")
@@ -444,10 +441,12 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
                                          "action": "skip", "status": "skipped", "message": "finished",
                                          "summary": summary}
     todo = [j for j in jobs if j.action != "skip"]
-    if threads is None:  # local workers split this machine's cores; a Ray task reserves one CPU: one thread
-        # (not from the number of runs left: a resumed run must use the threads it started with to give
-        # bit-identical results)
-        threads = max(1, available_cores() // workers) if backend == "local" else 1
+    if threads is None:  # the same default as `cltoolbox run` (1; runner.default_threads): parallelism comes
+        # from the workers, and a busy machine does not make spin-waiting threads 6x slower; a fixed count (not
+        # one from the cores or the runs left) also keeps results identical to `run`'s and a resume exact
+        from cltoolbox.runner import default_threads
+
+        threads = default_threads()
     if threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     cache = os.environ.get("CLTOOLBOX_CACHE")
