@@ -23,3 +23,7 @@ class DivergenceError(CLToolboxError):
 
 class RunLockedError(RunExistsError):
     """Another live process holds the run folder's lock."""
+
+
+class PluginError(CLToolboxError):
+    """A plugin's code breaks the plugin contract (a misspelled hook, a taken name, an untyped parameter)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cltoolbox.errors import ConfigError
+from cltoolbox.errors import ConfigError, PluginError
 
 REQUIRED = inspect.Parameter.empty
 # PyYAML (YAML 1.1) reads `1e-3` and `5E-4` as strings (it wants a dot and a signed exponent); accept them.
@@ -53,7 +53,12 @@ def signature_params(fn: Callable, skip: int = 0) -> dict[str, Param]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = factories[p.name]() if p.name in factories else p.default
-        out[p.name] = Param(p.name, hints.get(p.name, Any), default)
+        if p.name not in hints:
+            kind = "int" if default is REQUIRED else "str | None" if default is None else type(default).__name__
+            example = f"{p.name}: {kind}" + ("" if default is REQUIRED else f" = {default!r}")
+            raise PluginError(f"{getattr(fn, '__qualname__', fn)}: parameter '{p.name}' has no type annotation, so "
+                              f"config values cannot be checked; write e.g. `{example}`")
+        out[p.name] = Param(p.name, hints[p.name], default)
     return out
 
 

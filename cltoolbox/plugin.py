@@ -39,10 +39,14 @@ are loaded with ``weights_only=True``). ``memory_usage`` reports stored items an
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from cltoolbox.errors import PluginError
 
 if TYPE_CHECKING:
     from cltoolbox.loop import Learner
@@ -68,6 +72,8 @@ HOOKS = (
     "predict",
     "after_fit",
 )
+# hooks where the first plugin's answer is used and the others' are ignored (see the order above)
+FIRST_ANSWER_HOOKS = ("train_experience", "forward", "criterion", "predict")
 
 
 @dataclass
@@ -90,7 +96,24 @@ class Batch:
 
 
 class Plugin:
-    """Base class of every strategy plugin. Override hooks; the defaults do nothing."""
+    """Base class of every strategy plugin. Override hooks; the defaults do nothing.
+
+    ``composes`` names the first-answer-wins hooks (``FIRST_ANSWER_HOOKS``) this plugin overrides but can
+    share with another plugin (it answers None / False when the other one should answer); two plugins of one
+    run that override such a hook without this are refused.
+    """
+
+    composes: ClassVar[set[str] | frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in vars(cls).items():
+            if name.startswith("_") or name in HOOKS or hasattr(Plugin, name) or not inspect.isfunction(value):
+                continue
+            match = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.85)
+            if match:
+                raise PluginError(f"{cls.__qualname__}.{name} is not a hook, so the loop never calls it; "
+                                  f"did you mean '{match[0]}'? (a helper method that is no hook: name it _{name})")
 
     def before_fit(self, learner: Learner, stream: Stream) -> None: ...
 
@@ -169,6 +192,19 @@ def implementers(plugins: list[Plugin], hook: str) -> list[Plugin]:
     """The plugins that override ``hook``: the loop dispatches only to these."""
     base = getattr(Plugin, hook)
     return [p for p in plugins if getattr(type(p), hook) is not base]
+
+
+def check_composition(plugins: list[Plugin], field: str = "strategy") -> list[Plugin]:
+    """Refuse two plugins that override the same first-answer-wins hook (one of them would be silently
+    ignored) unless all but one declare the hook in ``composes``. Returns ``plugins``."""
+    for hook in FIRST_ANSWER_HOOKS:
+        sole = [p for p in implementers(plugins, hook) if hook not in p.composes]
+        if len(sole) > 1:
+            names = " and ".join(type(p).__name__ for p in sole[:2])
+            raise PluginError(f"{field}: {names} both override '{hook}', where only the first answer counts; "
+                              f"run them separately, or declare `composes = {{'{hook}'}}` on the plugin that "
+                              f"can share it")
+    return plugins
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

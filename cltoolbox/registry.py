@@ -8,6 +8,7 @@ on first lookup, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,8 +16,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cltoolbox.errors import ConfigError
+from cltoolbox.errors import CLToolboxError, ConfigError, PluginError
 from cltoolbox.params import Param, closest, signature_params
+
+# what plugins a process loaded from outside cltoolbox, for env.json: imported file -> sha256, package -> version
+_IMPORTED_FILES: dict[str, str] = {}
+_ENTRY_POINT_PACKAGES: dict[str, str] = {}
+
+
+def _origin(factory: Callable) -> str:
+    """``module.qualname`` of a factory: the same for the same definition imported again."""
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', factory)}"
+
+
+def plugin_sources() -> dict[str, dict[str, str]]:
+    """The sha256 of every ``imports:`` file and the version of every entry-point package loaded so far."""
+    return {"imports": dict(_IMPORTED_FILES), "entry_points": dict(_ENTRY_POINT_PACKAGES)}
 
 
 @dataclass(frozen=True)
@@ -45,12 +60,21 @@ class Registry:
     def singular(self) -> str:
         return {"strategies": "strategy"}.get(self.kind, self.kind[:-1])
 
-    def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
-        """Decorator: ``@STRATEGIES.register("my_method")``."""
+    def register(self, name: str | None = None, *, override: bool = False) -> Callable[[Callable], Callable]:
+        """Decorator: ``@STRATEGIES.register("my_method")``. A name that is taken (a built-in's, an entry
+        point's or another file's) is an error unless ``override=True``; the same definition registering again
+        (its module imported twice) is not."""
 
         def deco(factory: Callable) -> Callable:
             key = name or factory.__name__.lower()
-            self._entries[key] = Entry(key, factory, signature_params(factory, self._skip))
+            entry = Entry(key, factory, signature_params(factory, self._skip))
+            self._load()  # the built-ins first, so that none of them silently replaces this plugin later
+            old = self._entries.get(key)
+            if old is not None and not override and _origin(old.factory) != _origin(factory):
+                mine = getattr(factory, "__qualname__", key)
+                raise PluginError(f"{self.singular} '{key}' is already registered by {_origin(old.factory)}; "
+                                  f"choose another name for {mine}, or pass override=True to replace it")
+            self._entries[key] = entry
             return factory
 
         return deco
@@ -61,8 +85,9 @@ class Registry:
         self._loaded = True
         importlib.import_module(self._builtin_module)
         for ep in metadata.entry_points(group=f"cltoolbox.{self.kind}"):
-            if ep.name not in self._entries:
-                self.register(ep.name)(ep.load())
+            self.register(ep.name)(ep.load())
+            if ep.dist is not None:
+                _ENTRY_POINT_PACKAGES[ep.dist.name] = ep.dist.version
 
     def get(self, name: str, field: str | None = None) -> Entry:
         self._load()
@@ -121,6 +146,8 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
             except ImportError as e:
                 raise ConfigError(f"imports: cannot import module '{spec}' ({e}); check the name or use a .py path") \
                     from None
+            except CLToolboxError as e:  # a plugin mistake found at registration: keep its one line
+                raise type(e)(f"imports: module '{spec}': {e}") from e
             except Exception as e:  # noqa: BLE001 - the user's module raised while it was imported
                 raise ConfigError(f"imports: module '{spec}' raised {_one_line(e)} on import; fix it") from e
             continue
@@ -135,9 +162,13 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
         sys.modules[name] = module
         try:
             module_spec.loader.exec_module(module)
+        except CLToolboxError as e:  # a plugin mistake found at registration: keep its one line
+            del sys.modules[name]
+            raise type(e)(f"imports: '{path}': {e}") from e
         except Exception as e:  # noqa: BLE001 - a syntax error or an exception in the user's file
             del sys.modules[name]
             raise ConfigError(f"imports: '{path}' failed on import ({_one_line(e)}); fix the file") from e
+        _IMPORTED_FILES[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

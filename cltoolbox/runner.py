@@ -23,8 +23,8 @@ from cltoolbox.augment import check_augment
 from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, RunExistsError, RunLockedError
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
-from cltoolbox.plugin import Plugin
-from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES, import_plugins, resolve_import_path
+from cltoolbox.plugin import Plugin, check_composition
+from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES, import_plugins, plugin_sources, resolve_import_path
 from cltoolbox.results import (
     ACCURACY_FIELDS,
     OLD_NEW_FIELDS,
@@ -98,7 +98,7 @@ def _env(device: torch.device) -> dict[str, Any]:
         "git_commit": _git_commit(), "platform": platform.platform(), "hostname": platform.node(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch_threads": torch.get_num_threads(), "argv": sys.argv,
+        "torch_threads": torch.get_num_threads(), "argv": sys.argv, "plugins": plugin_sources(),
         "start_time": datetime.now(timezone.utc).isoformat(),
     }
 
@@ -652,7 +652,7 @@ def check_plugins(strategy: dict[str, Any], field: str = "strategy") -> list[Plu
     """Build a strategy's plugins before any run starts; a parameter value that its factory does not check
     itself (and so raises something else than a ConfigError) is reported as one line naming the strategy."""
     try:
-        return build_plugins(strategy)
+        return check_composition(build_plugins(strategy), field)
     except CLToolboxError:
         raise
     except Exception as e:  # noqa: BLE001

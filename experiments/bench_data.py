@@ -313,7 +313,7 @@ from cltoolbox.registry import register_dataset
 
 
 @register_dataset("image_folder_32px")
-def image_folder_32px(root=None, download=False):
+def image_folder_32px(root: str | None = None, download: bool = False):
     return load_image_folder(root, name="image_folder_32px", resize=32, crop=32)
 """
 

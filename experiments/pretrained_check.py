@@ -50,7 +50,11 @@ def main() -> None:
     parser.add_argument("--resize", type=int, default=96)
     args = parser.parse_args()
     feats = embed(args.resize)
-    register_dataset("mnist5k_lite0")(lambda root=None, download=False: feats)
+
+    @register_dataset("mnist5k_lite0")
+    def mnist5k_lite0(root: str | None = None, download: bool = False) -> Dataset:
+        return feats
+
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as out:
         for strat in STRATEGIES:

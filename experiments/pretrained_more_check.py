@@ -82,7 +82,11 @@ def main() -> None:
         if args.features is not None:
             torch.save({"ftr": feats.x_train, "ytr": feats.y_train, "fte": feats.x_test, "yte": feats.y_test},
                        args.features)
-    register_dataset("mnist5k_lite0")(lambda root=None, download=False: feats)
+
+    @register_dataset("mnist5k_lite0")
+    def mnist5k_lite0(root: str | None = None, download: bool = False) -> Dataset:
+        return feats
+
     results: dict[str, list[float]] = {}
     task_il: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}

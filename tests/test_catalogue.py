@@ -337,8 +337,8 @@ def test_core50_ni_runs_end_to_end_same_results_with_workers(core50_root, tmp_pa
     # the registered core50 decodes to 128 px; a two-line plugin registers it at 8 px, as users would
     plugin = tmp_path / "core50_8px.py"
     plugin.write_text("from cltoolbox.data.catalogue import load_core50\nfrom cltoolbox.registry import "
-                      "register_dataset\n\n\n@register_dataset('core50_8px')\ndef core50_8px(root=None, "
-                      "download=False):\n    return load_core50(root, resize=8)\n")
+                      "register_dataset\n\n\n@register_dataset('core50_8px')\ndef core50_8px(root: str | None = None, "
+                      "download: bool = False):\n    return load_core50(root, resize=8)\n")
     runs = {}
     for workers in (0, 2):
         config = {

@@ -18,7 +18,7 @@ import torch
 import cltoolbox
 from cltoolbox.data import load_dataset
 from cltoolbox.errors import CLToolboxError
-from cltoolbox.plugin import Plugin
+from cltoolbox.plugin import FIRST_ANSWER_HOOKS, Plugin
 from cltoolbox.registry import SCENARIOS, STRATEGIES, register_strategy
 
 TOKENS = {
@@ -44,6 +44,7 @@ class Recorder(Plugin):
     calls: list[str] = []
 
     crash_at = -1
+    composes = frozenset(FIRST_ANSWER_HOOKS)  # it answers None / False: the strategy's own answer counts
 
     def __init__(self) -> None:
         Recorder.calls = []

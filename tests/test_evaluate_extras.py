@@ -102,7 +102,7 @@ from cltoolbox.registry import register_dataset
 
 
 @register_dataset("gauss20_extras")
-def gauss20(root=None, download=False):
+def gauss20(root: str | None = None, download: bool = False):
     g = torch.Generator().manual_seed(0)
     centres = 2.0 * torch.randn(20, 16, generator=g)
     y_train, y_test = torch.arange(400) % 20, torch.arange(200) % 20
