@@ -14,6 +14,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Continual-learning experiments: run YAML configs into run folders with exact metrics.",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--version", action="version", version=f"cltoolbox {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     # --debug is also accepted after the command; SUPPRESS keeps the subparser from resetting it to False
     debug = argparse.ArgumentParser(add_help=False)
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", parents=[debug], help="list registered strategies, scenarios, datasets or models")
     ls.add_argument("kind", choices=["strategies", "scenarios", "datasets", "models"])
+    ls.add_argument("--imports", nargs="+", default=[], metavar="FILE_OR_MODULE",
+                    help="plugin .py files or modules to load first, or an experiment YAML whose `imports:` to load")
+    ls.add_argument("--json", action="store_true", help="print JSON: name, description and typed parameters")
 
     rp = sub.add_parser("report", parents=[debug], help="figures (PNG+PDF) and tables (CSV/Markdown/LaTeX) from runs")
     rp.add_argument("runs", nargs="+", help="run folders, or folders above them (every run with DONE is used)")
@@ -76,10 +80,35 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines and no summary table")
 
 
-def _list(kind: str) -> None:
-    from cltoolbox.registry import REGISTRIES
+def _version() -> str:
+    from cltoolbox import __version__
 
-    for entry in REGISTRIES[kind].entries():
+    return __version__
+
+
+def _list(kind: str, imports: list[str], as_json: bool) -> None:
+    from pathlib import Path
+
+    from cltoolbox.config import load_yaml
+    from cltoolbox.params import type_name
+    from cltoolbox.registry import REGISTRIES, import_plugins
+
+    for spec in imports:  # a config's `imports:` are relative to its folder
+        if spec.endswith((".yaml", ".yml")):
+            import_plugins(load_yaml(spec).get("imports") or [], str(Path(spec).parent))
+        else:
+            import_plugins([spec])
+    entries = REGISTRIES[kind].entries()
+    if as_json:
+        import json
+
+        print(json.dumps([{"name": e.name, "description": e.description,
+                           "params": [{"name": p.name, "type": type_name(p.annotation), "required": p.required,
+                                       **({} if p.required else {"default": p.default})}
+                                      for p in e.params.values()]}
+                          for e in entries], indent=1, default=repr))
+        return
+    for entry in entries:
         print(f"{entry.name:<20} {entry.description}")
         for param in entry.params.values():
             print(f"{'':<22}{param.describe()}")
@@ -125,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             transfer(args.config, out=args.out, overrides=args.overrides, seeds=args.seeds,
                      overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "list":
-            _list(args.kind)
+            _list(args.kind, args.imports, args.json)
         elif args.command == "report":
             from cltoolbox.report import report
 
