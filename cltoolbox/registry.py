@@ -95,7 +95,7 @@ class Registry:
             where = field or self.kind
             raise ConfigError(
                 f"{where}: unknown {self.singular} '{name}'{closest(name, self._entries)}; "
-                f"run `cltoolbox list {self.kind}` to see the {len(self._entries)} available"
+                f"run `cltoolbox list {self.kind} --imports <config>` to see the {len(self._entries)} available"
             )
         return self._entries[name]
 
