@@ -107,6 +107,10 @@ class Plugin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.composes) - set(FIRST_ANSWER_HOOKS))
+        if unknown:
+            raise PluginError(f"{cls.__qualname__}.composes: {', '.join(map(repr, unknown))} is not a first-answer "
+                              f"hook; use a set of {', '.join(FIRST_ANSWER_HOOKS)}")
         for name, value in vars(cls).items():
             if name.startswith("_") or name in HOOKS or hasattr(Plugin, name) or not inspect.isfunction(value):
                 continue

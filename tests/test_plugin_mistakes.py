@@ -54,6 +54,9 @@ def test_hook_like_names_that_are_helpers_are_fine() -> None:
     with pytest.raises(PluginError, match=r"Typo.before_epoc .*'before_epoch'"):
         class Typo(Plugin):
             def before_epoc(self, learner, exp, epoch) -> None: ...
+    with pytest.raises(PluginError, match=r"Shares.composes: 'froward' is not a first-answer hook"):
+        class Shares(Plugin):
+            composes = {"froward"}
 
 
 def test_shadowed_builtin_name_is_an_error(tmp_path: Path, capsys) -> None:
