@@ -9,8 +9,8 @@ the first kill), in three kinds of rounds, in a seeded random order:
 - ``progress``: once a run folder shows progress (a new config.yaml or checkpoint), wait a seeded random delay
   and SIGKILL the sweep's whole process group (parent and worker processes);
 - ``early``: once a run starts (a new config.yaml), kill within 30% of one experience's training time, so the
-  run dies before its first checkpoint. Resumes alternate --workers between N and 1, so a run restarted from
-  scratch must take the thread count recorded in its env.json to end identical;
+  run dies before its first checkpoint. These rounds alternate --threads between 1 and 2, so a run restarted
+  from scratch must take the thread count recorded in its env.json to end identical;
 - ``concurrent``: a sweep --resume and a ``cltoolbox run --resume`` (seeds in another order) start together on
   the same folder, then both are killed.
 
@@ -18,7 +18,7 @@ Throughout, every DONE seen is watched: a finished run must never lose its DONE 
 kill, a ``run --resume`` and a ``sweep --resume`` finish the runs together, a last ``sweep --resume`` checks that
 nothing is left, and every run's accuracy.csv, per_class.csv, matrices and training losses are compared byte
 for byte with the twin's; no temporary file may remain. A run keeps the thread count it first started with
-(recorded in env.json): one first started by a 1-worker round is compared with an uninterrupted run of its own
+(recorded in env.json): one first started by a 2-thread round is compared with an uninterrupted run of its own
 with those threads. Prints one line per round and a summary.
 """
 
@@ -50,9 +50,9 @@ COMPARED = ("accuracy.csv", "per_class.csv", "matrices/accuracy_class_il.csv", "
             "matrices/forgetting_class_il.csv", "matrices/transfer_task_il.csv")
 
 
-def sweep_cmd(cfg: Path, out: Path, workers: int, *extra: str) -> list[str]:
+def sweep_cmd(cfg: Path, out: Path, workers: int, threads: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cltoolbox.cli", "sweep", str(cfg), "--out", str(out), "--workers", str(workers),
-            *extra]
+            "--threads", str(threads), *extra]
 
 
 def run_cmd(cfg: Path, out: Path, threads: int, seeds: list[int], *extra: str) -> list[str]:
@@ -120,7 +120,7 @@ def state_of(out: Path) -> tuple[int, list[str]]:
 
 
 def twins_with_other_threads(cfg: Path, root: Path, runs: dict[str, int]) -> dict[str, Path]:
-    """An uninterrupted twin for each run that first started with another thread count (in a 1-worker round):
+    """An uninterrupted twin for each run that first started with another thread count (in a 2-thread round):
     ``cltoolbox run`` of that strategy and seed alone, with those threads. Returns run -> its twin's run folder."""
     twins = {}
     for run, n in sorted(runs.items()):
@@ -203,11 +203,10 @@ def main() -> int:
     cfg.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     twin, killed = root / "twin", root / "killed"
     rng = random.Random(args.seed)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // args.workers)  # the sweep's threads per run: `run` must start runs with the same
+    threads = 1  # the default of `run` and `sweep`; early rounds that start runs afresh alternate with 2
 
     t0 = time.perf_counter()
-    subprocess.run(sweep_cmd(cfg, twin, args.workers, "-q", "--overwrite"), check=True)
+    subprocess.run(sweep_cmd(cfg, twin, args.workers, threads, "-q", "--overwrite"), check=True)
     per_exp = per_experience_seconds(twin)
     print(f"twin sweep ({len(CONFIG['strategy'])} strategies x {len(CONFIG['seeds'])} seeds, {args.workers} workers, "
           f"{threads} thread(s) per run): {time.perf_counter() - t0:.1f} s; one experience ~{per_exp:.2f} s")
@@ -224,9 +223,9 @@ def main() -> int:
     n_runs = len(CONFIG["strategy"]) * len(CONFIG["seeds"])
     for i, kind in enumerate(rounds):
         extra = ["--resume"] if i else ["--overwrite"]
-        workers = args.workers if kind != "early" or i % 2 == 0 else 1  # another thread count for early resumes
+        round_threads = threads if kind != "early" or i % 2 == 0 else 2  # another count for early resumes
         before = progress_marks(killed, checkpoints=kind != "early")
-        procs = [start(sweep_cmd(cfg, killed, workers, *extra))]
+        procs = [start(sweep_cmd(cfg, killed, args.workers, round_threads, *extra))]
         if kind == "concurrent":
             seeds = list(CONFIG["seeds"])
             rng.shuffle(seeds)
@@ -248,20 +247,21 @@ def main() -> int:
         done, partial = state_of(killed)
         early_hits += kind == "early" and any(x.endswith("@0") for x in partial)
         states.update(partial)
-        print(f"kill {kills:>2} ({kind}, {workers} workers{' + a run' if kind == 'concurrent' else ''}): "
+        print(f"kill {kills:>2} ({kind}, {round_threads} thread(s){' + a run' if kind == 'concurrent' else ''}): "
               f"{delay:.2f} s after progress; {done}/{n_runs} runs finished, unfinished: {' '.join(partial) or '-'}")
         if done == n_runs:
             break
     # the runs finish with a `run --resume` and a `sweep --resume` working on the folder at the same time
     seeds = list(CONFIG["seeds"])
     rng.shuffle(seeds)
-    procs = [start(sweep_cmd(cfg, killed, args.workers, "--resume")),
+    procs = [start(sweep_cmd(cfg, killed, args.workers, threads, "--resume")),
              start(run_cmd(cfg, killed, threads, seeds, "--resume"))]
     while any(p.poll() is None for p in procs):
         watch.poll()
         time.sleep(0.01)
     kill(procs, logs)
-    final = subprocess.run(sweep_cmd(cfg, killed, args.workers, "--resume"), capture_output=True, text=True)
+    final = subprocess.run(sweep_cmd(cfg, killed, args.workers, threads, "--resume"), capture_output=True,
+                           text=True)
     logs.append(final.stderr)
     watch.poll()
     if final.returncode != 0:
@@ -279,7 +279,7 @@ def main() -> int:
           f"{resumed} continued from a checkpoint, {restarted} started again; {finished_lines} sweep runs finished "
           f"after a resume or restart; {len(watch.violations)} finished runs lost or rewritten; "
           f"{len(leftovers)} temporary files left; {same}/{total} runs byte-identical to an uninterrupted twin "
-          f"({len(other)} of them first started in a 1-worker round, with {sorted(set(other.values())) or '-'} "
+          f"({len(other)} of them first started in a 2-thread round, with {sorted(set(other.values())) or '-'} "
           "threads: compared with a twin run with those threads)")
     for d in diffs:
         print(f"  DIFFERS {d}")
