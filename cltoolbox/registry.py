@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,10 @@ class Entry:
     name: str
     factory: Callable
     params: dict[str, Param]
+    # the small settings `cltoolbox.testing` checks the plugin with (declared at registration)
+    test_params: dict[str, Any] = field(default_factory=dict)
+    test_model: dict[str, Any] | None = None  # strategies: another backbone than the kit's small MLP
+    test_dataset: str | None = "digits"  # scenarios: the dataset to check on; None: not checkable on a toy set
 
     @property
     def description(self) -> str:
@@ -60,14 +64,25 @@ class Registry:
     def singular(self) -> str:
         return {"strategies": "strategy"}.get(self.kind, self.kind[:-1])
 
-    def register(self, name: str | None = None, *, override: bool = False) -> Callable[[Callable], Callable]:
+    def register(self, name: str | None = None, *, override: bool = False,
+                 test_params: dict[str, Any] | None = None, test_model: dict[str, Any] | None = None,
+                 test_dataset: str | None = "digits") -> Callable[[Callable], Callable]:
         """Decorator: ``@STRATEGIES.register("my_method")``. A name that is taken (a built-in's, an entry
         point's or another file's) is an error unless ``override=True``; the same definition registering again
-        (its module imported twice) is not."""
+        (its module imported twice) is not.
+
+        ``test_params`` (and for strategies ``test_model``, for scenarios ``test_dataset``) are the small
+        settings that ``cltoolbox.testing`` and ``cltoolbox check`` run the plugin with."""
 
         def deco(factory: Callable) -> Callable:
             key = name or factory.__name__.lower()
-            entry = Entry(key, factory, signature_params(factory, self._skip))
+            params = signature_params(factory, self._skip)
+            unknown = sorted(set(test_params or {}) - set(params))
+            if unknown:
+                raise PluginError(f"{self.singular} '{key}': test_params {', '.join(unknown)} "
+                                  f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} "
+                                  f"of {getattr(factory, '__qualname__', key)}; valid: {', '.join(params) or 'none'}")
+            entry = Entry(key, factory, params, dict(test_params or {}), test_model, test_dataset)
             self._load()  # the built-ins first, so that none of them silently replaces this plugin later
             old = self._entries.get(key)
             if old is not None and not override and _origin(old.factory) != _origin(factory):
@@ -154,7 +169,7 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
         path = resolve_import_path(spec, base_dir)
         if not path.is_file():
             raise ConfigError(f"imports: file '{spec}' not found; give a path relative to the config or the cwd")
-        name = f"cltoolbox_user_{path.resolve().stem}_{abs(hash(str(path.resolve())))}"
+        name = file_module_name(path)
         if name in sys.modules:
             continue
         module_spec = importlib.util.spec_from_file_location(name, path)
@@ -169,6 +184,25 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
             del sys.modules[name]
             raise ConfigError(f"imports: '{path}' failed on import ({_one_line(e)}); fix the file") from e
         _IMPORTED_FILES[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_module_name(path: Path) -> str:
+    """The module name an ``imports:`` file is loaded under (one per file, within a process)."""
+    path = path.resolve()
+    return f"cltoolbox_user_{path.stem}_{abs(hash(str(path)))}"
+
+
+def registered_by(spec: str, base_dir: str | None = None) -> dict[str, list[str]]:
+    """Import one ``imports:`` spec (a ``.py`` file or a module) and return, per registry kind, the names of
+    the plugins whose factories it (or, for a package, one of its modules) defines."""
+    import_plugins([spec], base_dir)
+    if spec.endswith(".py"):
+        module = file_module_name(resolve_import_path(spec, base_dir))
+        mine = lambda m: m == module  # noqa: E731
+    else:
+        mine = lambda m: m == spec or m.startswith(spec + ".")  # noqa: E731
+    return {kind: [e.name for e in reg.entries() if mine(getattr(e.factory, "__module__", ""))]
+            for kind, reg in REGISTRIES.items()}
 
 
 def _one_line(e: BaseException) -> str:

@@ -27,7 +27,7 @@ def _sessions(data: Dataset, scenario: str) -> tuple[torch.Tensor, torch.Tensor]
     return train, test
 
 
-@register_scenario("core50_ni")
+@register_scenario("core50_ni", test_dataset=None)  # needs a CORe50 layout: tests/test_catalogue.py
 def core50_ni(
     data: Dataset,
     seed: int,
@@ -74,7 +74,7 @@ def core50_ni(
                   test_experiences=[everything], schedule=[0] * len(experiences))
 
 
-@register_scenario("core50_nc")
+@register_scenario("core50_nc", test_dataset=None)
 def core50_nc(
     data: Dataset,
     seed: int,

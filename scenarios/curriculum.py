@@ -72,7 +72,7 @@ def curriculum_order(means: torch.Tensor, order: Literal["easy_to_hard", "hard_t
     return ranked, info
 
 
-@register_scenario("curriculum")
+@register_scenario("curriculum", test_params={"n_experiences": 5})
 def curriculum(
     data: Dataset,
     seed: int,

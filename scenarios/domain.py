@@ -39,7 +39,7 @@ def _check_n(n_experiences: int) -> None:
         raise ConfigError(f"scenario.n_experiences: must be >= 1, got {n_experiences}")
 
 
-@register_scenario("permuted")
+@register_scenario("permuted", test_params={"n_experiences": 3, "train_samples": 200})
 def permuted(
     data: Dataset, seed: int, n_experiences: int = 10, keep_first: bool = False, train_samples: int | None = None
 ) -> Stream:
@@ -96,7 +96,7 @@ def rotate(x: torch.Tensor, degrees: float, fill: torch.Tensor | None = None) ->
     return F.grid_sample(x - bg, grid, align_corners=False) + bg
 
 
-@register_scenario("rotated")
+@register_scenario("rotated", test_params={"n_experiences": 3, "train_samples": 200})
 def rotated(
     data: Dataset,
     seed: int,

@@ -13,7 +13,7 @@ from cltoolbox.scenarios.recurring import resolve_class_order
 from cltoolbox.stream import Experience, Samples, Stream
 
 
-@register_scenario("few_shot")
+@register_scenario("few_shot", test_params={"base_classes": 4, "ways": 2, "shots": 5, "n_sessions": 3})
 def few_shot(
     data: Dataset,
     seed: int,

@@ -87,7 +87,7 @@ def split_by_class(
     return Stream(f"{kind}-{data.name}", experiences, C, data.input_shape, order, kind, task_labels)
 
 
-@register_scenario("class_incremental")
+@register_scenario("class_incremental", test_params={"n_experiences": 3, "first_classes": 4})
 def class_incremental(
     data: Dataset,
     seed: int,
@@ -100,7 +100,7 @@ def class_incremental(
     return split_by_class(data, seed, n_experiences, class_order, first_classes, classes_per_exp, False)
 
 
-@register_scenario("task_incremental")
+@register_scenario("task_incremental", test_params={"n_experiences": 5})
 def task_incremental(
     data: Dataset,
     seed: int,
@@ -113,7 +113,7 @@ def task_incremental(
     return split_by_class(data, seed, n_experiences, class_order, first_classes, classes_per_exp, True)
 
 
-@register_scenario("domain_incremental")
+@register_scenario("domain_incremental", test_params={"n_experiences": 5})
 def domain_incremental(
     data: Dataset,
     seed: int,

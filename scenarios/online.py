@@ -39,7 +39,7 @@ def blurred_pools(task_indices: list[torch.Tensor], blur: float, g: torch.Genera
     return out
 
 
-@register_scenario("online")
+@register_scenario("online", test_params={"n_tasks": 2, "chunk_size": 250, "blur": 0.1})
 def online(
     data: Dataset,
     seed: int,

@@ -167,7 +167,7 @@ def fit_power_law_exponent(schedule: Sequence[int], max_exponent: float = 10.0) 
     return (lo + hi) / 2
 
 
-@register_scenario("power_law")
+@register_scenario("power_law", test_params={"n_tasks": 3, "n_experiences": 6, "samples_per_experience": 100})
 def power_law(
     data: Dataset,
     seed: int,
@@ -264,7 +264,8 @@ def repetition_plan(n_groups: int, group_size: int, n_experiences: int, p_repeat
     return new, repeats
 
 
-@register_scenario("repetition")
+@register_scenario("repetition", test_params={"n_experiences": 7, "new_classes_per_exp": 2, "p_repeat": 0.3,
+                                "repeat_fraction": 0.5})
 def repetition(
     data: Dataset,
     seed: int,

@@ -105,7 +105,7 @@ def _check(memory_size: int, alpha: float, beta: float, mem_batch_size: int | No
         raise ConfigError(f"strategy.mem_batch_size: must be >= 1 or null (= train.batch_size), got {mem_batch_size}")
 
 
-@register_strategy("der")
+@register_strategy("der", test_params={"memory_size": 50})
 def der(memory_size: int = 500, alpha: float = 1.0, mem_batch_size: int | None = None) -> list[Plugin]:
     """Dark Experience Replay (Buzzega et al. 2020): match stored logits of reservoir samples (MSE).
 
@@ -115,7 +115,7 @@ def der(memory_size: int = 500, alpha: float = 1.0, mem_batch_size: int | None =
     return [DERPlugin(memory_size, alpha, 0.0, mem_batch_size)]
 
 
-@register_strategy("derpp")
+@register_strategy("derpp", test_params={"memory_size": 50})
 def derpp(memory_size: int = 500, alpha: float = 1.0, beta: float = 0.5,
           mem_batch_size: int | None = None) -> list[Plugin]:
     """DER++ (Buzzega et al. 2020): DER's logit matching plus CE on a second memory batch.

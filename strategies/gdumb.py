@@ -120,7 +120,7 @@ class GDumbPlugin(MemoryPlugin):
         return True
 
 
-@register_strategy("gdumb")
+@register_strategy("gdumb", test_params={"memory_size": 60, "epochs": 2})
 def gdumb(memory_size: int = 500, epochs: int = 10) -> list[Plugin]:
     """GDumb (Prabhu et al. 2020): greedy class-balanced memory; retrain from scratch on it each experience.
 

@@ -272,7 +272,7 @@ class AGEMPlugin(GEMPlugin):
             self.projections += 1
 
 
-@register_strategy("gem")
+@register_strategy("gem", test_params={"patterns_per_experience": 20})
 def gem(patterns_per_experience: int = 256, memory_strength: float = 0.5) -> list[Plugin]:
     """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017): project gradients that hurt past memories (QP)."""
     if patterns_per_experience < 1:
@@ -283,7 +283,7 @@ def gem(patterns_per_experience: int = 256, memory_strength: float = 0.5) -> lis
     return [GEMPlugin(patterns_per_experience, memory_strength)]
 
 
-@register_strategy("agem")
+@register_strategy("agem", test_params={"patterns_per_experience": 20, "sample_size": 16})
 def agem(patterns_per_experience: int = 250, sample_size: int = 256) -> list[Plugin]:
     """Averaged GEM (Chaudhry et al. 2019): project onto one reference gradient from a random memory batch."""
     if patterns_per_experience < 1:

@@ -191,7 +191,7 @@ class ICaRLPlugin(Plugin):
         return n, n * self.item_bytes + tensor_bytes(self.y, self.t, self.rank, self.means) + old
 
 
-@register_strategy("icarl")
+@register_strategy("icarl", test_params={"memory_size": 50})
 def icarl(memory_size: int = 500, classifier: Literal["nme", "logits"] = "nme") -> list[Plugin]:
     """iCaRL (Rebuffi et al. 2017): herding exemplars, sigmoid BCE with distillation, nearest-mean classifier.
 

@@ -48,6 +48,8 @@ from cltoolbox.models.vit import Prefix, ViTClassifier
 from cltoolbox.plugin import MASKED_LOGIT, Plugin
 from cltoolbox.registry import register_strategy
 
+# the small ViT that `cltoolbox.testing` checks the prompt strategies with
+TINY_VIT = {"name": "vit", "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
 _INIT_SEED = 7919  # prompt initialisation draws from its own generator: data order stays the stream's
 
 
@@ -283,7 +285,7 @@ class L2PPlugin(PromptPlugin):
         self.usage.copy_(state["usage"])
 
 
-@register_strategy("l2p")
+@register_strategy("l2p", test_model=TINY_VIT)
 def l2p(pool_size: int = 10, prompt_length: int = 5, top_k: int = 5, pull: float = 0.1, diversify: bool = True,
         train_mask: bool = True) -> list[Plugin]:
     """Learning to Prompt (Wang et al. 2022): key-matched prompt pool on a frozen ViT."""
@@ -362,7 +364,7 @@ class DualPromptPlugin(PromptPlugin):
             return _cosine(learner.model.features(x), self.module.keys).argmax(1)
 
 
-@register_strategy("dualprompt")
+@register_strategy("dualprompt", test_params={"g_layers": [0], "e_layers": [1]}, test_model=TINY_VIT)
 def dualprompt(g_layers: list[int] = [0, 1], g_length: int = 5, e_layers: list[int] = [2, 3, 4],  # noqa: B006
                e_length: int = 5, pool_size: int | None = None, pull: float = 1.0,
                train_mask: bool = True) -> list[Plugin]:
@@ -499,7 +501,7 @@ def _ortho_penalty(t: torch.Tensor) -> torch.Tensor:
     return ((gram - eye) ** 2).sum()
 
 
-@register_strategy("coda_prompt")
+@register_strategy("coda_prompt", test_params={"pool_size": 6, "layers": [0, 1]}, test_model=TINY_VIT)
 def coda_prompt(pool_size: int = 100, prompt_length: int = 8, layers: list[int] = [0, 1, 2, 3, 4],  # noqa: B006
                 ortho: float = 0.0, train_mask: bool = True) -> list[Plugin]:
     """CODA-Prompt (Smith et al. 2023): attention-weighted prompt components, orthogonal per task."""

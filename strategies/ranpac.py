@@ -165,7 +165,7 @@ def select_lambda(gram: torch.Tensor, targets: torch.Tensor, h_val: torch.Tensor
     return lambdas[min(range(len(lambdas)), key=errors.__getitem__)]
 
 
-@register_strategy("ranpac")
+@register_strategy("ranpac", test_params={"projection_dim": 200})
 def ranpac(adapt: Literal["none", "body", "film"] = "none", projection_dim: int = 2000,
            lambdas: list[float] = DEFAULT_LAMBDAS, val_fraction: float = 0.2) -> list[Plugin]:  # noqa: B006
     """RanPAC (McDonnell et al., NeurIPS 2023): frozen random ReLU projection + Gram-matrix ridge head.

@@ -43,7 +43,7 @@ class ReplayPlugin(MemoryPlugin):
             self.memory.update(learner.stream.keys(exp.train), exp.y_train, t, learner.generator)
 
 
-@register_strategy("er")
+@register_strategy("er", test_params={"memory_size": 50})
 def er(
     memory_size: int = 500,
     policy: Literal["reservoir", "class_balanced"] = "reservoir",

@@ -172,7 +172,7 @@ class RERPlugin(ReplayPlugin):
         self.meta_updates += 1
 
 
-@register_strategy("rer")
+@register_strategy("rer", test_params={"memory_size": 50})
 def rer(
     memory_size: int = 500,
     replay_weight: float = 1.0,
