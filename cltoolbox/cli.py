@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="plugin .py files or modules to load first, or an experiment YAML whose `imports:` to load")
     ls.add_argument("--json", action="store_true", help="print JSON: name, description and typed parameters")
 
+    ck = sub.add_parser("check", parents=[debug],
+                        help="conformance checks (cltoolbox.testing) of every plugin a file or module registers")
+    ck.add_argument("plugins", metavar="FILE_OR_MODULE", help="a plugin .py file or an importable module or package")
+
     rp = sub.add_parser("report", parents=[debug], help="figures (PNG+PDF) and tables (CSV/Markdown/LaTeX) from runs")
     rp.add_argument("runs", nargs="+", help="run folders, or folders above them (every run with DONE is used)")
     rp.add_argument("--out", required=True, help="folder for the figures and tables")
@@ -114,6 +118,31 @@ def _list(kind: str, imports: list[str], as_json: bool) -> None:
             print(f"{'':<22}{param.describe()}")
 
 
+def _check(spec: str, debug: bool = False) -> int:
+    """One line per strategy and scenario that ``spec`` registers: ok, or its failure. 2 if any failed."""
+    from cltoolbox.errors import CLToolboxError
+    from cltoolbox.registry import registered_by
+    from cltoolbox.testing import check_scenario, check_strategy
+
+    found = registered_by(spec)
+    if not found["strategies"] and not found["scenarios"]:
+        raise CLToolboxError(f"check: {spec} registers no strategy or scenario; decorate a factory with "
+                             f"@register_strategy(...) or @register_scenario(...)")
+    failed = 0
+    for kind, checker in (("strategy", check_strategy), ("scenario", check_scenario)):
+        for name in found["strategies" if kind == "strategy" else "scenarios"]:
+            try:
+                checker(name, imports=[spec])
+            except AssertionError as e:
+                if debug:
+                    raise
+                failed += 1
+                print(f"FAIL {' '.join(str(e).split())}", flush=True)
+                continue
+            print(f"ok   {kind} '{name}'", flush=True)
+    return EXIT_USER_ERROR if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -155,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                      overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "list":
             _list(args.kind, args.imports, args.json)
+        elif args.command == "check":
+            return _check(args.plugins, args.debug)
         elif args.command == "report":
             from cltoolbox.report import report
 
