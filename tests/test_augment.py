@@ -130,6 +130,7 @@ def test_runs_with_augmentation_are_reproducible_and_differ_from_plain_ones(tmp_
         assert acc[0] == acc[1] and acc[0] != acc[2], Path(a["run_dir"]).name
 
 
+@pytest.mark.slow
 def test_random_crops_improve_an_overfitting_mlp_on_real_digits(tmp_path: Path) -> None:
     # experiments/augment_mnist5k.yaml for one seed: 30 epochs on 4,000 MNIST digits overfit a 2x400 MLP;
     # 2-pixel random shifts generalise better (measured 0.968 vs 0.951)

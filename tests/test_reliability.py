@@ -115,6 +115,7 @@ def _killed_in_first_experience(src: Path, dst: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.slow
 def test_resume_before_first_checkpoint_uses_the_recorded_threads(command: str, tmp_path: Path) -> None:
     cfg = write(tmp_path, CFG)
     assert with_threads(1, "run", cfg, "--out", str(tmp_path / "twin"), "-q", "--threads", "2") == 0

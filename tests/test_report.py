@@ -163,6 +163,7 @@ def test_domain_il_streams_are_named_so_and_get_no_duplicate_task_il_figures(tmp
     assert "domain-IL" in (tmp_path / "rep" / "table_class_il.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_names_each_run_it_leaves_out_and_never_tracebacks(runs: Path, tmp_path: Path, capsys) -> None:
     import shutil
     import subprocess

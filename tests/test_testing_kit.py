@@ -91,6 +91,7 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_cltoolbox_check_passes_a_good_file_and_fails_a_broken_one(folder: Path) -> None:
     good = _cltoolbox("check", "my_plugins.py", cwd=folder)
     assert good.returncode == 0, good.stdout + good.stderr
