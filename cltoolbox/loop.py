@@ -118,6 +118,25 @@ class TrainConfig:
     workers: int | None = None  # DataLoader processes decoding file-backed data (None: up to 4 if file-backed)
 
 
+def complete_param_groups(groups: list[dict[str, Any]], params: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """A plugin's ``param_groups`` answer checked against the trainable ``params``, plus one group (at the
+    optimizer's defaults) for the tensors no group names."""
+    from cltoolbox.errors import PluginError
+
+    named: set[int] = set()
+    allowed = {id(p) for p in params}
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or "params" not in g:
+            raise PluginError(f"param_groups: group {i} must be a dict with a 'params' list, got {type(g).__name__}")
+        for p in g["params"]:
+            if id(p) in named or id(p) not in allowed:
+                why = "is in two groups" if id(p) in named else "is not among the trainable tensors"
+                raise PluginError(f"param_groups: a tensor of group {i} {why}; name each trainable tensor once")
+            named.add(id(p))
+    rest = [p for p in params if id(p) not in named]
+    return [dict(g, params=list(g["params"])) for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,6 +184,10 @@ class Learner:
         c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [p for plugin in self.plugins for p in plugin.parameters() if p.requires_grad]
+        groups = next((g for p in self.hooks["param_groups"] if (g := p.param_groups(self, params)) is not None),
+                      None)
+        if groups is not None:
+            params = complete_param_groups(groups, params)
         if c.optimizer == "sgd":
             return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW

@@ -9,6 +9,7 @@ Hook order (``Learner.fit``), tested in ``tests/test_conformance.py``::
     for each experience:
         before_experience(learner, exp)
         train_experience(learner, exp) -> bool     # first plugin returning True replaces the epochs below
+        [optimizer built: param_groups(learner, params) -> list[dict] | None, first answer wins]
         for each epoch:
             before_epoch(learner, exp, epoch)
             for each batch:
@@ -28,7 +29,10 @@ Hook order (``Learner.fit``), tested in ``tests/test_conformance.py``::
     after_fit(learner, stream)
 
 Plugins may own trainable tensors (prompts, keys, a weighting net): ``parameters()`` lists them and every
-optimizer the loop makes includes them. ``cost()`` adds entries (e.g. an ensemble's parameter count or its
+optimizer the loop makes includes them. ``param_groups`` splits those tensors into torch parameter groups with
+their own hyperparameters (a slow backbone learning rate: SLCA); it is called each time ``train_data`` builds
+an optimizer (once per experience for the standard loop), so ``learner.experience`` says which one.
+``cost()`` adds entries (e.g. an ensemble's parameter count or its
 inference cost) to the ``cost`` section of metrics.json; ``report(learner, stream)`` adds method-specific
 diagnostics (e.g. how often prompt selection picks the right task) to its ``strategy`` section after a
 finished run.
@@ -71,9 +75,10 @@ HOOKS = (
     "after_experience",
     "predict",
     "after_fit",
+    "param_groups",
 )
 # hooks where the first plugin's answer is used and the others' are ignored (see the order above)
-FIRST_ANSWER_HOOKS = ("train_experience", "forward", "criterion", "predict")
+FIRST_ANSWER_HOOKS = ("train_experience", "forward", "criterion", "predict", "param_groups")
 
 
 @dataclass
@@ -165,6 +170,19 @@ class Plugin:
         return None
 
     def after_fit(self, learner: Learner, stream: Stream) -> None: ...
+
+    def param_groups(self, learner: Learner, params: list[torch.Tensor]) -> list[dict[str, Any]] | None:
+        """torch parameter groups for the optimizer ``train_data`` builds, or None for one group at ``train.*``.
+
+        ``params`` are the tensors the loop would optimise (the model's trainable ones, then every plugin's
+        ``parameters()``). Each returned dict is a torch param group: ``params`` plus any of the optimizer's
+        options (``lr``, ``weight_decay``, ``momentum``...); options left out take ``train.*``. Tensors of
+        ``params`` that no group names are added as one more group at ``train.*``, so a plugin names only the
+        tensors it treats differently; a tensor in two groups, or one not in ``params``, is an error.
+        The first plugin that answers wins: groups from two plugins could give one tensor two learning rates,
+        and no merge rule is right for every pair (declare ``composes`` to share the hook).
+        """
+        return None
 
     def check(self, model: torch.nn.Module, stream: Stream) -> None:
         """Raise ``ConfigError`` when this plugin cannot work with ``model`` and ``stream``. Called before any run

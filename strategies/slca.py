@@ -7,8 +7,9 @@ Pre-trained Model", ICCV 2023. The method:
    learning rate much smaller than the classifier's (the paper: 0.01x, i.e. 1e-4 vs 1e-2): the pre-trained
    representation moves little, which the paper finds keeps most of what sequential fine-tuning forgets.
    Here: ``train.lr`` for the head and ``slow_factor * train.lr`` for everything else (one optimizer, two
-   parameter groups, ``train.optimizer`` as configured). While a task trains, logits of the classes outside
-   it are masked, so the classifier is trained on the task's own classes, the bias that step 2 removes.
+   parameter groups through the ``param_groups`` hook, ``train.optimizer`` as configured). While a task
+   trains, logits of the classes outside it are masked, so the classifier is trained on the task's own
+   classes, the bias that step 2 removes.
 2. **Classifier alignment.** After each task, the mean and covariance of each of its classes' features are
    stored; the classifier is then re-trained on features sampled from the Gaussians N(mu_c, Sigma_c) of
    all classes seen so far (``ca_samples`` per class, drawn afresh each of ``ca_epochs`` epochs; the paper:
@@ -122,32 +123,21 @@ class SLCAPlugin(Plugin):
         self.n_classes = stream.n_classes
 
     # -- 1. the slow learner ------------------------------------------------------------------------------
-    def optimizer(self, learner) -> torch.optim.Optimizer:
-        """``train.optimizer`` with the head at ``train.lr`` and every other trainable tensor at
-        ``slow_factor * train.lr``."""
-        c, model = learner.config, learner.model
-        head = [p for p in model.head.parameters() if p.requires_grad]
-        ids = {id(p) for p in head}
-        body = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        body += [p for plugin in learner.plugins for p in plugin.parameters() if p.requires_grad]
-        groups = [{"params": head, "lr": c.lr}]
-        if body:
-            groups.append({"params": body, "lr": c.lr * self.slow_factor})
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
-        return cls(groups, lr=c.lr, weight_decay=c.weight_decay)
+    def param_groups(self, learner, params: list[torch.Tensor]) -> list[dict]:
+        """The head at ``train.lr``, every other trainable tensor (backbone, plugins' own) at
+        ``slow_factor * train.lr``; ``train.optimizer`` and its other settings as configured."""
+        lr, head = learner.config.lr, {id(p) for p in learner.model.head.parameters()}
+        return [{"params": [p for p in params if id(p) in head], "lr": lr},
+                {"params": [p for p in params if id(p) not in head], "lr": lr * self.slow_factor}]
 
     def train_experience(self, learner, exp) -> bool:
         mask = torch.zeros(self.n_classes, dtype=torch.bool, device=learner.device)
         mask[list(exp.classes)] = True
         self._current = mask
-        learner.make_optimizer = lambda: self.optimizer(learner)  # the loop's optimizer, with two lr groups
         try:
             task = torch.full_like(exp.y_train, exp.task_id)
             learner.train_data(learner.stream.keys(exp.train), exp.y_train, task)
         finally:
-            del learner.make_optimizer  # back to the Learner's own method
             self._current = None
         return True
 

@@ -161,9 +161,12 @@ def test_slca_backbone_learns_at_the_slow_fraction_of_the_head_lr() -> None:
     model = MODELS.get("mlp").factory((8,), 4, hidden=[16])
     plugin = SLCAPlugin(0.01, 5, 256, 0.01, 128, 0.1, 1e-4)
     for optimizer in ("sgd", "adam"):
-        learner = Learner(model, [plugin], TrainConfig(lr=0.2, optimizer=optimizer), seed=0)
-        opt = plugin.optimizer(learner)
+        learner = Learner(model, [plugin], TrainConfig(lr=0.2, optimizer=optimizer, momentum=0.5), seed=0)
+        opt = learner.make_optimizer()  # through the param_groups hook
+        assert type(opt).__name__ == optimizer.upper() if optimizer == "sgd" else "Adam"
         head, body = opt.param_groups
+        if optimizer == "sgd":
+            assert head["momentum"] == body["momentum"] == 0.5  # train.* fills what the groups leave out
         assert head["lr"] == 0.2 and body["lr"] == pytest.approx(0.002)
         assert {id(p) for p in head["params"]} == {id(model.head.weight), id(model.head.bias)}
         assert {id(p) for p in body["params"]} == {id(p) for p in model.body.parameters()}
@@ -182,7 +185,7 @@ def test_slca_local_training_uses_the_slow_optimizer_and_aligns_every_seen_class
     learner.begin(stream)
     learner.train_experience(stream.experiences[0])
     assert [g["lr"] for g in learner.optimizer.param_groups] == [0.1, pytest.approx(0.001)]
-    assert "make_optimizer" not in vars(learner)  # the Learner's own method is back
+    assert "make_optimizer" not in vars(learner)  # the hook, not a patched method
     assert plugin.stats.seen.tolist() == [True, True, False, False]
     learner.train_experience(stream.experiences[1])
     assert plugin.stats.seen.all()
