@@ -142,6 +142,10 @@ def evaluate_stream(learner: Learner, stream: Stream, trained_exp: int, history:
     then runs once over the concatenated logits instead of ~20 small ops per experience, and accuracies and
     losses are written as one tensor per pass, not as Python floats element by element.
     """
+    if stream.multi_label:  # multi-hot labels: mAP / CF1 / OF1 instead of accuracy (cltoolbox.multilabel)
+        from cltoolbox.multilabel import evaluate_multi_label
+
+        return evaluate_multi_label(learner, stream, trained_exp, history)
     row = trained_exp + 1
     C = stream.n_classes
     tests = stream.eval_experiences

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
+from cltoolbox import multilabel
 from cltoolbox.augment import BatchAugment, make_augment
 from cltoolbox.errors import DivergenceError
 from cltoolbox.models.cache import sample_keys, uncached
@@ -254,6 +255,8 @@ class Learner:
         plain = PlainSGD(opt) if scheduler is None and PlainSGD.supports(opt) else None
         zero_grad = plain.zero_grad if plain is not None else lambda: opt.zero_grad(set_to_none=True)
         step = plain.step if plain is not None else opt.step
+        # multi-label streams: sigmoid/BCE over the classes seen so far instead of softmax CE (cltoolbox.multilabel)
+        ml_classes = multilabel.seen_classes(self) if self.stream is not None and self.stream.multi_label else None
         model.train()
         for epoch in range(epochs):
             self.epoch = epoch
@@ -281,7 +284,8 @@ class Learner:
                     if loss is not None:
                         break
                 if loss is None:
-                    loss = F.cross_entropy(logits, batch.y)
+                    loss = F.cross_entropy(logits, batch.y) if ml_classes is None else \
+                        multilabel.bce_loss(logits, batch.y, ml_classes)
                 for p in extra_loss:
                     loss = loss + p.loss(self, batch, logits)
                 zero_grad()
@@ -339,7 +343,7 @@ class Learner:
         for p in self.hooks["before_experience"]:
             p.before_experience(self, exp)
         if not any(p.train_experience(self, exp) for p in self.hooks["train_experience"]):
-            task = torch.full_like(exp.y_train, exp.task_id)
+            task = torch.full((exp.n_train,), exp.task_id, dtype=torch.long, device=exp.y_train.device)
             self.train_data(self.stream.keys(exp.train), exp.y_train, task)
         for p in self.hooks["after_experience"]:
             p.after_experience(self, exp)

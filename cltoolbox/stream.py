@@ -157,6 +157,12 @@ class Stream:
     def __len__(self) -> int:
         return len(self.experiences)
 
+    @property
+    def multi_label(self) -> bool:
+        """Multi-label stream (``info["multi_label"]``, set by scenario ``multi_label``): labels are multi-hot
+        rows (N, n_classes), training uses a sigmoid/BCE head and the evaluator mAP/CF1/OF1."""
+        return bool(self.info.get("multi_label", False))
+
     def __iter__(self):
         return iter(self.experiences)
 

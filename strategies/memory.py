@@ -35,7 +35,7 @@ class Memory:
             raise ValueError("a memory stores stream samples by key; this batch has no keys (Batch.key is None)")
         if self.key is None:
             self.key = key.new_zeros(self.capacity)
-            self.y = y.new_zeros(self.capacity)
+            self.y = y.new_zeros((self.capacity, *y.shape[1:]))  # multi-label streams: multi-hot rows
             self.t = y.new_zeros(self.capacity)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,6 +22,13 @@ class ReplayPlugin(MemoryPlugin):
         self.mem_batch_size = mem_batch_size
         self.memory = ReservoirMemory(memory_size) if policy == "reservoir" else ClassBalancedMemory(memory_size)
 
+    def check(self, model, stream) -> None:
+        # multi-label streams: the reservoir keeps each sample with its labels as annotated when it was seen
+        # (its experience's classes only); per-class quotas are not defined for multi-hot labels
+        if stream.multi_label and self.policy != "reservoir":
+            raise ConfigError("strategy.policy: class_balanced needs one label per sample; use reservoir on a "
+                              "multi-label stream")
+
     def transform_batch(self, learner, batch: Batch) -> Batch:
         self._current = batch  # the stream part: only it enters the reservoir
         if self.memory.size == 0:

@@ -149,3 +149,4 @@ for _name, _doc in {
     _torchvision(_name, _doc)
 
 from cltoolbox.data import catalogue  # noqa: E402,F401  (registers the file-backed benchmarks)
+from cltoolbox.data import multilabel  # noqa: E402,F401  (registers the multi-label sets)
