@@ -85,12 +85,24 @@ class WAPlugin(ExemplarPlugin):
     name = "wa"
 
     def __init__(self, memory_size: int, temperature: float, clip: bool, align: bool, head_bias: bool,
-                 selection: str = "herding") -> None:
+                 selection: str = "herding", mask_unseen: bool = True) -> None:
         super().__init__(memory_size, selection)
         self.temperature, self.clip, self.align, self.head_bias = temperature, clip, align, head_bias
+        self.mask_unseen = mask_unseen
         self.gammas: list[float] = []  # the aligning factor of each experience (metrics.json diagnostics)
+        self._unseen: torch.Tensor | None = None  # bool over classes: not met yet (no output in the paper's layer)
+
+    def before_experience(self, learner, exp) -> None:
+        super().before_experience(learner, exp)
+        unseen = torch.ones(learner.stream.n_classes, dtype=torch.bool, device=learner.device)
+        unseen[self.current_classes] = False
+        if self.old_classes is not None:
+            unseen[self.old_classes] = False
+        self._unseen = unseen
 
     def criterion(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        if self.mask_unseen and self._unseen is not None:
+            logits = logits.masked_fill(self._unseen, MASKED_LOGIT)
         return ce_with_kd(self, learner, batch, logits, self.temperature)
 
     def before_fit(self, learner, stream) -> None:
@@ -137,18 +149,21 @@ def align_weights(head: torch.nn.Linear, old: torch.Tensor, new: torch.Tensor) -
 
 @register_strategy("wa")
 def wa(memory_size: int = 500, temperature: float = 2.0, clip: bool = True, align: bool = True,
-       head_bias: bool = False, selection: Literal["herding", "random"] = "herding") -> list[Plugin]:
+       head_bias: bool = False, selection: Literal["herding", "random"] = "herding",
+       mask_unseen: bool = True) -> list[Plugin]:
     """WA (Zhao et al. 2020): exemplars + KD, weights clipped >= 0, new-class weights aligned to old norms.
 
     ``memory_size`` (>= 1): class-balanced exemplars; ``temperature`` (> 0): KD temperature (paper: 2);
     ``clip``/``align``: the paper's weight clipping and weight aligning (switch off for ablations);
     ``head_bias``: train the head's bias (the paper's layer has none; default: held at 0); ``selection``:
-    exemplars by herding (the paper's) or at random.
+    exemplars by herding (the paper's) or at random; ``mask_unseen``: the softmax runs over the classes seen so
+    far, as in the paper's growing layer (false: over all the head's outputs, which pushes future classes'
+    rows to zero under clipping).
     """
     check_memory(memory_size, selection)
     if not temperature > 0:
         raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the paper uses 2")
-    return [WAPlugin(memory_size, temperature, clip, align, head_bias, selection)]
+    return [WAPlugin(memory_size, temperature, clip, align, head_bias, selection, mask_unseen)]
 
 
 # -- BiC -----------------------------------------------------------------------------------------------------

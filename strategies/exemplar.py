@@ -130,10 +130,8 @@ class ExemplarPlugin(Plugin):
         apply their corrections first)."""
         t = torch.full_like(exp.y_train, exp.task_id)
         if self.selection == "herding":
-            from cltoolbox.strategies.icarl import normalised_stream_features
-
             self.memory.update_herding(learner.stream.keys(exp.train), exp.y_train, t,
-                                       lambda keys: normalised_stream_features(learner, keys))
+                                       lambda keys: self.herding_features(learner, keys))
         else:
             self.memory.update(learner.stream.keys(exp.train), exp.y_train, t, learner.generator)
         for c in exp.y_train.unique().tolist():
@@ -141,6 +139,13 @@ class ExemplarPlugin(Plugin):
                 self.seen.append(c)
         self.old_state = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
         self._teacher = None
+
+    def herding_features(self, learner, keys: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features of stream samples for herding (the model's ``features``; expansion methods
+        herd in their concatenated feature space)."""
+        from cltoolbox.strategies.icarl import normalised_stream_features
+
+        return normalised_stream_features(learner, keys)
 
     # -- teacher --------------------------------------------------------------------------------------
     def teacher(self, learner) -> nn.Module:
