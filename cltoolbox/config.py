@@ -269,6 +269,9 @@ def check_train(train: dict[str, Any], field: str) -> None:
         raise ConfigError(f"{field}.workers: must be >= 0 (loader processes; 0 decodes in the training process) "
                           f"or null (automatic), got {train['workers']}")
     resolve_device(train["device"])  # `cuda` on a machine without one fails here, not mid-run
+    from cltoolbox.time_to_target import parse as parse_time_to_target
+
+    parse_time_to_target(train.get("time_to_target"), f"{field}.time_to_target")
 
 
 def _dataset_fields(root: str | None = None, download: bool = False, validation: float = 0.0) -> None:

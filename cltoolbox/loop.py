@@ -117,6 +117,7 @@ class TrainConfig:
     augment_crop: int = 0  # random crop after padding by this many pixels (0 = off); CIFAR recipe: 4
     augment_hflip: bool = False  # random horizontal flip
     workers: int | None = None  # DataLoader processes decoding file-backed data (None: up to 4 if file-backed)
+    time_to_target: dict | None = None  # {target: 0.9, every: 50}: cost to reach it per experience (time_to_target.py)
 
 
 def complete_param_groups(groups: list[dict[str, Any]], params: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -162,6 +163,10 @@ class Learner:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.plugins = list(plugins)
+        if config.time_to_target is not None:  # an internal observer plugin (cltoolbox.time_to_target)
+            from cltoolbox.time_to_target import observer_for
+
+            self.plugins.append(observer_for(config.time_to_target))
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # data order and plugin sampling
         self.hooks: dict[str, list[Plugin]] = {h: implementers(self.plugins, h) for h in HOOKS}
