@@ -97,7 +97,8 @@ def _is_reference(method: str) -> bool:
 
 
 # -- style --------------------------------------------------------------------------------------------------
-def _style() -> None:
+def paper_style() -> None:
+    """Matplotlib settings for paper figures (Agg backend, 8 pt fonts, column-width friendly)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +112,8 @@ def _style() -> None:
     })
 
 
-def _save(fig: Any, out: Path, name: str) -> list[Path]:
+def save_figure(fig: Any, out: Path, name: str) -> list[Path]:
+    """Save ``fig`` as ``out/name.png`` and ``.pdf``, close it; returns the paths."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
@@ -454,7 +456,7 @@ def plot_heatmaps(accuracy: Any, setting: str, out: Path, infos: dict[str, dict]
         fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy (%)")
         n = _seeds_text(seeds[(scenario, st)] for st, _ in items)
         fig.suptitle(f"{info['title']}, {info['settings'][setting]}: accuracy (%), mean over {n}", fontsize=8)
-        paths += _save(fig, out, f"heatmap_{setting}_{scenario}")
+        paths += save_figure(fig, out, f"heatmap_{setting}_{scenario}")
     return paths
 
 
@@ -486,7 +488,7 @@ def plot_curves(accuracy: Any, setting: str, out: Path, infos: dict[str, dict] |
         ax.set_ylim(0, 102)
         ax.set_title(f"{info['title']}, {info['settings'][setting]}\nmean ± std over {_seeds_text(counts)}")
         ax.legend(frameon=False, ncol=2)
-        paths += _save(fig, out, f"curve_{setting}_{scenario}")
+        paths += save_figure(fig, out, f"curve_{setting}_{scenario}")
     return paths
 
 
@@ -527,7 +529,7 @@ def plot_bars(metrics: Any, setting: str, out: Path, infos: dict[str, dict]) -> 
         if left_out:
             fig.supxlabel(f"not shown: {', '.join(left_out)} (zero by construction: trains on the whole stream "
                           "at once)", fontsize=6)
-        paths += _save(fig, out, f"forgetting_{setting}_{scenario}")
+        paths += save_figure(fig, out, f"forgetting_{setting}_{scenario}")
     return paths
 
 
@@ -572,7 +574,7 @@ def plot_pareto(metrics: Any, setting: str, out: Path, infos: dict[str, dict]) -
             ax.set_ylabel("final accuracy, ACC (%)")
             ax.set_title(f"{info['title']}, {info['settings'][setting]}\nmean over {_seeds_text(seeds)}")
             ax.legend(frameon=False, fontsize=6)
-            paths += _save(fig, out, f"pareto_{name}_{setting}_{scenario}")
+            paths += save_figure(fig, out, f"pareto_{name}_{setting}_{scenario}")
     return paths
 
 
@@ -593,8 +595,9 @@ def report(paths: Iterable[str | Path], out: str | Path) -> dict[str, list[Path]
     stderr as ``warning:`` lines and written to ``out/dropped_runs.csv``."""
     from cltoolbox.results import load
 
+    paths = list(paths)  # read twice: the run tables and the time-to-target figure
     out = Path(out)
-    _style()
+    paper_style()
     dropped: list[tuple[Path, str]] = []
     try:
         data = load(list(paths), dropped=dropped)
@@ -627,4 +630,7 @@ def report(paths: Iterable[str | Path], out: str | Path) -> dict[str, list[Path]
         written["figures"] += plot_curves(data["accuracy"], setting, out, infos)
         written["figures"] += plot_bars(metrics, setting, out, infos)
         written["figures"] += plot_pareto(metrics, setting, out, infos)
+    from cltoolbox.time_to_target import plot_cost_curves  # runs with train.time_to_target: ACC vs cost
+
+    written["figures"] += plot_cost_curves(paths, out)
     return written

@@ -181,7 +181,7 @@ def check_points(points: list[Point]) -> None:
     """Build every distinct stream (first seed), every strategy's plugins and every model (on the meta
     device), so that no bad generator, strategy or model parameter is found after runs have started."""
     from cltoolbox.data import load_dataset
-    from cltoolbox.runner import build_stream, check_model, check_plugins
+    from cltoolbox.build import build_stream, check_model, check_plugins
 
     data, streams, models = {}, {}, set()
     for pt in points:
@@ -211,7 +211,7 @@ def check_points(points: list[Point]) -> None:
 def plan_jobs(points: list[Point], resume: bool, overwrite: bool) -> list[Job]:
     """One job per point x seed with its action ('run', 'resume' or 'skip'); refuses (RunExistsError), before
     anything runs, to touch existing runs without --resume or --overwrite."""
-    from cltoolbox.runner import check_existing, run_action, run_dir_for
+    from cltoolbox.runfolder import check_existing, run_action, run_dir_for
 
     jobs = []
     for pt in points:
@@ -231,7 +231,7 @@ _STREAM: dict[tuple, Any] = {}
 
 def _stream_for(run_cfg: dict[str, Any]):
     from cltoolbox.data import load_dataset
-    from cltoolbox.runner import build_stream
+    from cltoolbox.build import build_stream
 
     scen = run_cfg["scenario"]
     dkey = (scen["dataset"], scen["root"], scen["download"])
@@ -255,7 +255,7 @@ def _warm_up() -> None:
     if _WARM:
         return
     from cltoolbox.registry import MODELS, STRATEGIES
-    from cltoolbox.runner import warm_up
+    from cltoolbox.session import warm_up
 
     STRATEGIES.names(), MODELS.names()  # import the built-in plugins
     warm_up()
@@ -441,10 +441,10 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
                                          "action": "skip", "status": "skipped", "message": "finished",
                                          "summary": summary}
     todo = [j for j in jobs if j.action != "skip"]
-    if threads is None:  # the same default as `cltoolbox run` (1; runner.default_threads): parallelism comes
+    if threads is None:  # the same default as `cltoolbox run` (1; session.default_threads): parallelism comes
         # from the workers, and a busy machine does not make spin-waiting threads 6x slower; a fixed count (not
         # one from the cores or the runs left) also keeps results identical to `run`'s and a resume exact
-        from cltoolbox.runner import default_threads
+        from cltoolbox.session import default_threads
 
         threads = default_threads()
     if threads < 1:
@@ -494,7 +494,7 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
 def prepare(config: dict[str, Any] | str | Path, overrides: list[str] | tuple[str, ...] = (),
             out: str | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
     """The raw sweep config with user plugins imported and ``out`` made absolute (workers may run elsewhere)."""
-    from cltoolbox.runner import load_raw
+    from cltoolbox.build import load_raw
 
     raw = load_raw(config, overrides, out, seeds)
     if isinstance(raw.get("out", "runs"), str):
@@ -538,7 +538,7 @@ def sweep(
     if dry_run:
         print(format_plan(jobs))
         return []
-    from cltoolbox.runner import check_writable
+    from cltoolbox.runfolder import check_writable
 
     stop = check_writable(points[0].resolved["out"]) if any(j.action != "skip" for j in jobs) else None
     records = execute(jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,

@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +66,12 @@ def transfer(
     without ``overwrite`` (RunExistsError). Returns one summary per run (transfer.json's content plus
     ``run_dir``); prints a table unless ``quiet``. ``plot=False`` skips the heatmaps (PNG/PDF).
     """
+    from cltoolbox.build import build_stream, check_model, check_plugins, load_raw
     from cltoolbox.data import load_dataset
-    from cltoolbox.runner import (
+    from cltoolbox.runfolder import (
         RunLock,
-        build_stream,
-        check_model,
-        check_plugins,
         check_writable,
         clear_run_dir,
-        load_raw,
         prune_empty,
         record_failure,
         remove_temporaries,
@@ -163,9 +159,8 @@ def _accuracy(learner: Learner, stream: Stream, task: Experience) -> list[float]
 def transfer_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, quiet: bool = True,
                  plot: bool = True) -> dict[str, Any]:
     """One (strategy, seed) transfer matrix into ``run_dir`` (see the module doc); returns transfer.json."""
-    import yaml
-
-    from cltoolbox.runner import _env, build_model, build_plugins
+    from cltoolbox.build import build_model, build_plugins
+    from cltoolbox.runfolder import environment, finish_env, scenario_label, write_config, write_done
 
     wall = time.perf_counter()
     seed = run_cfg["seed"]
@@ -173,7 +168,7 @@ def transfer_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, quiet: 
     torch.manual_seed(seed)
     model0 = build_model(run_cfg, stream)
     init = copy.deepcopy(model0.state_dict())
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(run_cfg, sort_keys=False))
+    write_config(run_dir, run_cfg)
 
     def learner() -> Learner:
         model = copy.deepcopy(model0)
@@ -181,7 +176,7 @@ def transfer_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, quiet: 
         return Learner(model, build_plugins(run_cfg["strategy"]), train_cfg, seed=seed)
 
     device = resolve_device(train_cfg.device)
-    env = _env(device)
+    env = environment(device)
     write_json(run_dir / "env.json", {**env, "status": "running"})
     stream = stream.to(device)
     tasks = stream.eval_experiences
@@ -233,14 +228,12 @@ def transfer_run(run_cfg: dict[str, Any], stream: Stream, run_dir: Path, quiet: 
         "mean_transfer": {s: _nanmean(T[:, :, k][off]) for k, s in enumerate(SETTINGS)},
         "cost": {"wall_s": time.perf_counter() - wall, "trainings": K * K},
         "labels": {"experiment": run_cfg["name"], "strategy": run_cfg["strategy"]["label"],
-                   "scenario": f"{run_cfg['scenario']['name']}-{run_cfg['scenario']['dataset']}",
+                   "scenario": scenario_label(run_cfg["scenario"]),
                    "dataset": run_cfg["scenario"]["dataset"], "model": run_cfg["model"]["name"], "seed": seed,
                    "n_tasks": K},
     }
     write_json(run_dir / "transfer.json", summary)
-    end = datetime.now(timezone.utc).isoformat()
-    write_json(run_dir / "env.json", {**env, "end_time": end, "status": "done"})
-    atomic_write_text(run_dir / "DONE", end + "\n")
+    write_done(run_dir, finish_env(run_dir, env, "done")["end_time"])
     return summary
 
 
@@ -265,9 +258,9 @@ def read_transfer_matrix(path: str | Path) -> np.ndarray:
 
 def plot_transfer(matrices: dict[str, np.ndarray], out: Path, name: str, title: str) -> list[Path]:
     """Heatmaps of the transfer matrices (one panel per setting; diverging colours centred on 0)."""
-    from cltoolbox.report import COLUMN_WIDTH_IN, _save, _style
+    from cltoolbox.report import COLUMN_WIDTH_IN, paper_style, save_figure
 
-    _style()
+    paper_style()
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(matrices), figsize=(COLUMN_WIDTH_IN * 2, 2.6), squeeze=False,
@@ -291,7 +284,7 @@ def plot_transfer(matrices: dict[str, np.ndarray], out: Path, name: str, title: 
                                 color="white" if abs(T[i, j]) > 0.6 * lim else "black")
     fig.colorbar(im, ax=axes, shrink=0.8, label="T (accuracy difference; cells x100)")
     fig.suptitle(f"T[i, j] = acc_j(i then j) - acc_j(j alone): {title}", fontsize=8)
-    return _save(fig, out, name)
+    return save_figure(fig, out, name)
 
 
 def _write_mean(folder: Path, results: list[dict[str, Any]], plot: bool = True) -> None:

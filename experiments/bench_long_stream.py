@@ -7,8 +7,8 @@ keeps the full 1,000-image test set, so the evaluation after each experience tes
 should cost the same at experience 1 and 100.
 
 Timing comes from thin wrappers installed by this script around ``Learner.train_experience`` (training),
-``cltoolbox.runner.evaluate_stream`` (evaluation), ``cltoolbox.runner.atomic_write_bytes`` (the checkpoint
-file write) and ``cltoolbox.runner._finish`` (result files); the per-experience "rest" (checkpoint
+``cltoolbox.session.evaluate_stream`` (evaluation), ``cltoolbox.session.atomic_write_bytes`` (the checkpoint
+file write) and ``cltoolbox.session.RunSession.finish`` (result files); the per-experience "rest" (checkpoint
 serialisation, progress bar) is the experience's wall time minus training and evaluation. Training time is
 cross-checked with ``train_log.csv`` (samples / samples_per_s, the epoch loop alone). Process CPU time is
 reported next to wall time: it is what to trust when other jobs share the machine. The default MLP is one
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import cltoolbox
-from cltoolbox import runner
+from cltoolbox import session
 from cltoolbox.loop import Learner
 
 
@@ -38,7 +38,7 @@ def mean(xs: list[float]) -> float:
 
 
 class Probe:
-    """Wall-clock timestamps of the run's phases, recorded by wrappers around runner/loop functions."""
+    """Wall-clock timestamps of the run's phases, recorded by wrappers around session/loop functions."""
 
     def __init__(self) -> None:
         self.train: list[float] = []  # per experience, wall seconds
@@ -53,9 +53,9 @@ class Probe:
 
     def install(self) -> list[tuple[object, str, object]]:
         saved = [(Learner, "train_experience", Learner.train_experience),
-                 (runner, "evaluate_stream", runner.evaluate_stream),
-                 (runner, "atomic_write_bytes", runner.atomic_write_bytes),
-                 (runner, "_finish", runner._finish)]
+                 (session, "evaluate_stream", session.evaluate_stream),
+                 (session, "atomic_write_bytes", session.atomic_write_bytes),
+                 (session.RunSession, "finish", session.RunSession.finish)]
         train_experience, evaluate_stream, write, finish = (s[2] for s in saved)
 
         def timed_train(learner, exp):
@@ -88,9 +88,9 @@ class Probe:
                 self.finish = time.perf_counter() - t0
 
         Learner.train_experience = timed_train
-        runner.evaluate_stream = timed_eval
-        runner.atomic_write_bytes = timed_write
-        runner._finish = timed_finish
+        session.evaluate_stream = timed_eval
+        session.atomic_write_bytes = timed_write
+        session.RunSession.finish = timed_finish
         return saved
 
 

@@ -47,7 +47,7 @@ from cltoolbox import config as cfgmod
 from cltoolbox.data import load_dataset
 from cltoolbox.evaluate import History, evaluate_stream
 from cltoolbox.loop import Learner
-from cltoolbox.runner import build_model, build_plugins, build_stream
+from cltoolbox.build import build_model, build_plugins, build_stream
 
 N_EXP = 5
 

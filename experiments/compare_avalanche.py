@@ -72,7 +72,8 @@ from cltoolbox.data import load_dataset
 from cltoolbox.errors import DivergenceError
 from cltoolbox.interop.avalanche import TensorPairs
 from cltoolbox.report import mean_std
-from cltoolbox.runner import build_model, build_stream, execute_run
+from cltoolbox.build import build_model, build_stream
+from cltoolbox.session import execute_run
 from cltoolbox.strategies.gem import flat_grad, gem_project, write_flat_grad
 from cltoolbox.stream import Stream
 

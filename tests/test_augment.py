@@ -18,7 +18,7 @@ from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.models.mlp import mlp
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import STRATEGIES
-from cltoolbox.runner import build_stream
+from cltoolbox.build import build_stream
 
 
 def _windows(padded: torch.Tensor, h: int, w: int) -> list[torch.Tensor]:
@@ -156,22 +156,22 @@ def test_augmented_batches_bypass_the_frozen_feature_cache() -> None:
 
 
 def test_a_killed_augmented_run_resumes_to_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
-    from cltoolbox import runner
+    from cltoolbox import session
 
     config = {**copy.deepcopy(BASE), "strategy": [{"name": "der", "memory_size": 50}]}
     cltoolbox.run({**config, "out": str(tmp_path / "whole")}, quiet=True)
-    real_eval = runner.evaluate_stream
+    real_eval = session.evaluate_stream
 
     def crash_in_experience_2(learner, stream, row, history) -> None:
         if row == 2:
             raise KeyboardInterrupt
         real_eval(learner, stream, row, history)
 
-    monkeypatch.setattr(runner, "CHECKPOINT_WORK_RATIO", 0)  # a checkpoint after every experience
-    monkeypatch.setattr(runner, "evaluate_stream", crash_in_experience_2)
+    monkeypatch.setattr(session, "CHECKPOINT_WORK_RATIO", 0)  # a checkpoint after every experience
+    monkeypatch.setattr(session, "evaluate_stream", crash_in_experience_2)
     with pytest.raises(KeyboardInterrupt):
         cltoolbox.run({**config, "out": str(tmp_path / "killed")}, quiet=True)
-    monkeypatch.setattr(runner, "evaluate_stream", real_eval)
+    monkeypatch.setattr(session, "evaluate_stream", real_eval)
     cltoolbox.run({**config, "out": str(tmp_path / "killed")}, resume=True, quiet=True)
     (whole,) = [p.parent for p in (tmp_path / "whole").rglob("DONE")]
     (killed,) = [p.parent for p in (tmp_path / "killed").rglob("DONE")]

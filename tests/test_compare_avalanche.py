@@ -31,7 +31,7 @@ def ca():
 def test_same_data_and_initial_model(ca, tmp_path):
     from cltoolbox import config as cfgmod
     from cltoolbox.data import load_dataset
-    from cltoolbox.runner import build_model, build_stream
+    from cltoolbox.build import build_model, build_stream
 
     base = ca.resolved_config("split", {"name": "naive"}, str(tmp_path))
     stream = build_stream(base, load_dataset("mnist5k"), 0)

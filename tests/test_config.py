@@ -171,7 +171,7 @@ def test_label_must_be_folder_safe(label):
 
 
 def test_plugins_composition_is_resolved_and_labelled():
-    from cltoolbox.runner import build_plugins
+    from cltoolbox.build import build_plugins
 
     (s,) = validate(cfg(strategy={"name": "er", "memory_size": 30, "plugins": [{"name": "cumulative"}]}))["strategy"]
     assert s["label"] == "er+cumulative"

@@ -289,13 +289,13 @@ def test_resume_removes_temporaries_a_kill_left(tmp_path: Path) -> None:
 
 
 def test_a_run_failing_before_it_writes_leaves_no_empty_folders(tmp_path: Path, monkeypatch, capsys) -> None:
-    from cltoolbox import runner
+    from cltoolbox import session
     from cltoolbox.errors import ConfigError
 
     def refuse(*args, **kw):
         raise ConfigError("model: refused at build time")
 
-    monkeypatch.setattr(runner, "Learner", refuse)
+    monkeypatch.setattr(session, "Learner", refuse)
     (tmp_path / "out").mkdir()
     rc = main(["run", write(tmp_path, CFG), "--out", str(tmp_path / "out"), "-q"])
     assert rc == 2 and "refused at build time" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def _captured_figures(monkeypatch) -> dict[str, object]:
         figs[name] = fig
         return [Path(out) / f"{name}.png"]
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report, "save_figure", keep)
     return figs
 
 

@@ -16,7 +16,7 @@ import yaml
 import cltoolbox
 from cltoolbox import metrics
 from cltoolbox.errors import CLToolboxError, RunExistsError
-from cltoolbox.runner import RunLock
+from cltoolbox.runfolder import RunLock
 
 
 def _only_run(out: Path) -> Path:
@@ -154,34 +154,34 @@ def test_checkpoints_that_would_dominate_the_work_are_skipped_and_resume_stays_e
 
     import torch
 
-    from cltoolbox import runner
+    from cltoolbox import session
 
     # ratio 0: every experience; 1e9: no experience is worth a checkpoint but the first (nothing to compare
     # with yet) and the last (always saved)
-    monkeypatch.setattr(runner, "CHECKPOINT_WORK_RATIO", ratio)
+    monkeypatch.setattr(session, "CHECKPOINT_WORK_RATIO", ratio)
     writes: list[int] = []
-    real_write = runner.atomic_write_bytes
+    real_write = session.atomic_write_bytes
 
     def spy(path: Path, data) -> None:
         if path.name == "state.pt":
             writes.append(int(torch.load(io.BytesIO(bytes(data)), weights_only=True)["next_experience"]))
         real_write(path, data)
 
-    monkeypatch.setattr(runner, "atomic_write_bytes", spy)
+    monkeypatch.setattr(session, "atomic_write_bytes", spy)
     cltoolbox.run({**tiny_config, "out": str(tmp_path / "whole")}, quiet=True)
     assert writes == saved
 
-    real_eval = runner.evaluate_stream
+    real_eval = session.evaluate_stream
 
     def crash_in_experience_3(learner, stream, row, history) -> None:
         if row == 3:
             raise KeyboardInterrupt
         real_eval(learner, stream, row, history)
 
-    monkeypatch.setattr(runner, "evaluate_stream", crash_in_experience_3)
+    monkeypatch.setattr(session, "evaluate_stream", crash_in_experience_3)
     with pytest.raises(KeyboardInterrupt):
         cltoolbox.run({**tiny_config, "out": str(tmp_path / "killed")}, quiet=True)
-    monkeypatch.setattr(runner, "evaluate_stream", real_eval)
+    monkeypatch.setattr(session, "evaluate_stream", real_eval)
     (killed,) = [p.parent.parent for p in (tmp_path / "killed").rglob("state.pt")]
     assert not (killed / "DONE").exists()
     state = torch.load(killed / "checkpoint" / "state.pt", weights_only=True)

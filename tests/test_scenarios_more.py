@@ -127,7 +127,7 @@ def test_few_shot_cifar100_yaml_builds_the_standard_protocol(tmp_path: Path) -> 
     import numpy as np
 
     from cltoolbox import config as cfgmod
-    from cltoolbox.runner import build_stream
+    from cltoolbox.build import build_stream
 
     rng = np.random.default_rng(0)
     base = tmp_path / "cifar-100-python"

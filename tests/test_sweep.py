@@ -13,7 +13,7 @@ import yaml
 from cltoolbox import report
 from cltoolbox.cli import main
 from cltoolbox.errors import ConfigError, RunExistsError
-from cltoolbox.runner import RunLock
+from cltoolbox.runfolder import RunLock
 from cltoolbox.sweep import available_cores, expand, prepare, sweep
 
 SWEEP = {

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cltoolbox.cli import main
-from cltoolbox.runner import default_threads
+from cltoolbox.session import default_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {
