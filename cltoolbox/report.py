@@ -595,6 +595,7 @@ def report(paths: Iterable[str | Path], out: str | Path) -> dict[str, list[Path]
     stderr as ``warning:`` lines and written to ``out/dropped_runs.csv``."""
     from cltoolbox.results import load
 
+    paths = list(paths)  # read twice: the run tables and the time-to-target figure
     out = Path(out)
     paper_style()
     dropped: list[tuple[Path, str]] = []
@@ -629,4 +630,7 @@ def report(paths: Iterable[str | Path], out: str | Path) -> dict[str, list[Path]
         written["figures"] += plot_curves(data["accuracy"], setting, out, infos)
         written["figures"] += plot_bars(metrics, setting, out, infos)
         written["figures"] += plot_pareto(metrics, setting, out, infos)
+    from cltoolbox.time_to_target import plot_cost_curves  # runs with train.time_to_target: ACC vs cost
+
+    written["figures"] += plot_cost_curves(paths, out)
     return written
