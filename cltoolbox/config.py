@@ -248,7 +248,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 
 def check_train(train: dict[str, Any], field: str) -> None:
     """Value checks of a resolved train section (``field`` names it in errors)."""
-    from cltoolbox.loop import resolve_device
+    from cltoolbox.precision import check_settings, resolve_device
 
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if train[key] < 1:
@@ -268,7 +268,8 @@ def check_train(train: dict[str, Any], field: str) -> None:
     if train["workers"] is not None and train["workers"] < 0:
         raise ConfigError(f"{field}.workers: must be >= 0 (loader processes; 0 decodes in the training process) "
                           f"or null (automatic), got {train['workers']}")
-    resolve_device(train["device"])  # `cuda` on a machine without one fails here, not mid-run
+    resolve_device(train["device"], f"{field}.device")  # `cuda` on a machine without one fails here, not mid-run
+    check_settings(train, field)  # precision / compile this machine can run
     from cltoolbox.time_to_target import parse as parse_time_to_target
 
     parse_time_to_target(train.get("time_to_target"), f"{field}.time_to_target")

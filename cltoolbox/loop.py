@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cltoolbox import multilabel
+from cltoolbox import distributed, multilabel
 from cltoolbox.augment import BatchAugment, make_augment
 from cltoolbox.errors import DivergenceError
 from cltoolbox.models.cache import sample_keys, uncached
 from cltoolbox.plugin import HOOKS, MASKED_LOGIT, Batch, Plugin, implementers
+from cltoolbox.precision import Precision, apply_channels_last, set_deterministic
+from cltoolbox.precision import resolve_device as resolve_device
 from cltoolbox.sgd import PlainSGD
 from cltoolbox.stream import Experience, Stream
 
@@ -36,10 +38,14 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # epochs, for scheduler: multistep
     gamma: float = 0.1
     eval_batch_size: int = 1024
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
     augment_crop: int = 0  # random crop after padding by this many pixels (0 = off); CIFAR recipe: 4
     augment_hflip: bool = False  # random horizontal flip
     workers: int | None = None  # DataLoader processes decoding file-backed data (None: up to 4 if file-backed)
+    precision: Literal[32, "bf16", "16-mixed"] = 32  # autocast of the training forward (cltoolbox.precision)
+    channels_last: bool = False  # NHWC weights and inputs for convolutional models
+    compile: bool = False  # torch.compile the training forward
+    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels and torch.use_deterministic_algorithms
     time_to_target: dict | None = None  # {target: 0.9, every: 50}: cost to reach it per experience (time_to_target.py)
 
 
@@ -62,16 +68,6 @@ def complete_param_groups(groups: list[dict[str, Any]], params: list[torch.Tenso
     return [dict(g, params=list(g["params"])) for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from cltoolbox.errors import ConfigError
-
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 class Learner:
     """Trains ``model`` on a stream with ``plugins``; evaluation and checkpoints are driven by ``fit``.
 
@@ -83,13 +79,29 @@ class Learner:
 
     def __init__(self, model: nn.Module, plugins: list[Plugin], config: TrainConfig, seed: int = 0) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.dist = distributed.current()  # None in a one-process run
+        self.device = distributed.rank_device(resolve_device(config.device))
+        if config.deterministic or torch.are_deterministic_algorithms_enabled():
+            set_deterministic(config.deterministic)
         self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = apply_channels_last(self.model)
+        self.precision = Precision(config.precision, self.device)
+        # what the training forward calls when no plugin answers `forward`: the model, or its DDP wrapper /
+        # compiled version (made per train_data call; ``self.model`` stays the plain module for plugins)
+        self._train_model: nn.Module = self.model
+        self._compiled: nn.Module | None = None
+        self._ddp_forward = False  # this step's forward went through the DDP wrapper
+        # the loop's own forward of the batch: only it goes through DDP (a plugin's extra forwards, e.g. GEM's
+        # memory gradients by autograd.grad, must not arm DDP's gradient hooks)
+        self._main_forward = False
         self.plugins = list(plugins)
         if config.time_to_target is not None:  # an internal observer plugin (cltoolbox.time_to_target)
             from cltoolbox.time_to_target import observer_for
 
             self.plugins.append(observer_for(config.time_to_target))
+        if self.dist is not None:
+            distributed.check_plugins(self.plugins, "+".join(type(p).__name__ for p in self.plugins) or "naive")
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # data order and plugin sampling
         self.hooks: dict[str, list[Plugin]] = {h: implementers(self.plugins, h) for h in HOOKS}
@@ -134,7 +146,12 @@ class Learner:
         """Training logits (a plugin's ``forward`` or the model's) of ``x``, augmented when ``train.augment_*``
         are on; multi-head streams mask each row to its task's classes. ``keys`` (the samples' stream keys,
         when known) let a frozen extractor look its cached features up by sample instead of by content."""
-        if self.augment is not None:
+        pre = self._augmented[-1][1] if self.dist is not None and self._augmented and self._augmented[-1][0] is x \
+            else None  # a shard augmented with its global batch (_shard)
+        if pre is not None:
+            with uncached():
+                logits = self._logits_of(pre, t)
+        elif self.augment is not None:
             raw, x = x, self.augment(x, self.generator)
             self._augmented.append((raw, x))
             with uncached():  # an augmented image occurs once: caching its frozen features would only cost
@@ -151,6 +168,13 @@ class Learner:
             logits = p.forward(self, x, t)
             if logits is not None:
                 return logits
+        if self._train_model is not self.model and (self._main_forward or self.dist is None):
+            self._ddp_forward = self.dist is not None
+            if self.config.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self._train_model(x)
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +207,14 @@ class Learner:
         plain = PlainSGD(opt) if scheduler is None and PlainSGD.supports(opt) else None
         zero_grad = plain.zero_grad if plain is not None else lambda: opt.zero_grad(set_to_none=True)
         step = plain.step if plain is not None else opt.step
+        prec, d = self.precision, self.dist
+        autocast, scaled = prec.autocast, prec.scaler is not None
+        self._train_model = self._training_module()
+        # gradients DDP does not average: plugin-owned tensors always, everything when a plugin's forward
+        # bypasses the wrapper
+        model_params = {id(p) for p in model.parameters()}
+        plugin_params = [p for g in opt.param_groups for p in g["params"] if id(p) not in model_params]
+        all_params = [p for g in opt.param_groups for p in g["params"]]
         # multi-label streams: sigmoid/BCE over the classes seen so far instead of softmax CE (cltoolbox.multilabel)
         ml_classes = multilabel.seen_classes(self) if self.stream is not None and self.stream.multi_label else None
         model.train()
@@ -205,27 +237,47 @@ class Learner:
                 self._augmented.clear()
                 for p in transform:
                     batch = p.transform_batch(self, batch)
-                logits = self.forward(batch.x, batch.t, batch.key)
-                loss = None
-                for p in criterion:
-                    loss = p.criterion(self, batch, logits)
-                    if loss is not None:
-                        break
-                if loss is None:
-                    loss = F.cross_entropy(logits, batch.y) if ml_classes is None else \
-                        multilabel.bce_loss(logits, batch.y, ml_classes)
-                for p in extra_loss:
-                    loss = loss + p.loss(self, batch, logits)
+                share = 1.0
+                if d is not None:  # this rank's rows of the global batch (see cltoolbox.distributed)
+                    batch, share = self._shard(batch, d)
+                self._ddp_forward, self._main_forward = False, True
+                with autocast():
+                    logits = self.forward(batch.x, batch.t, batch.key)
+                    self._main_forward = False
+                    loss = None
+                    for p in criterion:
+                        loss = p.criterion(self, batch, logits)
+                        if loss is not None:
+                            break
+                    if loss is None:
+                        loss = logits.sum() * 0.0 if not len(batch) else F.cross_entropy(logits, batch.y) \
+                            if ml_classes is None else multilabel.bce_loss(logits, batch.y, ml_classes)
+                    if share != 1.0:
+                        loss = loss * share
+                    for p in extra_loss:
+                        loss = loss + p.loss(self, batch, logits)
                 zero_grad()
-                loss.backward()
+                if scaled:
+                    prec.backward(loss)
+                else:
+                    loss.backward()
+                if d is not None:
+                    distributed.all_reduce_grads(plugin_params if self._ddp_forward else all_params, d.world)
+                if scaled:
+                    prec.unscale(opt)
                 for p in after_backward:
                     p.after_backward(self, batch)
-                step()
+                if scaled:
+                    prec.step(opt, step)
+                else:
+                    step()
                 self.step += 1
                 for p in after_step:
                     p.after_step(self, batch)
                 loss_sum += loss.detach()
                 n_batches += 1
+            if d is not None:  # every rank sees the same mean and stops together on a divergence
+                loss_sum = distributed.all_reduce_mean(loss_sum)
             mean_loss = float(loss_sum) / max(1, n_batches)
             if not math.isfinite(mean_loss):
                 raise DivergenceError(
@@ -243,6 +295,35 @@ class Learner:
                 self.on_epoch_end({**self.train_log[-1], "epochs": epochs})
             if scheduler is not None:
                 scheduler.step()
+        self._train_model = self.model
+
+    def _training_module(self) -> nn.Module:
+        """The module the training forward calls: the model, in DDP when several processes train it, compiled
+        when ``train.compile`` is on."""
+        module = self.model
+        if self.dist is not None:
+            module = distributed.wrap(module, self.device)
+        if self.config.compile:
+            if self._compiled is None or getattr(self._compiled, "_orig_mod", None) is not module:
+                self._compiled = torch.compile(module)
+            module = self._compiled
+        return module
+
+    def _shard(self, batch: Batch, d: distributed.Dist) -> tuple[Batch, float]:
+        """This rank's contiguous rows of the global ``batch`` and its criterion weight (rows x world / n, so
+        that DDP's mean of the ranks' gradients is the global batch's). Augmentation is drawn for the whole
+        global batch, as one process draws it, and the shard's part is kept for ``forward``."""
+        n = len(batch)
+        lo, hi = d.shard_rows(n)
+        x = batch.x
+        if self.augment is not None:
+            aug = self.augment(x, self.generator)
+            x = x[lo:hi]
+            self._augmented.append((x, aug[lo:hi]))
+        else:
+            x = x[lo:hi]
+        key = None if batch.key is None else batch.key[lo:hi]
+        return Batch(x, batch.y[lo:hi], batch.t[lo:hi], key), (hi - lo) * d.world / max(n, 1)
 
     def workers(self) -> int:
         """DataLoader processes that decode file-backed batches (``train.workers``; None: up to 4 for
@@ -275,6 +356,7 @@ class Learner:
             self.train_data(self.stream.keys(exp.train), exp.y_train, task)
         for p in self.hooks["after_experience"]:
             p.after_experience(self, exp)
+        distributed.broadcast_state(self)  # several processes: every rank continues from rank 0's state
         self.train_seconds += time.perf_counter() - start
 
     def fit(
@@ -337,7 +419,12 @@ class Learner:
                     pred = p.predict(self, xb, tb)
                     if pred is not None:
                         break
-                out.append(self.model(xb) if pred is None else pred)
+                if pred is None:
+                    if self.config.channels_last and xb.dim() == 4:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    with self.precision.autocast():  # the plain model's forward only: predict hooks keep theirs
+                        pred = self.model(xb).float()
+                out.append(pred)
         return out
 
     # -- checkpoint ----------------------------------------------------------------------------------
@@ -353,6 +440,8 @@ class Learner:
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.precision.scaler is not None:
+            state["grad_scaler"] = self.precision.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -363,6 +452,7 @@ class Learner:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.precision.load_state_dict(state.get("grad_scaler", {}))
         self.step = int(state["step"])
         self.train_log = list(state["train_log"])
         self.train_seconds = float(state["train_seconds"])

@@ -109,6 +109,10 @@ class Plugin:
     """
 
     composes: ClassVar[set[str] | frozenset[str]] = frozenset()
+    # True when the plugin keeps the multi-process rules of cltoolbox.distributed: its per-batch state (memory
+    # updates, sampling) depends only on the global batch seen in transform_batch, not on a rank's shard.
+    # Strategies with a plugin that does not declare it refuse --nproc > 1.
+    supports_ddp: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -20,6 +20,7 @@ class JointTraining(Plugin):
     The model then sees future data, so its FWT is not a transfer measure; its final accuracy is the
     offline upper bound, and it cannot forget (the weights never change after the first row).
     """
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
 
     def __init__(self) -> None:
         self.stored = (0, 0)  # (items, bytes): joint training holds the whole stream's training data
@@ -52,6 +53,7 @@ def joint() -> list[Plugin]:
 
 class CumulativeTraining(Plugin):
     """At experience i, trains (continuing from the current weights) on the union of experiences 1..i."""
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
 
     def __init__(self) -> None:
         self.key: list[torch.Tensor] = []  # stream keys of the samples seen so far

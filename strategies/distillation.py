@@ -44,6 +44,7 @@ class _OutputTap:
 
 
 class LwFPlugin(Plugin):
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
     def __init__(self, alpha: float | list[float], temperature: float) -> None:
         self.alpha = alpha
         self.temperature = temperature

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.flat import flat_grad, trainable, write_flat_grad
 from cltoolbox.plugin import Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 
@@ -95,28 +96,6 @@ class ExperienceMemory:
     def usage(self) -> tuple[int, int]:
         """(items, bytes): bytes as if each sample were stored at its native size, with its label and task id."""
         return self.size, self.size * self.item_bytes + tensor_bytes(*self.y, *self.t)
-
-
-# -- flat gradients ---------------------------------------------------------------------------------------
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The current .grad of ``params`` as one vector (zeros for parameters without a gradient)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-
-
-def write_flat_grad(params: list[torch.nn.Parameter], vec: torch.Tensor) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        g = vec[offset : offset + n].view_as(p)
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-        offset += n
 
 
 def memory_grad(learner, params: list[torch.nn.Parameter], data: torch.Tensor, y: torch.Tensor,
@@ -198,6 +177,7 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float, tol: float = CO
 
 # -- plugins ----------------------------------------------------------------------------------------------
 class GEMPlugin(Plugin):
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
     def __init__(self, patterns_per_experience: int, memory_strength: float) -> None:
         self.memory = ExperienceMemory(patterns_per_experience)
         self.memory_strength = memory_strength

@@ -11,21 +11,10 @@ parameters that mattered for past experiences; they differ in how the importance
 
 Implementation notes shared by all of them:
 
-* Parameters are the model's ``requires_grad`` parameters in ``named_parameters`` order (frozen ones are
-  excluded, BatchNorm affine weights are included, buffers such as running statistics are not).
-  Importances and anchors are stored flattened: one vector of length P (number of trained scalars) per
-  quantity, so a penalty is one ``torch.cat`` of the parameters plus a few elementwise ops per step.
-* The penalty ``c * sum_i w_i (theta_i - a_i)^2`` is a custom autograd function (:class:`_WeightedSquare`):
-  its value is computed with the same ops as the plain expression and its gradient is written in closed
-  form, ``2 (c w) (theta - a)``, which is bit-for-bit what autograd derives through the cat, square, product
-  and sum (tests/test_regularization.py checks it), without the cat's and the power's backward nodes and
-  their temporaries (each op over P values costs ~12 us for a 2x100 MLP; the penalty's graph was ~1/3 of
-  an EWC step). On CPU, for the loop's backward (grad_out == 1), ``2 c w`` is computed once per
-  importance, not per step.
+* Parameters are the model's ``requires_grad`` parameters in ``named_parameters`` order, stored
+  flattened (``cltoolbox.flat``); the penalty with its closed-form gradient is ``cltoolbox.penalty``.
 * Per-sample statistics (EWC's Fisher, MAS's importance) are computed exactly, once per experience, on
-  the experience's training data, with the model in eval mode (dropout off, BatchNorm on running
-  statistics: the importance of the trained model, not of a noisy sub-network); see
-  :func:`per_sample_mean` (matmuls for Linear layers, ``torch.func.vmap`` otherwise).
+  the experience's training data with the model in eval mode (``cltoolbox.per_sample``).
 * ``state_dict`` holds only tensors and numbers; ``memory_usage`` reports ``(0, bytes)``: 0 items
   because a regulariser stores no data samples (items count samples across the toolbox), bytes of the
   stored importances and anchors (each model-sized).
@@ -33,150 +22,20 @@ Implementation notes shared by all of them:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.autograd.function import once_differentiable
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.cache import sample_keys
+from cltoolbox.flat import flat_grad
+from cltoolbox.penalty import ImportancePenalty, QuadraticPenalty
+from cltoolbox.per_sample import per_sample_mean
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.gem import flat_grad
-
-# Elements (samples x parameters) held at once by the per-sample gradient chunks (~128 MiB in float32).
-_CHUNK_ELEMENTS = 1 << 25
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def trained_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The parameters a regulariser protects: every ``requires_grad`` parameter, in a fixed order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def flat_parameters(params: list[nn.Parameter]) -> torch.Tensor:
-    """One vector of all parameters (differentiable: gradients flow back to each parameter)."""
-    return torch.cat([p.reshape(-1) for p in params])
-
-
-def _chunks(learner, data: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
-    """(keys, inputs) of ``data`` ``size`` samples at a time: stream keys are fetched chunk by chunk
-    (``learner.batches``), model-ready inputs are sliced (keys None)."""
-    if torch.is_floating_point(data):
-        for s in range(0, data.shape[0], size):
-            yield None, data[s : s + size]
-    else:
-        yield from learner.batches(data, size)
-
-
-def per_sample_mean(
-    learner,
-    data: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor,
-    objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    kind: Literal["square", "abs"],
-    method: Literal["auto", "vmap"] = "auto",
-) -> torch.Tensor:
-    """``mean_n kind(d objective_n / d theta)`` as one flat vector (length P, ``trained_parameters`` order).
-
-    ``data``: stream keys (int64; the samples are fetched a chunk at a time, never all at once) or model-ready
-    inputs. ``objective(logits, t, y)`` returns one value per sample (shape ``(B,)``). Two exact computations:
-
-    * models whose trained parameters all belong to ``nn.Linear`` layers (the MLPs): the per-sample
-      gradient of a weight is the outer product g_n a_n^T of the layer's output gradient and input, and
-      square and abs are multiplicative, so ``sum_n kind(g_n a_n^T) = kind(G)^T kind(A)``: one batched
-      backward and one matmul per layer, no per-sample gradient is ever materialised;
-    * any other model: ``torch.func.vmap`` over ``grad``, in chunks of samples (``method="vmap"`` forces it).
-
-    The model is put in eval mode, so samples do not interact (BatchNorm uses running statistics).
-    """
-    model = learner.model
-    named = trained_parameters(model)
-    transform = torch.square if kind == "square" else torch.abs
-    was_training = model.training
-    model.eval()
-    try:
-        out = _linear_path(learner, named, data, t, y, objective, transform) if method == "auto" else None
-        if out is None:
-            out = _vmap_path(learner, named, data, t, y, objective, transform)
-    finally:
-        model.train(was_training)
-    return out / max(1, data.shape[0])
-
-
-def _linear_path(learner, named, data, t, y, objective, transform) -> torch.Tensor | None:
-    """Sum over samples via per-layer matmuls, or None when the model is not made of plain Linear layers."""
-    model = learner.model
-    owner: dict[int, tuple[nn.Linear, str]] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            for pname, p in module.named_parameters(recurse=False):
-                owner[id(p)] = (module, pname)
-    if not named or any(id(p) not in owner for _, p in named):
-        return None
-    layers = list(dict.fromkeys(owner[id(p)][0] for _, p in named))
-    seen: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
-
-    def capture(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        seen[module].append((inputs[0].detach(), output))
-
-    sums = {id(p): torch.zeros_like(p) for _, p in named}
-    # 4096 samples a chunk (the sums depend on the chunking), fewer for large inputs (a frozen ViT under a head)
-    sample = math.prod(data.shape[1:] if torch.is_floating_point(data) else learner.stream.input_shape)
-    chunk = min(4096, max(1, _CHUNK_ELEMENTS // max(1, sample)))
-    handles = [m.register_forward_hook(capture) for m in layers]
-    try:
-        for s, (keys, x) in zip(range(0, data.shape[0], chunk), _chunks(learner, data, chunk), strict=True):
-            for m in layers:
-                seen[m].clear()
-            with torch.enable_grad(), sample_keys(keys, learner.stream):
-                value = objective(model(x), t[s : s + chunk], y[s : s + chunk]).sum()
-                # a layer used twice, or on inputs with extra dims, breaks the outer-product form
-                if any(len(v) != 1 or v[0][0].dim() != 2 for v in seen.values()):
-                    return None
-                outs = [seen[m][0][1] for m in layers]
-                grads = torch.autograd.grad(value, outs, allow_unused=True)
-            for m, g in zip(layers, grads, strict=True):
-                if g is None:
-                    continue
-                a, tg = transform(seen[m][0][0]), transform(g)
-                if m.weight.requires_grad:
-                    sums[id(m.weight)] += tg.T @ a
-                if m.bias is not None and m.bias.requires_grad:
-                    sums[id(m.bias)] += tg.sum(0)
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat([sums[id(p)].reshape(-1) for _, p in named])
-
-
-def _vmap_path(learner, named, data, t, y, objective, transform) -> torch.Tensor:
-    from torch.func import functional_call, grad, vmap
-
-    model = learner.model
-    params = {n: p.detach() for n, p in named}
-    buffers = dict(model.named_buffers())
-    n_params = sum(p.numel() for _, p in named)
-
-    def one(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return objective(logits, ti.unsqueeze(0), yi.unsqueeze(0)).sum()
-
-    per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0))
-    chunk = max(1, min(1024, _CHUNK_ELEMENTS // max(1, n_params)))
-    sums = {n: torch.zeros_like(p) for n, p in named}
-    for s, (_, x) in zip(range(0, data.shape[0], chunk), _chunks(learner, data, chunk), strict=True):
-        g = per_sample(params, x, t[s : s + chunk], y[s : s + chunk])
-        for n in sums:
-            sums[n] += transform(g[n]).sum(0)
-    return torch.cat([sums[n].reshape(-1) for n, _ in named])
-
-
 def _task_logits(learner, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Training logits as the loop sees them: masked to the sample's task in multi-head streams."""
     if learner.multi_head:
@@ -187,114 +46,6 @@ def _task_logits(learner, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 def _check_nonneg(name: str, value: float) -> None:
     if not value >= 0:  # also rejects NaN
         raise ConfigError(f"strategy.{name}: must be >= 0, got {value}; 0 disables the penalty")
-
-
-class _WeightedSquare(torch.autograd.Function):
-    """``scale * (sum(weight * (theta - anchor)^2) [+ const])`` over the flattened parameters ``params``.
-
-    The value uses the same ops, in the same order, as that expression on ``torch.cat`` of the parameters.
-    The gradient is autograd's for it, written out: grad_out * scale, times weight (MulBackward), times
-    2 (theta - anchor) (PowBackward of the square); for grad_out == 1 (the loop's backward) the factor
-    2 * (scale * weight) is cached per importance tensor, as doubling is exact so the product rounds once
-    either way. The gradient reaches each parameter as a view of one flat vector, as through CatBackward.
-    """
-
-    @staticmethod
-    def forward(ctx, owner: _QuadraticPenalty, diff: torch.Tensor, weight: torch.Tensor, scale: float,
-                const: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
-        total = diff.square().mul_(weight).sum()  # = (weight * diff.square()).sum(), one temporary less
-        if const is not None:
-            total = total + const
-        ctx.owner, ctx.weight, ctx.scale, ctx.diff = owner, weight, scale, diff
-        ctx.shapes = [p.shape for p in params]
-        return total * scale
-
-    @staticmethod
-    @once_differentiable  # the closed form is first order: a double backward raises instead of being wrong
-    def backward(ctx, grad_out: torch.Tensor):
-        factor = ctx.owner._scaled_weight(ctx.weight, ctx.scale, grad_out)
-        flat = factor * ctx.diff
-        grads, offset = [], 0
-        for shape in ctx.shapes:
-            n = shape.numel()
-            grads.append(flat[offset : offset + n].view(shape))
-            offset += n
-        ctx.diff = ctx.weight = None
-        return (None, None, None, None, None, *grads)
-
-
-class _QuadraticPenalty(Plugin):
-    """Shared machinery: the protected parameters (cached per model), their flattened values (computed once
-    per step) and the penalty ``scale * sum_i w_i (theta_i - a_i)^2`` (:class:`_WeightedSquare`)."""
-
-    def __init__(self) -> None:
-        self._params: list[nn.Parameter] | None = None
-        self._model: nn.Module | None = None
-        self._flat: tuple[tuple, torch.Tensor] | None = None  # (step and version counters, theta)
-        self._weight_cache: tuple[torch.Tensor, int, float, torch.Tensor] | None = None
-
-    def params(self, learner) -> list[nn.Parameter]:
-        if self._model is not learner.model:
-            self._model = learner.model
-            self._params = [p for _, p in trained_parameters(learner.model)]
-        return self._params
-
-    def theta(self, learner) -> torch.Tensor:
-        return flat_parameters(self.params(learner))
-
-    def flat_theta(self, learner) -> torch.Tensor:
-        """The flattened parameters without autograd, computed once per step: reused while ``learner.step``
-        and every parameter's version counter (bumped by in-place updates, the optimiser's included) are
-        unchanged, i.e. between ``loss`` and ``after_backward`` of one step."""
-        params = self.params(learner)
-        key = (learner.step, *(p._version for p in params))
-        if self._flat is None or self._flat[0] != key:
-            with torch.no_grad():
-                self._flat = (key, flat_parameters(params))
-        return self._flat[1]
-
-    def penalty(self, learner, weight: torch.Tensor, anchor: torch.Tensor, scale: float,
-                const: torch.Tensor | None = None) -> torch.Tensor:
-        """``scale * ((weight * (theta - anchor).square()).sum() [+ const])``, bit-identical in value and
-        gradient to that expression on ``self.theta(learner)``."""
-        return self.penalty_at(learner, self.flat_theta(learner) - anchor, weight, scale, const)
-
-    def penalty_at(self, learner, diff: torch.Tensor, weight: torch.Tensor, scale: float,
-                   const: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`penalty` for a precomputed ``diff = theta - anchor`` of this step (SI reuses it)."""
-        return _WeightedSquare.apply(self, diff, weight, scale, const, *self.params(learner))
-
-    def _scaled_weight(self, weight: torch.Tensor, scale: float, grad_out: torch.Tensor) -> torch.Tensor:
-        """``2 * ((grad_out * scale) * weight)``, the gradient factor of :class:`_WeightedSquare`."""
-        if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
-            return 2 * ((grad_out * scale) * weight)
-        c = self._weight_cache
-        if c is None or c[0] is not weight or c[1] != weight._version or c[2] != scale:
-            k = 2 * ((torch.ones((), dtype=grad_out.dtype) * scale) * weight)
-            self._weight_cache = c = (weight, weight._version, scale, k)
-        return c[3]
-
-    def _check_size(self, learner, stored: torch.Tensor) -> None:
-        n = sum(p.numel() for p in self.params(learner))
-        if stored.shape[-1] != n:
-            raise RuntimeError(f"{type(self).__name__}: stored importance has {stored.shape[-1]} entries but the "
-                               f"model has {n} trained parameters; the model changed after the checkpoint")
-
-
-class _ImportancePenalty(_QuadraticPenalty):
-    """One consolidated importance ``omega`` and one ``anchor`` (SI, MAS): their checkpoint and memory."""
-
-    omega: torch.Tensor | None
-    anchor: torch.Tensor | None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"omega": self.omega, "anchor": self.anchor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.omega, self.anchor = state["omega"], state["anchor"]
-
-    def memory_usage(self) -> tuple[int, int]:
-        return 0, tensor_bytes(self.omega, self.anchor)
 
 
 # -- EWC and online EWC --------------------------------------------------------------------------------
@@ -315,8 +66,9 @@ def empirical_fisher(learner, data: torch.Tensor, y: torch.Tensor, task_id: int)
     return per_sample_mean(learner, data, t, y, nll, "square")
 
 
-class EWCPlugin(_QuadraticPenalty):
+class EWCPlugin(QuadraticPenalty):
     """EWC (``online=False``: one Fisher and anchor row per past experience) or online EWC (one row)."""
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
 
     def __init__(self, ewc_lambda: float, online: bool, gamma: float = 1.0) -> None:
         super().__init__()
@@ -408,7 +160,7 @@ def online_ewc(ewc_lambda: float = 3.0, gamma: float = 1.0) -> list[Plugin]:
 
 
 # -- Synaptic Intelligence -----------------------------------------------------------------------------
-class SIPlugin(_ImportancePenalty):
+class SIPlugin(ImportancePenalty):
     """Path-integral importance (see :func:`si`).
 
     Per step: after_backward stores the task-loss gradient g (p.grad minus the gradient of our own penalty,
@@ -420,6 +172,7 @@ class SIPlugin(_ImportancePenalty):
     delta and theta - theta* read 0, so its penalty is exactly 0 and it reproduces naive; it also clips
     the importance at 1e-3. tests/test_regularization.py checks that ours is active and changes results.
     """
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
 
     def __init__(self, si_c: float, xi: float) -> None:
         super().__init__()
@@ -437,7 +190,7 @@ class SIPlugin(_ImportancePenalty):
     def before_experience(self, learner, exp) -> None:
         theta = self.theta(learner).detach()
         if self.omega is not None:
-            self._check_size(learner, self.omega)
+            self.check_size(learner, self.omega)
         self._start = theta.clone()
         self._path = torch.zeros_like(theta)
 
@@ -523,7 +276,8 @@ def output_sensitivity(learner, data: torch.Tensor, task_id: int) -> torch.Tenso
     return per_sample_mean(learner, data, t, t, sq_norm, "abs")
 
 
-class MASPlugin(_ImportancePenalty):
+class MASPlugin(ImportancePenalty):
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
     def __init__(self, mas_lambda: float) -> None:
         super().__init__()
         self.mas_lambda = mas_lambda

@@ -1,0 +1,181 @@
+"""One run over several processes with torch.distributed (DistributedDataParallel).
+
+``cltoolbox run CONFIG --nproc N`` starts N copies of the command with torchrun's environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); under ``torchrun`` the same config runs
+unchanged. The backend is NCCL when the processes train on CUDA (each on ``cuda:LOCAL_RANK``), else gloo.
+
+What a batch means: ``train.batch_size`` is the GLOBAL batch. Every rank draws the same seeded batch (the
+learner's generator is seeded alike everywhere), runs the strategy's ``transform_batch`` on all of it (so
+replay memories are updated from the global batch's keys and stay identical on every rank), then trains on
+its contiguous shard of the rows. DDP averages the shards' gradients; each rank's criterion loss is weighted
+by its share of the rows, so the update is the one-process update of the same global batch (up to float
+summation order). Randomness drawn per row (augmentation) is drawn for the whole global batch on every rank.
+
+After each experience rank 0's model buffers, plugin state (memories, Fisher/importance, prompt keys,
+prototypes) and generator are broadcast to all ranks, so evaluation and the checkpoint are the same
+everywhere whatever a strategy computed per rank; rank 0 alone writes the run folder.
+
+A plugin declares that it keeps these rules with ``supports_ddp = True`` (see ``Plugin``); a strategy with
+a plugin that does not is refused with one line before training.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cltoolbox.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a multi-process run."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    def shard_rows(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's rows of an n-row global batch: contiguous, sizes differ by at most 1."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+
+_CURRENT: list[Dist] = []
+
+
+def current() -> Dist | None:
+    """The multi-process context of this process, or None for an ordinary single-process run."""
+    return _CURRENT[0] if _CURRENT else None
+
+
+def is_rank0() -> bool:
+    d = current()
+    return d is None or d.rank == 0
+
+
+def env_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def init_from_env(device_name: str = "auto") -> Dist | None:
+    """Join the process group torchrun (or ``--nproc``) described in the environment; None when WORLD_SIZE is
+    1 or unset. ``device_name`` (train.device) picks the backend: NCCL for CUDA, gloo for CPU."""
+    if _CURRENT:
+        return _CURRENT[0]
+    world = env_world()
+    if world <= 1:
+        return None
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    _CURRENT.append(Dist(rank, world, local))
+    return _CURRENT[0]
+
+
+def shutdown() -> None:
+    if _CURRENT and dist.is_initialized():
+        dist.destroy_process_group()
+    _CURRENT.clear()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Each rank's own GPU (``cuda:LOCAL_RANK``) when training on CUDA."""
+    d = current()
+    if d is None or device.type != "cuda":
+        return device
+    return torch.device("cuda", d.local_rank)
+
+
+def check_plugins(plugins: Sequence[Any], label: str) -> None:
+    """One line when a plugin of the strategy has not declared that it keeps the DDP rules."""
+    bad = [type(p).__name__ for p in plugins if not getattr(type(p), "supports_ddp", False)]
+    if bad:
+        raise ConfigError(f"strategy {label!r}: {bad[0]} does not support multi-process training (it keeps per-batch "
+                          "state that would differ between ranks); run it with --nproc 1")
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` inside DistributedDataParallel (made once per training call: plugins may freeze parts of the
+    model between experiences, and DDP fixes the trainable set when it is built)."""
+    kwargs: dict[str, Any] = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    return nn.parallel.DistributedDataParallel(model, **kwargs)  # buffers follow rank 0 at each forward
+
+
+def all_reduce_grads(params: Sequence[torch.Tensor], world: int) -> None:
+    """Average the gradients of ``params`` over ranks in one flat buffer (parameters that DDP does not see:
+    plugin-owned prompts and keys, or a model run through a plugin's own forward)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    d = current()
+    if d is None:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / d.world
+
+
+def broadcast_state(learner) -> None:
+    """Make every rank's model, plugin state and generator rank 0's (after each experience)."""
+    if current() is None:
+        return
+    state = [learner.model.state_dict(), [p.state_dict() for p in learner.plugins], learner.generator.get_state()]
+    dist.broadcast_object_list(state, src=0, device=learner.device if learner.device.type == "cuda" else None)
+    if current().rank != 0:
+        learner.model.load_state_dict(state[0])
+        for p, s in zip(learner.plugins, state[1], strict=True):
+            p.load_state_dict(s)
+        learner.generator.set_state(state[2])
+
+
+def barrier() -> None:
+    if current() is not None:
+        dist.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``cltoolbox <argv>`` in ``nproc`` processes with torchrun's environment; returns the worst exit
+    code (a rank that fails makes the others fail at their next collective, so all end)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "cltoolbox.cli", *argv], env=env))
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)

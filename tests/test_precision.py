@@ -1,0 +1,88 @@
+"""train.device / precision / channels_last / compile / deterministic: validation, and every registered
+strategy trained under bf16 autocast on CPU (it runs, or it refuses with one line)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import cltoolbox
+from cltoolbox import config as cfgmod
+from cltoolbox.errors import CLToolboxError, ConfigError
+from cltoolbox.registry import STRATEGIES, import_plugins
+from cltoolbox.testing import SMALL_MODEL, SMALL_STREAM, strategy_cases
+
+import_plugins([])
+BUILTINS = strategy_cases("cltoolbox.strategies")
+
+
+def _config(tmp_path, strategy: dict, **train) -> dict:
+    entry = STRATEGIES.get(strategy["name"])
+    return {"name": "prec", "scenario": dict(SMALL_STREAM), "model": copy.deepcopy(entry.test_model or SMALL_MODEL),
+            "strategy": {**entry.test_params, **strategy},
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.05, **train}, "seeds": [0], "out": str(tmp_path)}
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_every_strategy_runs_or_refuses_bf16(tmp_path, name):
+    try:
+        results = cltoolbox.run(_config(tmp_path, {"name": name}, precision="bf16"), quiet=True)
+    except CLToolboxError as e:  # a refusal must be one line naming the setting
+        assert "\n" not in str(e) and "precision" in str(e), str(e)
+        return
+    acc = results[0]["class_il"]["acc"]
+    assert math.isfinite(acc) and 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("train, words", [
+    ({"precision": "16-mixed"}, "needs a CUDA device"),
+    ({"precision": "fp8"}, "is not one of"),
+    ({"device": "cuda:0"}, "no CUDA device"),
+    ({"device": "gpu"}, "use auto, cpu, cuda or cuda:N"),
+    ({"compile": "yes"}, "train.compile"),
+])
+def test_bad_settings_are_one_line(train, words):
+    raw = {"name": "x", "scenario": dict(SMALL_STREAM), "model": dict(SMALL_MODEL), "strategy": {"name": "naive"},
+           "train": train}
+    if "cuda" in str(train.get("device", "")) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError) as e:
+        cfgmod.validate(raw)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_channels_last_refuses_a_model_without_convolutions(tmp_path):
+    with pytest.raises(CLToolboxError, match="channels_last: the model has no convolutions"):
+        cltoolbox.run(_config(tmp_path, {"name": "naive"}, channels_last=True), quiet=True)
+
+
+def test_bf16_autocast_reaches_the_model_and_fp32_stays_exact(tmp_path):
+    """bf16 changes the numbers (autocast is really on), and 32 is the default path, bit for bit."""
+    a = cltoolbox.run(_config(tmp_path / "a", {"name": "er", "memory_size": 50}), quiet=True)[0]
+    b = cltoolbox.run(_config(tmp_path / "b", {"name": "er", "memory_size": 50}, precision=32), quiet=True)[0]
+    c = cltoolbox.run(_config(tmp_path / "c", {"name": "er", "memory_size": 50}, precision="bf16"), quiet=True)[0]
+    assert a["class_il"]["acc"] == b["class_il"]["acc"]
+    assert c["class_il"]["acc"] != a["class_il"]["acc"] or c["class_il"]["aia"] != a["class_il"]["aia"]
+    assert abs(c["class_il"]["acc"] - a["class_il"]["acc"]) < 0.1
+
+
+def test_conv_model_with_channels_last_and_deterministic(tmp_path):
+    raw = _config(tmp_path / "e", {"name": "naive"}, channels_last=True, deterministic=True)
+    raw["model"] = {"name": "resnet18_reduced", "nf": 4}
+    out = cltoolbox.run(raw, quiet=True)[0]
+    assert torch.are_deterministic_algorithms_enabled() and out["class_il"]["acc"] > 0.3
+    raw = _config(tmp_path / "f", {"name": "naive"})
+    raw["model"] = {"name": "resnet18_reduced", "nf": 4}
+    cltoolbox.run(raw, quiet=True)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_result(tmp_path):
+    """torch.compile (inductor, on CPU with the system C compiler) trains to the eager result up to rounding."""
+    eager = cltoolbox.run(_config(tmp_path / "a", {"name": "er", "memory_size": 50}), quiet=True)[0]
+    compiled = cltoolbox.run(_config(tmp_path / "b", {"name": "er", "memory_size": 50}, compile=True), quiet=True)[0]
+    assert abs(compiled["class_il"]["acc"] - eager["class_il"]["acc"]) < 0.03
