@@ -89,6 +89,7 @@ class APERPlugin(FixedExtractorPlugin):
         self._pre_cache = SampleFeatureCache()
         self._adapting = False
         self._adapter_state: dict | None = None
+        self.shift: float | None = None  # mean ||phi*(x) - phi(x)|| / ||phi(x)|| on the first experience
 
     def check(self, model, stream) -> None:
         if self.adapt == "adapter":
@@ -157,6 +158,9 @@ class APERPlugin(FixedExtractorPlugin):
             self._cache.clear()
         freeze(learner.model)
         feats = self.stream_features(learner, learner.stream.keys(exp.train))
+        if exp.index == 0:
+            pre, adapted = feats.double().chunk(2, dim=1)
+            self.shift = float(((adapted - pre).norm(dim=1) / pre.norm(dim=1).clamp_min(1e-12)).mean())
         self.stats.add(feats, exp.y_train, self.n_classes)
         return True
 
@@ -214,6 +218,8 @@ class APERPlugin(FixedExtractorPlugin):
             state["adapter"] = self.adapter.state_dict()
         if self._pre_state is not None:
             state["pretrained"] = self._pre_state
+        if self.shift is not None:
+            state["shift"] = self.shift
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -224,8 +230,14 @@ class APERPlugin(FixedExtractorPlugin):
                 self._load_adapter(self._adapter_state)
         if "pretrained" in state:
             self._pre_state, self.pretrained = dict(state["pretrained"]), None
+        self.shift = float(state["shift"]) if "shift" in state else None
         self._cache.clear()
         self._pre_cache.clear()
+
+    def report(self, learner, stream) -> dict[str, float]:
+        """``aper_feature_shift``: mean ||phi*(x) - phi(x)|| / ||phi(x)|| over the first experience's training
+        data. Near 0 the adaptation did nothing and APER equals SimpleCIL (see experiments/aper_diagnose.py)."""
+        return {} if self.shift is None else {"aper_feature_shift": self.shift}
 
     def memory_usage(self) -> tuple[int, int]:
         """Seen classes; bytes of the prototype sums, the adapter or the pre-trained model's copy."""

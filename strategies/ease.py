@@ -96,6 +96,7 @@ class EASEPlugin(Plugin):
         self._current: torch.Tensor | None = None  # bool mask of the classes being trained
         self._cache = SampleFeatureCache()
         self._pending: list[dict] = []  # adapters' states from a checkpoint, loaded once the sizes are known
+        self.shifts: list[float] = []  # per subspace: mean ||phi_b(x) - f(x)|| / ||f(x)|| on its experience
 
     def check(self, model, stream) -> None:
         if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
@@ -170,20 +171,28 @@ class EASEPlugin(Plugin):
             f = self._backbone_features(learner, x)
             return [adapter(f).double() for adapter in self.adapters]
 
+    def _shift(self, learner, x: torch.Tensor) -> torch.Tensor:
+        """Per sample, how far the newest adapter moved the backbone features: ||phi_T(x) - f|| / ||f||."""
+        with torch.no_grad():
+            f = self._backbone_features(learner, x).double()
+            return (self.adapters[-1](f.float()).double() - f).norm(dim=1) / f.norm(dim=1).clamp_min(1e-12)
+
     def _update_prototypes(self, learner, exp) -> None:
         t, dev = len(self.adapters), learner.device
         sums = torch.zeros(self.n_classes, t, self.dim, dtype=torch.float64, device=dev)
         counts = torch.zeros(self.n_classes, dtype=torch.float64, device=dev)
         was_training = learner.model.training
         learner.model.eval()
-        labels, start = exp.y_train.to(dev), 0
+        labels, start, shift = exp.y_train.to(dev), 0, 0.0
         for keys, x in learner.batches(learner.stream.keys(exp.train)):  # in order: labels follow y_train
             with sample_keys(keys, learner.stream):
                 feats = torch.stack(self.subspace_features(learner, x), dim=1)  # N, T, d
+                shift += float(self._shift(learner, x).sum())
             y, start = labels[start : start + feats.shape[0]], start + feats.shape[0]
             sums.index_add_(0, y, feats)
             counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         learner.model.train(was_training)
+        self.shifts.append(shift / max(start, 1))
         new = counts > 0
         protos = torch.zeros(self.n_classes, t, self.dim, dtype=torch.float64, device=dev)
         real = torch.zeros(self.n_classes, t, dtype=torch.bool, device=dev)
@@ -209,15 +218,21 @@ class EASEPlugin(Plugin):
         if self.protos is None:
             return {}
         return {"adapters": [a.state_dict() for a in self.adapters], "protos": self.protos, "real": self.real,
-                "own": self.own}
+                "own": self.own, "shifts": list(self.shifts)}
 
     def load_state_dict(self, state: dict) -> None:
         if "protos" not in state:
             return
         self.protos, self.real, self.own = state["protos"], state["real"], state["own"]
+        self.shifts = [float(v) for v in state["shifts"]]
         self.adapters = nn.ModuleList()
         self._pending = [dict(s) for s in state["adapters"]]  # built in before_fit, which knows the sizes
         self._cache.clear()
+
+    def report(self, learner, stream) -> dict[str, list[float]]:
+        """``ease_feature_shift``: per subspace, the mean relative change its adapter makes to the backbone
+        features on its own experience's training data (~0: the adapter did not train, EASE ~ SimpleCIL)."""
+        return {"ease_feature_shift": list(self.shifts)}
 
     def adapter_params(self) -> int:
         return sum(p.numel() for a in self.adapters for p in a.parameters())

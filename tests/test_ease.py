@@ -78,6 +78,11 @@ def test_one_frozen_adapter_per_experience_and_prototypes_are_class_means_in_eve
             sub = plugin.adapters[j](f).double()
             for c in exp.classes:
                 torch.testing.assert_close(plugin.protos[c, j], sub[exp.y_train == c].mean(0))
+        x0 = stream.experiences[0].x_train
+        f0 = learner.model.features(x0)
+        shift0 = float(((plugin.adapters[0](f0) - f0).norm(dim=1) / f0.norm(dim=1)).mean())
+    shifts = plugin.report(learner, stream)["ease_feature_shift"]
+    assert len(shifts) == 2 and shifts[0] == pytest.approx(shift0, rel=1e-5) and shift0 > 0.01
     old = stream.experiences[0].classes
     assert plugin.own[list(old)].tolist() == [0] * len(old) and not plugin.real[list(old), 1].any()
     items, nbytes = plugin.memory_usage()

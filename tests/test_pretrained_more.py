@@ -104,6 +104,9 @@ def test_aper_features_are_the_concatenation_and_prototypes_their_class_means() 
         f = model.features(x0)
         adapted = plugin.adapter(f)
         assert not torch.allclose(adapted, f)  # the adapter learned something on experience 1
+        shift = float(((adapted - f).norm(dim=1) / f.norm(dim=1)).mean())
+    assert plugin.report(learner, stream)["aper_feature_shift"] == pytest.approx(shift, rel=1e-5)
+    with torch.no_grad():
         torch.testing.assert_close(plugin.concat_features(learner, x0), torch.cat((f, adapted), 1))
     xs = torch.cat([e.x_train for e in stream.experiences[:2]])
     ys = torch.cat([e.y_train for e in stream.experiences[:2]])
