@@ -68,13 +68,14 @@ import numpy as np
 import torch
 
 from cltoolbox import config as cfgmod
+from cltoolbox.build import build_model, build_stream
 from cltoolbox.data import load_dataset
 from cltoolbox.errors import DivergenceError
+from cltoolbox.flat import flat_grad, write_flat_grad
 from cltoolbox.interop.avalanche import TensorPairs
 from cltoolbox.report import mean_std
-from cltoolbox.build import build_model, build_stream
 from cltoolbox.session import execute_run
-from cltoolbox.strategies.gem import flat_grad, gem_project, write_flat_grad
+from cltoolbox.strategies.gem import gem_project
 from cltoolbox.stream import Stream
 
 HERE = Path(__file__).resolve().parent

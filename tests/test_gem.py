@@ -11,18 +11,16 @@ from toys import fit_small_mlp
 
 import cltoolbox
 from cltoolbox.errors import ConfigError
+from cltoolbox.flat import flat_grad, trainable, write_flat_grad
 from cltoolbox.loop import Learner
 from cltoolbox.plugin import Batch
 from cltoolbox.strategies.gem import (
     AGEMPlugin,
     GEMPlugin,
     agem,
-    flat_grad,
     gem,
     gem_project,
     memory_grad,
-    trainable,
-    write_flat_grad,
 )
 from cltoolbox.stream import Experience, Stream
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 import cltoolbox
 from cltoolbox.data import load_dataset
 from cltoolbox.errors import ConfigError
+from cltoolbox.flat import flat_parameters
 from cltoolbox.loop import Learner, TrainConfig
+from cltoolbox.per_sample import per_sample_mean
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES
 from cltoolbox.strategies.regularization import (
@@ -19,9 +21,7 @@ from cltoolbox.strategies.regularization import (
     MASPlugin,
     SIPlugin,
     empirical_fisher,
-    flat_parameters,
     output_sensitivity,
-    per_sample_mean,
 )
 
 

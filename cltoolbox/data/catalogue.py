@@ -51,7 +51,8 @@ CORE50_OBJECTS_PER_CATEGORY = 5  # o1-o5 plug adapters, o6-o10 mobile phones, ..
 # helpers
 
 
-def _root(root: str | None) -> Path:
+def data_root(root: str | None) -> Path:
+    """The absolute data folder: ``root``, or the default one shared by every dataset when None."""
     from cltoolbox.data.torchvision_sets import DEFAULT_ROOT  # one default data folder for every dataset
 
     return Path(os.path.abspath(os.path.expanduser(root if root is not None else DEFAULT_ROOT)))
@@ -147,7 +148,7 @@ def load_image_folder(root: str | None = None, download: bool = False, *, name: 
     training classes. Size: shorter side resized to
     ``resize`` (224), centre crop ``crop`` (224; None resizes to ``resize`` x ``resize``).
     """
-    base = _root(root)
+    base = data_root(root)
     layout = "root/train/<class>/*.jpg and root/test/<class>/*.jpg, or root/<class>/*.jpg"
     if not base.is_dir():
         raise _missing(name, base, layout)
@@ -184,7 +185,7 @@ def load_tiny_imagenet(root: str | None = None, download: bool = False, *, resiz
     """
     name = "tiny_imagenet"
     layout = "tiny-imagenet-200/wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt"
-    base = _locate(_root(root), "tiny-imagenet-200", "wnids.txt", name, layout)
+    base = _locate(data_root(root), "tiny-imagenet-200", "wnids.txt", name, layout)
     wnids = sorted(row[0] for row in _read_lines(base / "wnids.txt", name, layout))
     train = _class_tree(base / "train", wnids, name, layout, inner="images")
     label_of = {w: i for i, w in enumerate(wnids)}
@@ -215,7 +216,7 @@ def load_imagenet_r(root: str | None = None, download: bool = False, *, resize: 
     """
     name = "imagenet_r"
     layout = "imagenet-r/<wnid>/*.jpg (200 class folders)"
-    top = _root(root)
+    top = data_root(root)
     base = top / "imagenet-r" if (top / "imagenet-r").is_dir() else top
     if (base / "train").is_dir() and (base / "test").is_dir():
         return load_image_folder(str(base), name=name, resize=resize, crop=crop)
@@ -237,7 +238,7 @@ def load_cub200(root: str | None = None, download: bool = False, *, resize: int 
     """
     name = "cub200"
     layout = "CUB_200_2011/images.txt, image_class_labels.txt, train_test_split.txt and images/<class>/*.jpg"
-    base = _locate(_root(root), "CUB_200_2011", "images.txt", name, layout)
+    base = _locate(data_root(root), "CUB_200_2011", "images.txt", name, layout)
     try:
         path_of = {row[0]: row[1] for row in _read_lines(base / "images.txt", name, layout)}
         label_of = {row[0]: int(row[1]) - 1 for row in _read_lines(base / "image_class_labels.txt", name, layout)}
@@ -268,7 +269,7 @@ def load_core50(root: str | None = None, download: bool = False, *, resize: int 
     """
     name = "core50"
     layout = "core50_128x128/s<1-11>/o<1-50>/*.png"
-    base = _locate(_root(root), "core50_128x128", "s1", name, layout)
+    base = _locate(data_root(root), "core50_128x128", "s1", name, layout)
     parts: dict[bool, tuple[list[str], list[int], list[int]]] = {True: ([], [], []), False: ([], [], [])}
     for s in CORE50_SESSIONS:
         paths, labels, sessions = parts[s not in CORE50_TEST_SESSIONS]
@@ -299,7 +300,7 @@ def load_imagenet_subset(root: str | None = None, download: bool = False, *, cla
     Size: shorter side 256, centre crop 224 (the standard ImageNet test transform).
     """
     name = "imagenet_subset"
-    base = _root(root)
+    base = data_root(root)
     layout = "root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG and a class list root/imagenet100.txt"
     if not (base / "train").is_dir():
         raise _missing(name, base / "train", layout)

@@ -100,7 +100,7 @@ def digits_grid(root: str | None = None, download: bool = False) -> Dataset:
 
 # -- file-backed: PASCAL VOC and MS-COCO ------------------------------------------------------------------
 def _root(root: str | None) -> Path:
-    from cltoolbox.data.catalogue import _root as catalogue_root
+    from cltoolbox.data.catalogue import data_root as catalogue_root
 
     return catalogue_root(root)
 
