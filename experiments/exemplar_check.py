@@ -1,4 +1,5 @@
-"""Check the exemplar class-IL strategies (er_ace, wa, bic, lucir, podnet) on Split-MNIST-5k, 3 seeds; prints a table.
+"""Check the exemplar class-IL strategies (er_ace, wa, bic, lucir, podnet, xder) and the expansion ones (der_expand,
+foster, memo) on Split-MNIST-5k, 3 seeds; prints a table.
 
 Offline class-IL: class_incremental mnist5k, 5 experiences x 2 classes, MLP 2x400, SGD (``--lr`` 0.1, no momentum
 or weight decay by default), batch 10, ``--epochs`` epochs (default 1), memory 500 for every memory method; naive
@@ -8,12 +9,14 @@ the table gives the final step's accuracy on the old classes (experiences 1-4) a
 exist to remove. Online class-IL: the ``online`` scenario of ``experiments/online_split_mnist5k.yaml`` (chunks
 of 10, 10% blurry boundaries, hidden boundaries, one pass, batch 10), er vs er_ace, memory 500.
 
-Criteria (on the mean over seeds): each of er_ace, wa, bic, lucir, podnet beats naive by >= 0.25 class-IL ACC;
+Criteria (on the mean over seeds): each of er_ace, wa, bic, lucir, podnet, xder, der_expand, foster, memo beats
+naive by >= 0.25 class-IL ACC;
 er_ace beats er online; bic and wa have a smaller |new - old| gap than er at the final step and an ACC no
 lower than er's minus one standard deviation of er's.
 
 Run: ``python experiments/exemplar_check.py [--seeds 0 1 2] [--epochs 1] [--lr 0.1] [--momentum 0] [--weight-decay 0]
-[--threads 1] [--out DIR] [--skip-online]``; about 3 minutes on one core. Exit status 1 if a criterion fails.
+[--threads 1] [--out DIR] [--skip-online] [--only LABEL ...]``; about 6 minutes on one core (``--only`` runs a
+subset of rows, e.g. ``--only naive der_expand memo``). Exit status 1 if a criterion fails.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ OFFLINE = [{"name": "naive"}, {"name": "er", "memory_size": MEMORY}, {"name": "e
            # ablation: softmax over all 10 outputs, as before mask_unseen (future classes' rows pushed to 0)
            {"name": "wa", "memory_size": MEMORY, "mask_unseen": False, "label": "wa_nomask"},
            {"name": "bic", "memory_size": MEMORY},
-           {"name": "lucir", "memory_size": MEMORY}, {"name": "podnet", "memory_size": MEMORY}]
+           {"name": "lucir", "memory_size": MEMORY}, {"name": "podnet", "memory_size": MEMORY},
+           {"name": "xder", "memory_size": MEMORY}, {"name": "der_expand", "memory_size": MEMORY},
+           {"name": "foster", "memory_size": MEMORY}, {"name": "memo", "memory_size": MEMORY}]
 ONLINE = [{"name": "er", "memory_size": MEMORY}, {"name": "er_ace", "memory_size": MEMORY}]
-BEAT_NAIVE = ("er_ace", "wa", "bic", "lucir", "podnet")
+BEAT_NAIVE = ("er_ace", "wa", "bic", "lucir", "podnet", "xder", "der_expand", "foster", "memo")
 
 
 def old_new(run: dict, out: Path) -> tuple[float, float]:
@@ -54,6 +59,12 @@ def old_new(run: dict, out: Path) -> tuple[float, float]:
     for rows in (last[last.eval_exp < T], last[last.eval_exp == T]):
         parts.append(float((rows.accuracy * rows.n_samples).sum() / rows.n_samples.sum()))
     return parts[0], parts[1]
+
+
+def params(cost: dict) -> str:
+    """Parameters used at inference after the last experience (expansion methods: every extractor and the
+    classifier; the others: the model), in thousands."""
+    return f"{cost.get('expansion_params', cost['n_params']) / 1000:.0f}k"
 
 
 def by_label(results: list[dict]) -> dict[str, list[dict]]:
@@ -105,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Split-MNIST-5k class-IL, MLP 2x400, SGD lr {args.lr} momentum {args.momentum} weight decay "
           f"{args.weight_decay}, {args.epochs} epoch(s), batch 10, memory {MEMORY}, seeds {args.seeds}")
     header = (f"{'strategy':<10}{'ACC class-IL':>16}{'old (final)':>16}{'new (final)':>16}{'new - old':>16}"
-              f"{'ACC task-IL':>16}{'memory KiB':>12}{'train s':>9}")
+              f"{'ACC task-IL':>16}{'memory KiB':>12}{'params':>10}{'train s':>9}")
     print(header)
     print("-" * len(header))
     for k, rs in runs.items():
         old, new = [o for o, _ in gaps[k]], [n for _, n in gaps[k]]
         print(f"{k:<10}{mean_std(acc[k]):>16}{mean_std(old):>16}{mean_std(new):>16}{mean_std(gap[k]):>16}"
               f"{mean_std([r['task_il']['acc'] for r in rs]):>16}{rs[0]['cost']['memory_bytes'] / 1024:>12.0f}"
+              f"{params(rs[0]['cost']):>10}"
               f"{statistics.mean(r['cost']['train_s'] for r in rs):>9.1f}")
     checks = [(f"{k} >= naive + 0.25", mean[k] >= mean["naive"] + 0.25) for k in BEAT_NAIVE
               if k in mean and "naive" in mean]
