@@ -177,6 +177,7 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float, tol: float = CO
 
 # -- plugins ----------------------------------------------------------------------------------------------
 class GEMPlugin(Plugin):
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
     def __init__(self, patterns_per_experience: int, memory_strength: float) -> None:
         self.memory = ExperienceMemory(patterns_per_experience)
         self.memory_strength = memory_strength

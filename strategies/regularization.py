@@ -68,6 +68,7 @@ def empirical_fisher(learner, data: torch.Tensor, y: torch.Tensor, task_id: int)
 
 class EWCPlugin(QuadraticPenalty):
     """EWC (``online=False``: one Fisher and anchor row per past experience) or online EWC (one row)."""
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
 
     def __init__(self, ewc_lambda: float, online: bool, gamma: float = 1.0) -> None:
         super().__init__()
@@ -171,6 +172,7 @@ class SIPlugin(ImportancePenalty):
     delta and theta - theta* read 0, so its penalty is exactly 0 and it reproduces naive; it also clips
     the importance at 1e-3. tests/test_regularization.py checks that ours is active and changes results.
     """
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
 
     def __init__(self, si_c: float, xi: float) -> None:
         super().__init__()
@@ -275,6 +277,7 @@ def output_sensitivity(learner, data: torch.Tensor, task_id: int) -> torch.Tenso
 
 
 class MASPlugin(ImportancePenalty):
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
     def __init__(self, mas_lambda: float) -> None:
         super().__init__()
         self.mas_lambda = mas_lambda
