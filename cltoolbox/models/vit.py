@@ -96,10 +96,15 @@ class ViTClassifier(BackboneClassifier):
                prefixes: dict[int, Prefix] | None = None) -> torch.Tensor:
         """Final-norm token sequence. ``prompts`` (batch, length, dim) are inserted after [CLS] (prompt
         tuning); ``prefixes[i]`` are prepended to block ``i``'s keys and values (prefix tuning)."""
-        b = self.backbone
         h = self.tokens(x)
         if prompts is not None:
             h = torch.cat((h[:, :1], prompts.to(h.dtype), h[:, 1:]), dim=1)
+        return self.run_blocks(h, prefixes)
+
+    def run_blocks(self, h: torch.Tensor, prefixes: dict[int, Prefix] | None = None) -> torch.Tensor:
+        """Any token sequence (batch, tokens, dim) through the pre-norm, every block (with optional key/value
+        ``prefixes`` per block) and the final norm: for methods that build their own sequence (MULTI-LANE)."""
+        b = self.backbone
         h = b.norm_pre(h)
         prefixes = prefixes or {}
         for i, blk in enumerate(b.blocks):
