@@ -27,7 +27,7 @@ from typing import Any
 from cltoolbox.errors import ConfigError
 from cltoolbox.params import closest, resolve, signature_params
 
-TOP_KEYS = ("name", "imports", "scenario", "model", "strategy", "train", "seeds", "out")
+TOP_KEYS = ("name", "imports", "scenario", "model", "strategy", "train", "seeds", "out", "loggers")
 SCENARIO_RESERVED = ("name", "dataset", "root", "download", "validation")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 MAX_NAME = 255  # bytes in one folder name on common file systems (names are ASCII: NAME_RE)
@@ -192,9 +192,14 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 
     scen = _section(config, "scenario")
     entry, _ = _named(scen, "scenario", SCENARIOS)
-    if "dataset" not in scen:
+    if not getattr(entry.factory, "needs_dataset", True):  # it builds its own data (e.g. `avalanche`)
+        if scen.get("dataset") is not None:
+            raise ConfigError(f"scenario.dataset: the {scen['name']} scenario builds its own data; remove dataset")
+        scen = {**scen, "dataset": None}
+    elif "dataset" not in scen:
         raise ConfigError("scenario.dataset: missing; run `cltoolbox list datasets` for the choices")
-    DATASETS.get(str(scen["dataset"]), "scenario.dataset")
+    else:
+        DATASETS.get(str(scen["dataset"]), "scenario.dataset")
     ds = resolve(signature_params(_dataset_fields),
                  {k: scen[k] for k in ("root", "download", "validation") if k in scen}, "scenario")
     if not 0.0 <= ds["validation"] < 1.0:
@@ -242,8 +247,13 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     out = config.get("out", "runs")
     if not isinstance(out, str):
         raise ConfigError(f"out: expected a folder path string, got {out!r}")
-    return {"name": name, "imports": list(config.get("imports") or []), "scenario": scenario, "model": model,
-            "strategy": strategies, "train": train, "seeds": seeds, "out": out}
+    resolved = {"name": name, "imports": list(config.get("imports") or []), "scenario": scenario, "model": model,
+                "strategy": strategies, "train": train, "seeds": seeds, "out": out}
+    if config.get("loggers"):  # absent when unused: run folders of configs without trackers stay as they were
+        from cltoolbox.loggers import check_loggers
+
+        resolved["loggers"] = check_loggers(config["loggers"])
+    return resolved
 
 
 def check_train(train: dict[str, Any], field: str) -> None:

@@ -255,8 +255,9 @@ def check_same_config(run_dir: Path, run_cfg: dict[str, Any]) -> None:
         why = type(old).__name__ if isinstance(old, Exception) else f"a {type(old).__name__}, not a mapping"
         raise RunExistsError(f"{path}: unreadable run config ({why}); pass --overwrite to run it again")
     new = yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False))
-    old.pop("out", None)
-    new.pop("out", None)
+    for key in ("out", "loggers"):  # where runs go and what trackers watch them are not the run's identity
+        old.pop(key, None)
+        new.pop(key, None)
     diff = _first_difference(old, new)
     if diff:
         key, a, b = diff

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +124,7 @@ class RunSession:
         self.cpu_start = time.process_time()
         self.last_save_end, self.last_save_cost = time.perf_counter(), 0.0
         self.bar: Any = None
+        self.loggers: Any = None  # cltoolbox.loggers.RunLoggers when the config lists trackers
 
     def resume(self) -> None:
         """Continue from the run's checkpoint (RunExistsError, one line, if it is damaged or not this run's)."""
@@ -149,6 +149,8 @@ class RunSession:
         t0 = time.perf_counter()
         evaluate_stream(self.learner, self.stream, row, self.history)
         self.eval_s += time.perf_counter() - t0
+        if self.loggers is not None:
+            self.loggers.accuracy_row(row, {s: self.history.matrix(s) for s in SETTINGS})
 
     def after_experience(self, learner: Learner, exp: Experience) -> None:
         """Evaluate, then checkpoint unless that would cost more than 1/CHECKPOINT_WORK_RATIO of the work since
@@ -159,7 +161,7 @@ class RunSession:
         now = time.perf_counter()
         if exp.index >= self.T - 1 or now - self.last_save_end >= CHECKPOINT_WORK_RATIO * self.last_save_cost:
             self.checkpoint(learner, exp.index + 1, now)
-        self.bar.update(1)
+        self.bar.experience_done(exp.index)
 
     def checkpoint(self, learner: Learner, next_experience: int, now: float) -> None:
         """Save what resuming at ``next_experience`` needs (atomically; a kill leaves the previous one)."""
@@ -176,7 +178,7 @@ class RunSession:
     def run(self) -> dict[str, Any]:
         """Train from ``start`` to the end of the stream; returns metrics.json's content. Whatever happens,
         the result files are written (a crash keeps what was measured, without DONE)."""
-        from tqdm import tqdm
+        from cltoolbox import progress
 
         learner, run_dir = self.learner, self.run_dir
         self.cpu_start = time.process_time()  # the clocks of the work itself, after the build
@@ -196,12 +198,17 @@ class RunSession:
         self.eval_s = self.prior["eval_s"]
         self.last_save_end = time.perf_counter()
 
+        if self.run_cfg.get("loggers"):  # trackers (cltoolbox.loggers): config, epochs, rows, final, figures
+            from cltoolbox.loggers import RunLoggers
+
+            self.loggers = RunLoggers(self.run_cfg["loggers"], self.run_cfg, run_dir)
+            self.loggers.config(self.run_cfg)
+            learner.on_epoch_end = self.loggers.epoch
         label = f"{self.run_cfg['strategy']['label']} seed {self.seed}"
-        self.bar = tqdm(total=self.T, initial=self.start, desc=label, unit="exp", disable=self.quiet, leave=False,
-                        file=sys.stderr)
-        if not self.quiet:
-            learner.on_epoch_end = lambda row: self.bar.set_postfix_str(
-                f"epoch {row['epoch'] + 1}/{row['epochs']} loss {row['loss']:.3f}", refresh=True)
+        # a step bar on a terminal, else one plain line per experience (cltoolbox.progress)
+        self.bar = progress.current(self.quiet).run(label, self.stream, learner.config.batch_size,
+                                                    learner.config.epochs, self.start, quiet=self.quiet)
+        self.bar.attach(learner)
         if self.start == 0:
             learner.begin(self.stream)  # task masks etc. for the init evaluation
             self.evaluate(-1)
@@ -254,6 +261,8 @@ class RunSession:
         env = finish_env(run_dir, self.env, status)
         if status == "done":
             write_done(run_dir, env["end_time"])
+        if self.loggers is not None:  # after DONE: the run's figures are drawn from the finished folder
+            self.loggers.finish(summary, run_dir, status)
         return summary
 
     def cost(self, wall_s: float, cpu_s: float) -> dict[str, Any]:

@@ -458,6 +458,9 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
         print(f"sweep: {len(jobs)} runs: {len(todo) - n_resume} to run, {n_resume} to resume, "
               f"{len(jobs) - len(todo)} finished (skipped); on {where}", file=sys.stderr, flush=True)
     count = [0]
+    from cltoolbox.progress import sweep_line
+
+    started = time.perf_counter()
 
     def on_result(rec: dict) -> None:
         records[rec["run_dir"]] = rec
@@ -477,8 +480,13 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
             how = {"resume": f"resumed at experience {rec.get('resumed_at')}", "restart": "restarted (no checkpoint)",
                    "run": "ran", "skip": "skipped"}.get(rec["action"], rec["action"])
             acc_text = f", class-IL ACC {acc:.3f}" if isinstance(acc, float) else ""
-            print(f"[{count[0]:>{len(str(len(todo)))}}/{len(todo)}] {rec['label']} seed {rec['seed']}: {how} in "
-                  f"{rec['seconds']:.1f} s{acc_text}", file=sys.stderr, flush=True)
+            # two clocks, each named: the run's own wall time (cost.wall_s, what the summary table averages)
+            # and the worker's, which adds loading the data, building the stream and taking the lock
+            wall = ((rec["summary"] or {}).get("cost") or {}).get("wall_s")
+            clocks = (f"run wall {wall:.1f} s, {rec['seconds']:.1f} s in the worker" if isinstance(wall, float)
+                      else f"{rec['seconds']:.1f} s in the worker")
+            print(f"[{count[0]:>{len(str(len(todo)))}}/{len(todo)}] {rec['label']} seed {rec['seed']}: {how} "
+                  f"({clocks}){acc_text}; {sweep_line(count[0], len(todo), started)}", file=sys.stderr, flush=True)
 
     if todo:
         if backend == "local":
@@ -532,6 +540,12 @@ def sweep(
     if backend == "ray":
         require_ray()
     raw = prepare(config, overrides, out, seeds)
+    from cltoolbox.search import split_raw, sweep_search
+
+    raw, search = split_raw(raw)
+    if search is not None:  # `search: {method: random | tpe, trials: N}`: Optuna proposes the points
+        return sweep_search(raw, search, dry_run=dry_run, backend=backend, workers=workers, threads=threads,
+                            resume=resume, overwrite=overwrite, quiet=quiet, debug=debug)
     points = expand(raw)
     check_points(points)
     jobs = plan_jobs(points, resume, overwrite)

@@ -97,7 +97,7 @@ def _parse(raw: dict[str, Any]) -> tuple[dict, dict, dict[str, Any]]:
     return tuning, evaluation_cfg, {"metric": metric, "setting": setting, "root": root, "name": name}
 
 
-def _score(records: list[dict], metric: str, setting: str) -> dict[str, Any]:
+def score(records: list[dict], metric: str, setting: str) -> dict[str, Any]:
     """Mean ± std of ``metric`` over a point's seeds, and the point's status (every seed must be done)."""
     done = [r for r in records if r["status"] in ("done", "skipped")]
     vals = [r["summary"][setting].get(metric) for r in done]
@@ -216,9 +216,14 @@ def tune(
         require_ray()
     raw = prepare(config, overrides, out)
     tuning_raw, eval_raw, sel = _parse(raw)
-    t_points = expand(tuning_raw)
+    from cltoolbox.search import Search, make_point, run_search, split_raw
+
+    tuning_raw, search = split_raw(tuning_raw)  # `search:` (Optuna) instead of the full grid
+    eval_raw, _ = split_raw(eval_raw)
+    # a search's trials are proposed as it goes: both phases are checked at the space's corners
+    t_points = expand(tuning_raw) if search is None else Search(tuning_raw, search).corner_points()
     try:
-        e_list = expand(eval_raw)
+        e_list = expand(eval_raw) if search is None else Search(eval_raw, search).corner_points()
     except ConfigError as e:
         raise ConfigError(f"evaluation phase: {e}") from None
     if t_points[0].resolved["scenario"] == e_list[0].resolved["scenario"]:
@@ -229,9 +234,10 @@ def tune(
         check_points(e_list)
     except ConfigError as e:
         raise ConfigError(f"evaluation phase: {e}") from None
-    e_points = {t.label: e for t, e in zip(t_points, e_list, strict=True)}  # same grid, same order
-    t_jobs = plan_jobs(t_points, resume, overwrite)
-    e_jobs = plan_jobs(e_list, resume, overwrite)  # refuse existing runs now, not after the tuning phase
+    if search is None:
+        e_points = {t.label: e for t, e in zip(t_points, e_list, strict=True)}  # same grid, same order
+        t_jobs = plan_jobs(t_points, resume, overwrite)
+        e_jobs = plan_jobs(e_list, resume, overwrite)  # refuse existing runs now, not after the tuning phase
     stop = check_writable(str(sel["root"].parent))
 
     t_scen, e_scen = t_points[0].resolved["scenario"], e_list[0].resolved["scenario"]
@@ -239,10 +245,20 @@ def tune(
     phases = {"tuning": {"scenario": scenario_label(t_scen), "seeds": t_points[0].resolved["seeds"]},
               "evaluation": {"scenario": f"{scenario_label(e_scen)} ({changed})", "seeds": e_list[0].resolved["seeds"]}}
     if not quiet:
-        print(f"tuning phase: {len(t_points)} grid points on {phases['tuning']['scenario']}", file=sys.stderr,
-              flush=True)
-    t_records = execute(t_jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,
-                        stop=stop)
+        what = f"{len(t_points)} grid points" if search is None else \
+            f"{search.method} search, {search.trials} trials per strategy"
+        print(f"tuning phase: {what} on {phases['tuning']['scenario']}", file=sys.stderr, flush=True)
+    if search is None:
+        t_records = execute(t_jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet,
+                            debug=debug, stop=stop)
+    else:
+        t_points, t_records, _ = run_search(tuning_raw, search, backend, workers, threads, resume, overwrite,
+                                            quiet, debug, metric=sel["metric"], setting=sel["setting"])
+        e_search = Search(eval_raw, search)
+        e_entries = dict(zip(e_search.bases, e_search.entries, strict=True))
+        e_points = {pt.label: make_point(eval_raw, e_entries[pt.base_label], pt.base_label, pt.label, pt.values)
+                    for pt in t_points}
+        e_jobs = plan_jobs(list(e_points.values()), resume, overwrite)
     _raise_broken(t_records, "tuning")
     t_scores = _scores(t_points, t_records, sel)
     chosen = _select(t_points, t_scores, SELECT_METRICS[sel["metric"]])
@@ -275,7 +291,7 @@ def _scores(points: list[Point], records: list[dict], sel: dict) -> dict[str, di
     by_label: dict[str, list[dict]] = {}
     for r in records:
         by_label.setdefault(r["label"], []).append(r)
-    return {p.label: _score(by_label.get(p.label, []), sel["metric"], sel["setting"]) for p in points}
+    return {p.label: score(by_label.get(p.label, []), sel["metric"], sel["setting"]) for p in points}
 
 
 def _raise_broken(records: list[dict], phase: str) -> None:
