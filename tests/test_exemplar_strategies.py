@@ -90,6 +90,22 @@ def test_wa_clips_weights_and_learns() -> None:
     assert sum(_class_il_acc(wa, stream)) / 3 > sum(_class_il_acc(naive, stream)) / 3 + 0.25
 
 
+def test_wa_softmax_leaves_future_classes_alone() -> None:
+    """mask_unseen (default): the rows of classes not met yet get no gradient; without it CE pushes them down."""
+    from toys import gaussian_pairs_stream
+
+    stream = gaussian_pairs_stream(n_exp=3, per_class=60)
+    for mask in (True, False):
+        torch.manual_seed(0)
+        plugins = STRATEGIES.get("wa").factory(memory_size=60, mask_unseen=mask)
+        learner = Learner(mlp(stream.input_shape, stream.n_classes, hidden=[32]), plugins,
+                          TrainConfig(epochs=1, batch_size=10, lr=0.05, device="cpu"), seed=0)
+        learner.begin(stream)
+        future = learner.model.head.weight.detach()[2:].clone()  # clipped at before_fit
+        learner.train_experience(stream.experiences[0])
+        assert torch.equal(learner.model.head.weight.detach()[2:], future) == mask
+
+
 # -- BiC ---------------------------------------------------------------------------------------------------------
 def test_bias_layer_corrects_only_new_classes() -> None:
     g = torch.Generator().manual_seed(0)
