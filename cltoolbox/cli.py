@@ -108,6 +108,7 @@ def _list(kind: str, imports: list[str], as_json: bool) -> None:
 
         print(json.dumps([{"name": e.name, "description": e.description,
                            "params": [{"name": p.name, "type": type_name(p.annotation), "required": p.required,
+                                       "limits": [lim.describe() for lim in p.limits],
                                        **({} if p.required else {"default": p.default})}
                                       for p in e.params.values()]}
                           for e in entries], indent=1, default=repr))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cltoolbox.errors import CLToolboxError, ConfigError, PluginError
-from cltoolbox.params import Param, closest, signature_params
+from cltoolbox.params import Param, closest, signature_params, with_limits
 
 # what plugins a process loaded from outside cltoolbox, for env.json: imported file -> sha256, package -> version
 _IMPORTED_FILES: dict[str, str] = {}
@@ -82,6 +82,7 @@ class Registry:
                 raise PluginError(f"{self.singular} '{key}': test_params {', '.join(unknown)} "
                                   f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} "
                                   f"of {getattr(factory, '__qualname__', key)}; valid: {', '.join(params) or 'none'}")
+            factory = with_limits(factory, params, self.singular)
             entry = Entry(key, factory, params, dict(test_params or {}), test_model, test_dataset)
             self._load()  # the built-ins first, so that none of them silently replaces this plugin later
             old = self._entries.get(key)

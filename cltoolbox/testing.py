@@ -36,8 +36,10 @@ import pandas as pd
 import torch
 
 from cltoolbox.errors import CLToolboxError, ConfigError
+from cltoolbox.params import Limit
 from cltoolbox.plugin import FIRST_ANSWER_HOOKS, Plugin
 from cltoolbox.registry import SCENARIOS, STRATEGIES, import_plugins, register_strategy, registered_by
+from cltoolbox.runfolder import one_line
 
 __all__ = ["check_scenario", "check_strategy", "scenario_cases", "strategy_cases"]
 
@@ -130,11 +132,6 @@ def recorder() -> list[Plugin]:
     return [Recorder()]
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _specs(imports: str | Sequence[str]) -> list[str]:
     """``imports`` as absolute ``.py`` paths and module names (a run's config may be read from elsewhere)."""
     specs = [imports] if isinstance(imports, str) else list(imports)
@@ -173,7 +170,7 @@ class _Check:
         except AssertionError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure of the plugin becomes the check's one line
-            self.fail(f"{what} raised {_one_line(e)}")
+            self.fail(f"{what} raised {one_line(e)}")
 
 
 def check_strategy(name: str, imports: str | Sequence[str] = (), params: dict[str, Any] | None = None,
@@ -238,12 +235,14 @@ def check_strategy(name: str, imports: str | Sequence[str] = (), params: dict[st
 
 
 def _check_bad_params(check: _Check, entry: Any, config: dict[str, Any]) -> None:
-    """An unknown key, and a value of the wrong type for each typed parameter, are ConfigErrors naming it."""
+    """An unknown key, a value of the wrong type for each typed parameter and a value just outside each declared
+    limit are ConfigErrors naming it."""
     from cltoolbox.config import validate
 
     bad_values: dict[Any, Any] = {int: "not-a-number", float: "not-a-number", bool: "yes-please", str: 12345}
     cases = [("no_such_parameter", 1)]
     cases += [(p.name, bad_values[p.annotation]) for p in entry.params.values() if p.annotation in bad_values]
+    cases += [(p.name, _outside(lim, p.annotation)) for p in entry.params.values() for lim in p.limits]
     for key, value in cases:
         bad = copy.deepcopy(config)
         bad["strategy"][key] = value
@@ -253,8 +252,17 @@ def _check_bad_params(check: _Check, entry: Any, config: dict[str, Any]) -> None
             check.expect(key in str(e), f"{key}: {value!r} gave a ConfigError that does not name '{key}': {e}")
             continue
         except Exception as e:  # noqa: BLE001
-            check.fail(f"{key}: {value!r} raised {_one_line(e)}, not a ConfigError naming '{key}'")
+            check.fail(f"{key}: {value!r} raised {one_line(e)}, not a ConfigError naming '{key}'")
         check.fail(f"{key}: {value!r} was accepted; a bad parameter must be a ConfigError")
+
+
+def _outside(limit: Limit, kind: Any) -> float:
+    """A value of the parameter's type just outside ``limit``."""
+    if limit.low is not None:
+        value = limit.low if limit.low_open else limit.low - 1
+    else:
+        value = limit.high if limit.high_open else limit.high + 1
+    return int(value) if kind is int and float(value).is_integer() else value
 
 
 def _check_learning(check: _Check, acc: pd.DataFrame) -> None:
@@ -283,9 +291,9 @@ def _check_resume(check: _Check, config: dict[str, Any], run: Path, resumed: Pat
         with contextlib.redirect_stderr(io.StringIO()):  # the runner prints the simulated crash's traceback
             cltoolbox.run(config, quiet=True)
     except CLToolboxError as e:  # a failed run is recorded, then raised after the other runs
-        check.expect(isinstance(e.__cause__, Crash), f"the killed run failed with {_one_line(e)}")
+        check.expect(isinstance(e.__cause__, Crash), f"the killed run failed with {one_line(e)}")
     except Exception as e:  # noqa: BLE001
-        check.fail(f"the killed run raised {_one_line(e)}")
+        check.fail(f"the killed run raised {one_line(e)}")
     else:
         check.fail("a run killed in experience 2 was not reported as failed")
     finally:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cltoolbox.errors import ConfigError
+from cltoolbox.params import NonNegative, PositiveInt
 from cltoolbox.plugin import Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.memory import MemoryPlugin, ReservoirMemory
@@ -94,33 +94,21 @@ class DERPlugin(MemoryPlugin):
         self._batch = self._logits = None
 
 
-def _check(memory_size: int, alpha: float, beta: float, mem_batch_size: int | None) -> None:
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")
-    if alpha < 0:
-        raise ConfigError(f"strategy.alpha: must be >= 0, got {alpha}; the paper uses 0.1-1.0")
-    if beta < 0:
-        raise ConfigError(f"strategy.beta: must be >= 0, got {beta}; the paper uses 0.5-1.0")
-    if mem_batch_size is not None and mem_batch_size < 1:
-        raise ConfigError(f"strategy.mem_batch_size: must be >= 1 or null (= train.batch_size), got {mem_batch_size}")
-
-
 @register_strategy("der", test_params={"memory_size": 50})
-def der(memory_size: int = 500, alpha: float = 1.0, mem_batch_size: int | None = None) -> list[Plugin]:
+def der(memory_size: PositiveInt = 500, alpha: NonNegative = 1.0, mem_batch_size: PositiveInt | None = None
+        ) -> list[Plugin]:
     """Dark Experience Replay (Buzzega et al. 2020): match stored logits of reservoir samples (MSE).
 
     Defaults: Seq-MNIST, buffer 500 in the paper's hyperparameter table (alpha = 1.0).
     """
-    _check(memory_size, alpha, 0.0, mem_batch_size)
     return [DERPlugin(memory_size, alpha, 0.0, mem_batch_size)]
 
 
 @register_strategy("derpp", test_params={"memory_size": 50})
-def derpp(memory_size: int = 500, alpha: float = 1.0, beta: float = 0.5,
-          mem_batch_size: int | None = None) -> list[Plugin]:
+def derpp(memory_size: PositiveInt = 500, alpha: NonNegative = 1.0, beta: NonNegative = 0.5,
+          mem_batch_size: PositiveInt | None = None) -> list[Plugin]:
     """DER++ (Buzzega et al. 2020): DER's logit matching plus CE on a second memory batch.
 
     Defaults: Seq-MNIST, buffer 500 in the paper's hyperparameter table (alpha = 1.0, beta = 0.5).
     """
-    _check(memory_size, alpha, beta, mem_batch_size)
     return [DERPlugin(memory_size, alpha, beta, mem_batch_size)]

@@ -8,13 +8,14 @@ between the recorded (old) and the current (new) outputs of the old tasks, with 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Min, NonNegative
 from cltoolbox.plugin import Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 
@@ -137,7 +138,8 @@ def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temper
 
 
 @register_strategy("lwf")
-def lwf(alpha: float | list[float] = 1.0, temperature: float = 2.0) -> list[Plugin]:
+def lwf(alpha: NonNegative | list[NonNegative] = 1.0,
+        temperature: Annotated[float, Min(0, strict=True)] = 2.0) -> list[Plugin]:
     """Learning without Forgetting (Li & Hoiem 2016): distil the previous experience's model on new data.
 
     A frozen copy of the model from the end of the previous experience (eval mode) gives soft targets on
@@ -150,11 +152,6 @@ def lwf(alpha: float | list[float] = 1.0, temperature: float = 2.0) -> list[Plug
     list, one weight per experience (the last one repeats), as in continual-learning-baselines' Split-MNIST
     LwF ([0, 0.5, 1.33, 2.25, 3.2]).
     """
-    if isinstance(alpha, list):
-        if not alpha or not all(a >= 0 for a in alpha):
-            raise ConfigError(f"strategy.alpha: a schedule needs one or more values >= 0, got {alpha}")
-    elif not alpha >= 0:
-        raise ConfigError(f"strategy.alpha: must be >= 0, got {alpha}; 0 disables distillation")
-    if not temperature > 0:
-        raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the paper uses 2")
+    if isinstance(alpha, list) and not alpha:
+        raise ConfigError(f"strategy.alpha: a schedule needs one or more values >= 0, got {alpha}")
     return [LwFPlugin(alpha, temperature)]

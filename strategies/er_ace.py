@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cltoolbox.errors import ConfigError
+from cltoolbox.params import PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.replay import ReplayPlugin
@@ -70,14 +70,10 @@ class ERACEPlugin(ReplayPlugin):
 
 
 @register_strategy("er_ace")
-def er_ace(memory_size: int = 500, mem_batch_size: int | None = None) -> list[Plugin]:
+def er_ace(memory_size: PositiveInt = 500, mem_batch_size: PositiveInt | None = None) -> list[Plugin]:
     """ER-ACE (Caccia et al. 2022): ER whose incoming-batch loss only covers the classes in that batch.
 
     ``memory_size``: reservoir of stream keys (>= 1); ``mem_batch_size``: replayed samples per step (>= 1;
     null = the stream batch size, the paper's choice).
     """
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")
-    if mem_batch_size is not None and mem_batch_size < 1:
-        raise ConfigError(f"strategy.mem_batch_size: must be >= 1 or null (= train.batch_size), got {mem_batch_size}")
     return [ERACEPlugin(memory_size, mem_batch_size)]

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import SampleFeatureCache
+from cltoolbox.params import PositiveInt
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.memory import Memory, MemoryPlugin
@@ -121,14 +121,10 @@ class GDumbPlugin(MemoryPlugin):
 
 
 @register_strategy("gdumb", test_params={"memory_size": 60, "epochs": 2})
-def gdumb(memory_size: int = 500, epochs: int = 10) -> list[Plugin]:
+def gdumb(memory_size: PositiveInt = 500, epochs: PositiveInt = 10) -> list[Plugin]:
     """GDumb (Prabhu et al. 2020): greedy class-balanced memory; retrain from scratch on it each experience.
 
     ``epochs`` (over the memory, per experience) replaces train.epochs; 10 as in the continual-learning-
     baselines Split-MNIST GDumb config.
     """
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")
-    if epochs < 1:
-        raise ConfigError(f"strategy.epochs: must be >= 1, got {epochs}; e.g. 10")
     return [GDumbPlugin(memory_size, epochs)]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.flat import flat_grad, trainable, write_flat_grad
+from cltoolbox.params import NonNegative, PositiveInt
 from cltoolbox.plugin import Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 
@@ -253,21 +254,13 @@ class AGEMPlugin(GEMPlugin):
 
 
 @register_strategy("gem", test_params={"patterns_per_experience": 20})
-def gem(patterns_per_experience: int = 256, memory_strength: float = 0.5) -> list[Plugin]:
+def gem(patterns_per_experience: PositiveInt = 256, memory_strength: NonNegative = 0.5) -> list[Plugin]:
     """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017): project gradients that hurt past memories (QP)."""
-    if patterns_per_experience < 1:
-        raise ConfigError(f"strategy.patterns_per_experience: must be >= 1, got {patterns_per_experience}")
-    if memory_strength < 0:
-        raise ConfigError(f"strategy.memory_strength: must be >= 0, got {memory_strength}; the paper uses 0.5")
     _require_quadprog()
     return [GEMPlugin(patterns_per_experience, memory_strength)]
 
 
 @register_strategy("agem", test_params={"patterns_per_experience": 20, "sample_size": 16})
-def agem(patterns_per_experience: int = 250, sample_size: int = 256) -> list[Plugin]:
+def agem(patterns_per_experience: PositiveInt = 250, sample_size: PositiveInt = 256) -> list[Plugin]:
     """Averaged GEM (Chaudhry et al. 2019): project onto one reference gradient from a random memory batch."""
-    if patterns_per_experience < 1:
-        raise ConfigError(f"strategy.patterns_per_experience: must be >= 1, got {patterns_per_experience}")
-    if sample_size < 1:
-        raise ConfigError(f"strategy.sample_size: must be >= 1, got {sample_size}; the paper uses 256")
     return [AGEMPlugin(patterns_per_experience, sample_size)]

@@ -22,13 +22,13 @@ Implementation notes shared by all of them:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
-from cltoolbox.errors import ConfigError
 from cltoolbox.flat import flat_grad
+from cltoolbox.params import Interval, Min, NonNegative
 from cltoolbox.penalty import ImportancePenalty, QuadraticPenalty
 from cltoolbox.per_sample import per_sample_mean
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
@@ -41,11 +41,6 @@ def _task_logits(learner, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor
     if learner.multi_head:
         return logits.masked_fill(~learner.task_mask[t], MASKED_LOGIT)
     return logits
-
-
-def _check_nonneg(name: str, value: float) -> None:
-    if not value >= 0:  # also rejects NaN
-        raise ConfigError(f"strategy.{name}: must be >= 0, got {value}; 0 disables the penalty")
 
 
 # -- EWC and online EWC --------------------------------------------------------------------------------
@@ -120,7 +115,7 @@ class EWCPlugin(QuadraticPenalty):
 
 
 @register_strategy("ewc")
-def ewc(ewc_lambda: float = 3.0) -> list[Plugin]:
+def ewc(ewc_lambda: NonNegative = 3.0) -> list[Plugin]:
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017): per-experience Fisher-weighted anchors.
 
     After each experience, stores the diagonal empirical Fisher F_k (mean over the experience's training
@@ -135,12 +130,13 @@ def ewc(ewc_lambda: float = 3.0) -> list[Plugin]:
     MLPs), so lambda=30 already diverges at lr 0.1 on that benchmark; the large lambdas (100-10000) seen in
     the literature go with lr ~1e-3 or Adam.
     """
-    _check_nonneg("ewc_lambda", ewc_lambda)
     return [EWCPlugin(ewc_lambda, online=False)]
 
 
 @register_strategy("online_ewc")
-def online_ewc(ewc_lambda: float = 3.0, gamma: float = 1.0) -> list[Plugin]:
+def online_ewc(ewc_lambda: NonNegative = 3.0,
+               gamma: Annotated[float, Interval(0, 1, low_open=True, why="1 keeps every past Fisher in full")] = 1.0
+               ) -> list[Plugin]:
     """Online EWC (Schwarz et al. 2018, Progress & Compress): one running Fisher and one anchor.
 
     After each experience: F <- gamma * F + F_new (F_new: the per-sample empirical Fisher, as in ewc) and
@@ -153,9 +149,6 @@ def online_ewc(ewc_lambda: float = 3.0, gamma: float = 1.0) -> list[Plugin]:
     running Fisher grows with every experience, so the default keeps a margin below the SGD stability
     limit lr * ewc_lambda * max_i F_i < 2).
     """
-    _check_nonneg("ewc_lambda", ewc_lambda)
-    if not 0 < gamma <= 1:
-        raise ConfigError(f"strategy.gamma: must be in (0, 1], got {gamma}; 1 keeps every past Fisher in full")
     return [EWCPlugin(ewc_lambda, online=True, gamma=gamma)]
 
 
@@ -236,7 +229,9 @@ class SIPlugin(ImportancePenalty):
 
 
 @register_strategy("si")
-def si(si_c: float = 0.1, xi: float = 0.1) -> list[Plugin]:
+def si(si_c: NonNegative = 0.1,
+       xi: Annotated[float, Min(0, strict=True, why="it damps the division by the squared total change")] = 0.1
+       ) -> list[Plugin]:
     """Synaptic Intelligence (Zenke et al. 2017): importance from each parameter's path integral.
 
     During an experience, omega_i accumulates -g_i * delta_i over the optimiser steps (g: task-loss
@@ -252,9 +247,6 @@ def si(si_c: float = 0.1, xi: float = 0.1) -> list[Plugin]:
     current flattened parameters, theta - theta*, 2 c Omega); memory_usage reports the 2 that persist
     (Omega, theta*).
     """
-    _check_nonneg("si_c", si_c)
-    if not xi > 0:
-        raise ConfigError(f"strategy.xi: must be > 0 (it damps the division by the squared total change), got {xi}")
     return [SIPlugin(si_c, xi)]
 
 
@@ -296,7 +288,7 @@ class MASPlugin(ImportancePenalty):
 
 
 @register_strategy("mas")
-def mas(mas_lambda: float = 1.0) -> list[Plugin]:
+def mas(mas_lambda: NonNegative = 1.0) -> list[Plugin]:
     """Memory Aware Synapses (Aljundi et al. 2018): importance = sensitivity of the output's squared norm.
 
     After each experience, Omega_i += mean over its training inputs of |d ||f(x)||_2^2 / d theta_i|
@@ -309,5 +301,4 @@ def mas(mas_lambda: float = 1.0) -> list[Plugin]:
     where 0.03 was the best of {0.01, 0.03, 0.1} (experiments/regularization_check.py); with plain SGD
     keep lr * 2 * mas_lambda * max_i Omega_i < 2 or the penalty diverges.
     """
-    _check_nonneg("mas_lambda", mas_lambda)
     return [MASPlugin(mas_lambda)]

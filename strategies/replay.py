@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import PositiveInt
 from cltoolbox.plugin import Batch, Plugin
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.memory import ClassBalancedMemory, MemoryPlugin, ReservoirMemory
@@ -53,13 +54,9 @@ class ReplayPlugin(MemoryPlugin):
 
 @register_strategy("er", test_params={"memory_size": 50})
 def er(
-    memory_size: int = 500,
+    memory_size: PositiveInt = 500,
     policy: Literal["reservoir", "class_balanced"] = "reservoir",
-    mem_batch_size: int | None = None,
+    mem_batch_size: PositiveInt | None = None,
 ) -> list[Plugin]:
     """Experience Replay (Chaudhry et al. 2019): replay a memory batch with every training batch."""
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}")
-    if mem_batch_size is not None and mem_batch_size < 1:
-        raise ConfigError(f"strategy.mem_batch_size: must be >= 1 or null, got {mem_batch_size}")
     return [ReplayPlugin(memory_size, policy, mem_batch_size)]

@@ -154,7 +154,7 @@ def test_list_imports_a_file_or_a_config_and_prints_json(tmp_path: Path, capsys)
     listed = {e["name"]: e for e in json.loads(out)}
     assert listed["pm_listed"] == {"name": "pm_listed", "description": "Listed through --imports.",
                                    "params": [{"name": "strength", "type": "float", "required": False,
-                                               "default": 0.5}]}
+                                               "limits": [], "default": 0.5}]}
     assert "naive" in listed
 
 
