@@ -9,6 +9,7 @@ import torch
 
 from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import PositiveInt
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.incremental import split_by_class
 from cltoolbox.stream import Stream
@@ -81,7 +82,7 @@ def curriculum(
     classes_per_exp: int | None = None,
     order: Literal["easy_to_hard", "hard_to_easy"] = "easy_to_hard",
     features: Literal["pixels", "random_projection"] = "random_projection",
-    feature_dim: int = 256,
+    feature_dim: PositiveInt = 256,
 ) -> Stream:
     """Class-IL splits in a curriculum order computed from inter-class feature similarity.
 
@@ -98,8 +99,6 @@ def curriculum(
     ``classes_per_exp``). The order depends only on the data and (for random_projection) the seed, so the
     same seed gives the same curriculum; ``info`` records the scores and the distance matrix.
     """
-    if feature_dim < 1:
-        raise ConfigError(f"scenario.feature_dim: must be >= 1, got {feature_dim}; e.g. feature_dim: 256")
     missing = [c for c in range(data.n_classes) if not bool((data.y_train == c).any())]
     if missing:
         raise ConfigError(f"scenario.dataset: class {missing[0]} has no training sample, so it has no prototype; "

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import PositiveInt
 from cltoolbox.registry import register_scenario
 from cltoolbox.stream import Experience, Samples, Stream
 
@@ -20,8 +21,6 @@ def _subsample(n: int, k: int | None, g: torch.Generator) -> torch.Tensor:
 
 
 def _domain_stream(kind: str, data: Dataset, seed: int, transforms: list, train_samples: int | None) -> Stream:
-    if train_samples is not None and train_samples < 1:
-        raise ConfigError(f"scenario.train_samples: must be >= 1 or null, got {train_samples}")
     g = torch.Generator().manual_seed(seed + 1)
     classes = tuple(range(data.n_classes))
     experiences = []
@@ -34,21 +33,16 @@ def _domain_stream(kind: str, data: Dataset, seed: int, transforms: list, train_
                   "domain_incremental", task_labels=False)
 
 
-def _check_n(n_experiences: int) -> None:
-    if n_experiences < 1:
-        raise ConfigError(f"scenario.n_experiences: must be >= 1, got {n_experiences}")
-
-
 @register_scenario("permuted", test_params={"n_experiences": 3, "train_samples": 200})
 def permuted(
-    data: Dataset, seed: int, n_experiences: int = 10, keep_first: bool = False, train_samples: int | None = None
+    data: Dataset, seed: int, n_experiences: PositiveInt = 10, keep_first: bool = False,
+    train_samples: PositiveInt | None = None
 ) -> Stream:
     """Permuted inputs (Permuted-MNIST): a seeded fixed pixel permutation per experience; all classes each time.
 
     ``keep_first`` leaves the first experience unpermuted; ``train_samples`` subsamples each experience's
     training set (e.g. 1000 as in A-GEM's protocol).
     """
-    _check_n(n_experiences)
     g = torch.Generator().manual_seed(seed)
     d = math.prod(data.input_shape)
     shape = data.input_shape
@@ -100,10 +94,10 @@ def rotate(x: torch.Tensor, degrees: float, fill: torch.Tensor | None = None) ->
 def rotated(
     data: Dataset,
     seed: int,
-    n_experiences: int = 5,
+    n_experiences: PositiveInt = 5,
     angles: list[float] | None = None,
     max_angle: float = 180.0,
-    train_samples: int | None = None,
+    train_samples: PositiveInt | None = None,
 ) -> Stream:
     """Rotated images (Rotated-MNIST): experience i rotates every image by angles[i] degrees.
 
@@ -112,7 +106,6 @@ def rotated(
     if len(data.input_shape) != 3:
         raise ConfigError(f"scenario.name: rotated needs image data (C, H, W); '{data.name}' has {data.input_shape}")
     if angles is None:
-        _check_n(n_experiences)
         step = max_angle / max(1, n_experiences - 1)
         angles = [i * step for i in range(n_experiences)]
     elif len(angles) != n_experiences:

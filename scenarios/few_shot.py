@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Min, PositiveInt
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.recurring import resolve_class_order
 from cltoolbox.stream import Experience, Samples, Stream
@@ -17,11 +18,11 @@ from cltoolbox.stream import Experience, Samples, Stream
 def few_shot(
     data: Dataset,
     seed: int,
-    base_classes: int = 60,
-    ways: int = 5,
-    shots: int = 5,
-    n_sessions: int = 8,
-    base_shots: int | None = None,
+    base_classes: PositiveInt = 60,
+    ways: PositiveInt = 5,
+    shots: PositiveInt = 5,
+    n_sessions: Annotated[int, Min(0)] = 8,
+    base_shots: PositiveInt | None = None,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
 ) -> Stream:
     """Few-shot class-IL: a base session of many classes, then n_sessions sessions of ways-way shots-shot.
@@ -39,16 +40,6 @@ def few_shot(
     all classes seen.
     """
     C = data.n_classes
-    if base_classes < 1:
-        raise ConfigError(f"scenario.base_classes: must be >= 1, got {base_classes}")
-    if ways < 1:
-        raise ConfigError(f"scenario.ways: must be >= 1, got {ways}")
-    if shots < 1:
-        raise ConfigError(f"scenario.shots: must be >= 1, got {shots}")
-    if n_sessions < 0:
-        raise ConfigError(f"scenario.n_sessions: must be >= 0, got {n_sessions}")
-    if base_shots is not None and base_shots < 1:
-        raise ConfigError(f"scenario.base_shots: must be >= 1 or null (all samples), got {base_shots}")
     needed = base_classes + ways * n_sessions
     if needed > C:
         raise ConfigError(

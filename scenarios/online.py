@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, PositiveInt
 from cltoolbox.registry import register_scenario
 from cltoolbox.scenarios.recurring import ClassSubsets, resolve_class_order, task_experience
 from cltoolbox.stream import Experience, Samples, Stream
@@ -44,8 +45,9 @@ def online(
     data: Dataset,
     seed: int,
     n_tasks: int = 5,
-    chunk_size: int = 10,
-    blur: float = 0.0,
+    chunk_size: PositiveInt = 10,
+    blur: Annotated[float, Interval(0, 0.5, why="above 0.5 a task's chunks would hold more samples of other "
+                                                "tasks than its own")] = 0.0,
     boundaries: bool = False,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
 ) -> Stream:
@@ -75,11 +77,6 @@ def online(
     if n_tasks < 1 or C % n_tasks:
         raise ConfigError(f"scenario.n_tasks: {C} classes cannot be split evenly into {n_tasks} tasks; "
                           f"choose a divisor of {C}")
-    if chunk_size < 1:
-        raise ConfigError(f"scenario.chunk_size: must be >= 1, got {chunk_size}; e.g. chunk_size: 10")
-    if not 0.0 <= blur <= 0.5:
-        raise ConfigError(f"scenario.blur: must be in [0, 0.5] (above 0.5 a task's chunks would hold more "
-                          f"samples of other tasks than its own), got {blur}")
     if blur > 0 and n_tasks < 2:
         raise ConfigError("scenario.blur: blurry boundaries need at least two tasks; set n_tasks >= 2 or blur: 0")
     order = resolve_class_order(C, class_order, seed)

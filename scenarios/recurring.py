@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch
 from cltoolbox.data.base import Dataset
 from cltoolbox.data.source import Source
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, PositiveInt
 from cltoolbox.registry import register_scenario
 from cltoolbox.stream import Experience, Samples, Stream
 
@@ -74,11 +75,6 @@ def concat(parts: Sequence[Samples]) -> Samples:
         raise ValueError("concat: the parts must share their source and transform")
     return Samples(first.source, torch.cat([p.index for p in parts]), torch.cat([p.y for p in parts]),
                    first.transform)
-
-
-def _check_int(name: str, value: int, low: int, fix: str) -> None:
-    if value < low:
-        raise ConfigError(f"scenario.{name}: must be >= {low}, got {value}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,10 +167,10 @@ def fit_power_law_exponent(schedule: Sequence[int], max_exponent: float = 10.0) 
 def power_law(
     data: Dataset,
     seed: int,
-    n_tasks: int = 5,
+    n_tasks: PositiveInt = 5,
     n_experiences: int = 50,
-    exponent: float = 1.0,
-    samples_per_experience: int = 200,
+    exponent: Annotated[float, Interval(0, math.inf, high_open=True)] = 1.0,
+    samples_per_experience: PositiveInt = 200,
     tasks: Literal["permuted", "class_split"] = "permuted",
     rehearsal: bool = True,
 ) -> Stream:
@@ -199,13 +195,9 @@ def power_law(
     Evaluation: ``test_experiences`` holds one entry per task (its whole training and test set); the
     accuracy matrices have one column per task and ``schedule`` maps every experience to its task.
     """
-    _check_int("n_tasks", n_tasks, 1, "e.g. n_tasks: 5")
     if n_experiences < n_tasks:
         raise ConfigError(f"scenario.n_experiences: {n_experiences} steps cannot introduce {n_tasks} tasks; "
                           f"set n_experiences >= n_tasks ({n_tasks})")
-    if not (math.isfinite(exponent) and exponent >= 0):
-        raise ConfigError(f"scenario.exponent: must be a finite number >= 0, got {exponent}; e.g. exponent: 1.0")
-    _check_int("samples_per_experience", samples_per_experience, 1, "e.g. samples_per_experience: 200")
     C = data.n_classes
     if tasks == "permuted":
         from cltoolbox.scenarios.domain import permuted
@@ -271,8 +263,8 @@ def repetition(
     seed: int,
     n_experiences: int = 10,
     new_classes_per_exp: int = 2,
-    p_repeat: float = 0.3,
-    repeat_fraction: float = 1.0,
+    p_repeat: Annotated[float, Interval(0, 1)] = 0.3,
+    repeat_fraction: Annotated[float, Interval(0, 1, low_open=True)] = 1.0,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
 ) -> Stream:
     """Class-incremental with repetition: new classes in order, earlier classes come back with p_repeat.
@@ -297,13 +289,9 @@ def repetition(
     if n_experiences < n_groups:
         raise ConfigError(f"scenario.n_experiences: {n_experiences} experiences cannot introduce {n_groups} class "
                           f"groups of {new_classes_per_exp}; set n_experiences >= {n_groups}")
-    if not 0.0 <= p_repeat <= 1.0:
-        raise ConfigError(f"scenario.p_repeat: must be a probability in [0, 1], got {p_repeat}")
     if p_repeat == 0.0 and n_experiences > n_groups:
         raise ConfigError(f"scenario.p_repeat: 0 leaves the {n_experiences - n_groups} experiences after the "
                           f"last new group without data; set p_repeat > 0 or n_experiences: {n_groups}")
-    if not 0.0 < repeat_fraction <= 1.0:
-        raise ConfigError(f"scenario.repeat_fraction: must be in (0, 1], got {repeat_fraction}")
 
     groups = [order[k * new_classes_per_exp:(k + 1) * new_classes_per_exp] for k in range(n_groups)]
     group_of = {c: k for k, grp in enumerate(groups) for c in grp}
