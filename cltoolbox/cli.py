@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS if set, else 1, "
                                                   "which a busy machine does not slow down; a resumed run keeps the "
                                                   "threads it started with)")
+    r.add_argument("--nproc", type=int, default=1,
+                   help="train each run in N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA: "
+                        "one GPU per process); train.batch_size stays the global batch. Under torchrun, omit it")
 
     sw = sub.add_parser("sweep", parents=[debug],
                         help="run a sweep YAML (strategies x grid points x seeds) in parallel, locally or on Ray")
@@ -162,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.threads is not None and args.threads < 1:
                 raise CLToolboxError(f"--threads: must be >= 1, got {args.threads}")
+            if args.nproc != 1:
+                from cltoolbox import distributed
+
+                if args.nproc < 1:
+                    raise CLToolboxError(f"--nproc: must be >= 1, got {args.nproc}")
+                if distributed.env_world() <= 1:  # start the N processes, each runs this command without --nproc
+                    return distributed.launch(args.nproc, distributed.without_nproc(sys.argv[1:] if argv is None
+                                                                                    else list(argv)))
             run(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, resume=args.resume,
                 overwrite=args.overwrite, quiet=args.quiet, threads=args.threads)
         elif args.command == "sweep":

@@ -27,6 +27,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,8 +108,16 @@ def check_plugins(plugins: Sequence[Any], label: str) -> None:
     """One line when a plugin of the strategy has not declared that it keeps the DDP rules."""
     bad = [type(p).__name__ for p in plugins if not getattr(type(p), "supports_ddp", False)]
     if bad:
-        raise ConfigError(f"strategy {label!r}: {bad[0]} does not support multi-process training (it keeps per-batch "
-                          "state that would differ between ranks); run it with --nproc 1")
+        raise ConfigError(f"strategy {label!r}: {bad[0]} does not support multi-process training (its per-batch "
+                          "state is not proven identical on every rank; see cltoolbox.distributed); run it in "
+                          "one process (no --nproc / torchrun)")
+
+
+def check_strategy(entry: dict[str, Any]) -> None:
+    """``check_plugins`` for one resolved strategy entry of a config (before any process group or run)."""
+    from cltoolbox.build import build_plugins
+
+    check_plugins(build_plugins(entry), entry["label"])
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
@@ -164,6 +173,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` / ``--nproc=N`` (what each started process runs)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def share(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. the action rank 0 decided for a run folder)."""
+    if current() is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def follow_run(run_dir: Path, execute) -> tuple[str, dict[str, Any]]:
+    """A rank other than 0 in ``run_in_folder``: take rank 0's decision for ``run_dir`` and train in step with
+    it, writing nothing under the run folder. The session's files go to a scratch folder in the system temp
+    dir (removed at the end); a resumed run reads rank 0's checkpoint from ``run_dir`` before rank 0 moves on.
+    ``execute(scratch, action)`` runs the session; returns (action, its summary)."""
+    import shutil
+    import tempfile
+
+    action = share(None)
+    if isinstance(action, BaseException):  # rank 0 could not claim the folder: end the same way
+        raise action
+    if action == "skip":
+        return action, {}
+    scratch = Path(tempfile.mkdtemp(prefix=f"cltoolbox-rank{current().rank}-"))
+    try:
+        if action == "resume":
+            for name in ("checkpoint/state.pt", "env.json"):
+                if (run_dir / name).exists():
+                    (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(run_dir / name, scratch / name)
+        barrier()  # rank 0 writes only after every rank has read what it needs
+        return action, execute(scratch, action)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cltoolbox import config as cfgmod
+from cltoolbox import distributed
 from cltoolbox.build import build_stream, check_buildable, load_raw
 from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError
 from cltoolbox.runfolder import (
@@ -51,11 +52,24 @@ def run_in_folder(run_cfg: dict[str, Any], stream: Any, run_dir: Path, planned: 
     metrics.json's content). ``stream`` is the run's Stream or a function that makes it. Whatever happens,
     no temporary files are left, nor an empty folder below ``stop``. An unexpected exception is recorded in
     the folder (``record_failure``) and raised again. ``threads``: torch threads for a run that starts now
-    (None: ``default_threads()``); a resumed run keeps the count it started with."""
+    (None: ``default_threads()``); a resumed run keeps the count it started with. Under several processes
+    (``cltoolbox.distributed``) rank 0 alone takes the folder and writes it; the others follow its decision."""
+    if not distributed.is_rank0():
+        return distributed.follow_run(run_dir, lambda scratch, action: execute_run(
+            run_cfg, stream() if callable(stream) else stream, scratch, resume=action == "resume", quiet=True,
+            threads=threads))
     try:
         with RunLock(run_dir):
-            action, recorded = claim(run_dir, planned, overwrite)
+            try:
+                action, recorded = claim(run_dir, planned, overwrite)
+            except CLToolboxError as e:
+                distributed.share(e)
+                raise
             threads = recorded or threads
+            if distributed.current() is not None:
+                distributed.share(action)
+                if action != "skip":
+                    distributed.barrier()  # the other ranks have read the checkpoint
             if action == "skip":
                 return action, read_summary(run_dir)
             try:
@@ -94,6 +108,11 @@ def run(
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     raw = load_raw(config, overrides, out, seeds)
     resolved = cfgmod.validate(raw)
+    if distributed.env_world() > 1:  # started by --nproc or torchrun: join the group, refuse what cannot run
+        for entry in resolved["strategy"]:
+            distributed.check_strategy(entry)
+        distributed.init_from_env(resolved["train"]["device"])
+        quiet = quiet or not distributed.is_rank0()
     todo = plan(resolved, resume, overwrite)
     skipped = {run_dir: check_existing(run_dir, action, cfgmod.run_config(resolved, strategy, seed))
                for strategy, seed, run_dir, action in todo}  # skip or continue only what this config started
@@ -103,7 +122,9 @@ def run(
     scen = resolved["scenario"]
     data = load_dataset(scen["dataset"], scen["root"], scen["download"])
     streams = {resolved["seeds"][0]: check_buildable(resolved, data)}
-    stop = check_writable(resolved["out"]) if any(action != "skip" for *_, action in todo) else None
+    stop = check_writable(resolved["out"]) if any(action != "skip" for *_, action in todo) and \
+        distributed.is_rank0() else None
+    distributed.barrier()  # every rank has planned before rank 0 writes
 
     results, failures, causes = [], [], []
     for strategy, seed, run_dir, action in todo:
