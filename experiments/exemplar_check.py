@@ -41,6 +41,7 @@ OFFLINE = [{"name": "naive"}, {"name": "er", "memory_size": MEMORY}, {"name": "e
            {"name": "bic", "memory_size": MEMORY},
            {"name": "lucir", "memory_size": MEMORY}, {"name": "podnet", "memory_size": MEMORY},
            {"name": "xder", "memory_size": MEMORY}, {"name": "der_expand", "memory_size": MEMORY},
+           {"name": "der_expand", "memory_size": MEMORY, "prune": True, "label": "der_prune"},  # DER w/ P
            {"name": "foster", "memory_size": MEMORY}, {"name": "memo", "memory_size": MEMORY}]
 ONLINE = [{"name": "er", "memory_size": MEMORY}, {"name": "er_ace", "memory_size": MEMORY}]
 BEAT_NAIVE = ("er_ace", "wa", "bic", "lucir", "podnet", "xder", "der_expand", "foster", "memo")

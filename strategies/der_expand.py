@@ -15,9 +15,13 @@ that adds a feature extractor per incremental step:
   class-balanced data with the features fixed: here the exemplar memory once it holds the new classes too
   (equal slots per class), ``balanced_epochs`` epochs at ``balanced_lr`` (our defaults: 30 epochs at 0.05; the
   paper retrains on CIFAR-100 for 30 epochs).
-* Pruning (Sec. 3.3, the paper's DER w/ P): a learnable channel mask with a sparsity loss lets the new extractor
-  shrink. Not implemented here: the parameter count reported is that of DER without pruning (the paper's
-  "DER w/o P" rows). With pruning off (the paper's ablation and PyCIL's default), nothing else changes.
+* Pruning (Sec. 3.3, the paper's DER w/ P), optional (``prune: true``; off by default, as PyCIL): every hidden
+  unit of the new extractor gets a gate sigmoid(s e) annealed within each epoch from s = 1/s_max to s_max
+  (HAT's masks, which the paper follows; s_max = 400, HAT's value), and the sparsity loss (the fraction of the
+  extractor's weights still in use, weight ``sparsity_weight``) closes gates; after the step, units with a
+  closed gate are removed (see ``expansion.UnitGates``) and only the kept weights are counted in ``cost``.
+  Implemented for ``mlp`` extractors (unit masks, with HAT's gradient compensation); on ``resnet18_reduced``
+  (channel masks) it is refused.
 
 The growing parameter count is in metrics.json's ``cost``: ``expansion_params`` (trunk + every extractor +
 classifier, what inference runs) and ``params_exp_<i>`` after each experience. On ``mlp`` each extractor is
@@ -40,7 +44,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
-from cltoolbox.strategies.expansion import Branches, balanced_finetune, stream_concat_features
+from cltoolbox.strategies.expansion import Branches, Split, UnitGates, balanced_finetune, stream_concat_features
 
 
 class DERExpandPlugin(ExemplarPlugin):
@@ -50,9 +54,12 @@ class DERExpandPlugin(ExemplarPlugin):
     shared = False  # MEMO shares the trunk
 
     def __init__(self, memory_size: int, aux_weight: float, balanced_epochs: int, balanced_lr: float,
-                 selection: str = "herding") -> None:
+                 selection: str = "herding", prune: bool = False, sparsity_weight: float = 1.0,
+                 s_max: float = 400.0) -> None:
         super().__init__(memory_size, selection)
         self.aux_weight, self.balanced_epochs, self.balanced_lr = aux_weight, balanced_epochs, balanced_lr
+        self.prune, self.sparsity_weight, self.s_max = prune, sparsity_weight, s_max
+        self._batch, self._n_batches = 0, 1  # position in the epoch, for the gates' annealing
         self.branches = Branches()
         self.aux: nn.Linear | None = None
         self.params_per_exp: list[int] = []
@@ -61,13 +68,17 @@ class DERExpandPlugin(ExemplarPlugin):
 
     def check(self, model: nn.Module, stream) -> None:
         super().check(model, stream)
-        from cltoolbox.strategies.expansion import Split
+        from cltoolbox.models.mlp import MLP
 
         Split(model, self.shared)  # ConfigError on models that do not split
+        if self.prune and not isinstance(model, MLP):
+            raise ConfigError("strategy.prune: DER's pruning is implemented for mlp extractors (unit masks); use "
+                              "model.name: mlp or prune: false")
 
     def parameters(self) -> list[torch.Tensor]:
-        fc = self.branches.fc
-        return ([] if fc is None else list(fc.parameters())) + ([] if self.aux is None else list(self.aux.parameters()))
+        fc, gates = self.branches.fc, self.branches.gates
+        out = [] if fc is None else list(fc.parameters())
+        return out + ([] if self.aux is None else list(self.aux.parameters())) + ([] if gates is None else gates.e)
 
     def before_fit(self, learner, stream) -> None:
         super().before_fit(learner, stream)
@@ -92,6 +103,29 @@ class DERExpandPlugin(ExemplarPlugin):
             self.branches.grow(dev)
             if self.old_classes is not None and self.aux_weight > 0:
                 self.aux = nn.Linear(self.branches.split.dim, len(self.current_classes) + 1).to(dev)
+        if self.prune:
+            self.branches.gates = UnitGates(self.branches.split.branch, self.s_max, dev)
+
+    def train_experience(self, learner, exp) -> bool:
+        key, y, t = self.training_set(learner, exp)
+        self._n_batches = -(-int(y.shape[0]) // learner.config.batch_size)
+        learner.train_data(key, y, t)
+        return True
+
+    def before_epoch(self, learner, exp, epoch: int) -> None:
+        self._batch = 0
+        if self.branches.gates is not None:
+            self.branches.gates.anneal(0, self._n_batches)
+
+    def after_backward(self, learner, batch: Batch) -> None:
+        if self.branches.gates is not None:
+            self.branches.gates.compensate()
+
+    def after_step(self, learner, batch: Batch) -> None:
+        self._batch += 1
+        if self.branches.gates is not None:
+            self.branches.gates.clamp()
+            self.branches.gates.anneal(self._batch, self._n_batches)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         feats, self._live = self.branches.features(x)
@@ -108,6 +142,8 @@ class DERExpandPlugin(ExemplarPlugin):
         loss = F.cross_entropy(logits.masked_fill(~self._seen_mask, MASKED_LOGIT), batch.y)
         if self.aux is not None and self._live is not None:
             loss = loss + self.aux_weight * F.cross_entropy(self.aux(self._live), self.aux_targets(batch.y))
+        if self.branches.gates is not None:
+            loss = loss + self.sparsity_weight * self.branches.gates.sparsity()
         self._live = None
         return loss
 
@@ -122,6 +158,12 @@ class DERExpandPlugin(ExemplarPlugin):
 
     def after_experience(self, learner, exp) -> None:
         self.aux = None
+        gates = self.branches.gates
+        if gates is not None:  # remove the closed units before the extractor is used for herding and frozen
+            sizes = self.branches.sizes
+            sizes += [self.branches.split.branch_params()] * (len(self.branches.states) - len(sizes))
+            sizes.append(gates.prune())
+            self.branches.gates = None
         super().after_experience(learner, exp)  # exemplars chosen in the concatenated feature space
         self.old_state = None  # no teacher: old extractors are frozen, not distilled
         if self.old_classes is not None and self.balanced_epochs > 0:
@@ -162,16 +204,23 @@ def check_balanced(balanced_epochs: int, balanced_lr: float) -> None:
 
 @register_strategy("der_expand", test_params={"memory_size": 60, "balanced_epochs": 2})
 def der_expand(memory_size: int = 500, aux_weight: float = 1.0, balanced_epochs: int = 30,
-               balanced_lr: float = 0.05, selection: Literal["herding", "random"] = "herding") -> list[Plugin]:
+               balanced_lr: float = 0.05, selection: Literal["herding", "random"] = "herding", prune: bool = False,
+               sparsity_weight: float = 1.0, s_max: float = 400.0) -> list[Plugin]:
     """DER (Yan et al. 2021): a new feature extractor per step, old ones frozen, classifier over the concatenated
     features, auxiliary new-vs-old classifier, class-balanced classifier finetuning; no pruning.
 
     ``memory_size`` (>= 1): class-balanced exemplars; ``aux_weight`` (>= 0): lambda_a of the auxiliary loss
     (paper: 1); ``balanced_epochs`` (>= 0, 0 = off) and ``balanced_lr`` (> 0): the classifier's class-balanced
-    retraining on the exemplars; ``selection``: exemplars by herding (the paper's) or at random.
+    retraining on the exemplars; ``selection``: exemplars by herding (the paper's) or at random; ``prune``: the
+    optional mask-based pruning (mlp), with ``sparsity_weight`` (>= 0) and the gates' annealing ``s_max`` (>= 1).
     """
     check_memory(memory_size, selection)
     if not aux_weight >= 0:
         raise ConfigError(f"strategy.aux_weight: must be >= 0, got {aux_weight}; the paper uses 1")
     check_balanced(balanced_epochs, balanced_lr)
-    return [DERExpandPlugin(memory_size, aux_weight, balanced_epochs, balanced_lr, selection)]
+    if not sparsity_weight >= 0:
+        raise ConfigError(f"strategy.sparsity_weight: must be >= 0, got {sparsity_weight}; e.g. 1")
+    if not s_max >= 1:
+        raise ConfigError(f"strategy.s_max: must be >= 1, got {s_max}; HAT and DER use 400")
+    return [DERExpandPlugin(memory_size, aux_weight, balanced_epochs, balanced_lr, selection, prune,
+                            sparsity_weight, s_max)]

@@ -89,6 +89,75 @@ class Split:
         return sum(p.numel() for p in self.branch.parameters())
 
 
+class UnitGates:
+    """DER's mask-based pruning of an mlp branch (Yan et al. 2021, Sec. 3.3, after HAT, Serra et al. 2018): each
+    hidden unit of the live branch gets a learnable gate m = sigmoid(s * e), multiplied into the unit's output;
+    s is annealed within every epoch from 1 / s_max to s_max (so the gates end near binary), and the sparsity loss
+    sum_l ||m_{l-1}||_1 ||m_l||_1 / sum_l c_{l-1} c_l (the fraction of the branch's weights still in use) pushes
+    them shut (with HAT's gradient compensation and bounds on e). After the experience, units with e <= 0 are
+    pruned: their rows (and bias) of the layer are zeroed, so the frozen copy computes exactly what the binary mask
+    would, and only the kept weights are counted."""
+
+    def __init__(self, branch: nn.Sequential, s_max: float, device: torch.device) -> None:
+        self.layers = [m for m in branch if isinstance(m, nn.Linear)]
+        # open at the start (sigmoid(s_max * 0.5) ~ 1 when annealed), like a fresh extractor
+        self.e = [torch.full((m.out_features,), 0.5, device=device, requires_grad=True) for m in self.layers]
+        self.s_max = s_max
+        self.s = s_max
+
+    def compensate(self) -> None:
+        """HAT's gradient compensation: the gates' gradients scaled by s_max (cosh(s e) + 1) / (s (cosh(e) + 1)),
+        so that annealing s does not leave them vanishing (sigmoid' of s e is ~0 except near e = 0)."""
+        with torch.no_grad():
+            for e in self.e:
+                if e.grad is not None:
+                    num = torch.cosh(torch.clamp(self.s * e, -50, 50)) + 1
+                    e.grad.mul_(self.s_max / self.s * num / (torch.cosh(e) + 1))
+
+    def clamp(self) -> None:
+        with torch.no_grad():
+            for e in self.e:
+                e.clamp_(-6, 6)  # HAT's bound: sigmoid(s_max * 6) is 1 in float32 already
+
+    def anneal(self, batch: int, n_batches: int) -> None:
+        lo = 1 / self.s_max
+        self.s = lo + (self.s_max - lo) * batch / max(1, n_batches - 1)
+
+    def masks(self) -> list[torch.Tensor]:
+        return [torch.sigmoid(self.s * e) for e in self.e]
+
+    def forward(self, branch: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+        masks, i = self.masks(), 0
+        for m in branch:
+            h = m(h)
+            if isinstance(m, nn.Linear):  # gate >= 0: relu(z) * m == relu(z * m)
+                h = h * masks[i]
+                i += 1
+        return h
+
+    def sparsity(self) -> torch.Tensor:
+        masks = self.masks()
+        used = self.layers[0].in_features * masks[0].sum()
+        total = float(self.layers[0].in_features * self.layers[0].out_features)
+        for prev, cur, layer in zip(masks, masks[1:], self.layers[1:], strict=False):
+            used = used + prev.sum() * cur.sum()
+            total += layer.in_features * layer.out_features
+        return used / total
+
+    def prune(self) -> int:
+        """Zero the pruned units' rows; returns the parameters left in the gated layers."""
+        kept_in, left = self.layers[0].in_features, 0
+        with torch.no_grad():
+            for layer, e in zip(self.layers, self.e, strict=True):
+                keep = e.detach() > 0
+                layer.weight[~keep] = 0
+                layer.bias[~keep] = 0
+                k = int(keep.sum())
+                left += kept_in * k + k
+                kept_in = k
+        return left
+
+
 class Branches:
     """Frozen earlier branches (as state dicts, rebuilt lazily) + the live one, and the classifier over their
     concatenated features."""
@@ -98,6 +167,8 @@ class Branches:
         self.states: list[dict[str, torch.Tensor]] = []
         self._modules: list[nn.Module] = []
         self.fc: nn.Linear | None = None
+        self.gates: UnitGates | None = None  # the live branch's pruning gates (DER with pruning)
+        self.sizes: list[int] = []  # parameters of each frozen branch after pruning (empty: not pruned)
 
     def setup(self, model: nn.Module, shared: bool, n_classes: int, device: torch.device) -> None:
         if self.split is None:
@@ -131,7 +202,7 @@ class Branches:
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(concatenated features of every branch, the live branch's own features) of ``x``."""
         h = self.split.trunk(x)
-        live = self.split.branch(h)
+        live = self.split.branch(h) if self.gates is None else self.gates.forward(self.split.branch, h)
         if not self.states:
             return live, live
         with torch.no_grad():
@@ -140,14 +211,15 @@ class Branches:
 
     def n_params(self) -> int:
         """Parameters used at inference: trunk, every branch, classifier."""
-        return self.split.trunk_params() + self.count * self.split.branch_params() + \
-            sum(p.numel() for p in self.fc.parameters())
+        branches = sum(self.sizes) + (self.count - len(self.sizes)) * self.split.branch_params()
+        return self.split.trunk_params() + branches + sum(p.numel() for p in self.fc.parameters())
 
     def state_dict(self) -> dict:
-        return {"states": self.states, "fc": None if self.fc is None else self.fc.state_dict()}
+        return {"states": self.states, "fc": None if self.fc is None else self.fc.state_dict(), "sizes": self.sizes}
 
     def load_state_dict(self, state: dict) -> None:
         self.states = list(state["states"])
+        self.sizes = [int(n) for n in state["sizes"]]
         self._modules = []
         if state["fc"] is not None:
             w = state["fc"]["weight"]

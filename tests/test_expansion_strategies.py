@@ -56,6 +56,25 @@ def test_der_expand_grows_one_frozen_extractor_per_step() -> None:
     assert any(not torch.equal(v, branches.states[0][k]) for k, v in live.items())
 
 
+def test_der_pruning_removes_units_and_counts_only_kept_weights() -> None:
+    learner, stream = _fit("der_expand", memory_size=60, epochs=2, balanced_epochs=1, prune=True)
+    plugin = learner.plugins[0]
+    branches = plugin.branches
+    full = branches.split.branch_params()
+    assert len(branches.sizes) == 3 and all(0 < n < full for n in branches.sizes)
+    frozen = branches.frozen(learner.device)[0]
+    layer = next(m for m in frozen if isinstance(m, torch.nn.Linear))
+    dead = (layer.weight == 0).all(1)
+    assert 0 < int(dead.sum()) < layer.out_features and (layer.bias[dead] == 0).all()
+    kept = int((~dead).sum())
+    assert branches.sizes[0] == 8 * kept + kept  # the one-layer branch: kept units' weights and biases
+    assert plugin.cost()["expansion_params"] < plugin.cost()["params_exp_0"] - branches.sizes[0] + 3 * full
+    with pytest.raises(ConfigError, match="prune"):
+        from cltoolbox.models.resnet import reduced_resnet18
+
+        STRATEGIES.get("der_expand").factory(prune=True)[0].check(reduced_resnet18((3, 8, 8), 4, nf=4), stream)
+
+
 def test_der_aux_targets_map_old_classes_to_one_output() -> None:
     plugin = STRATEGIES.get("der_expand").factory()[0]
     plugin._seen_mask = torch.ones(6, dtype=torch.bool)
