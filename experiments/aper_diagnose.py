@@ -90,10 +90,12 @@ def main() -> None:
         ("paper defaults, 2-class first session", 2, paper, {}),
         ("+ weight decay 5e-4, cosine lr", 2, {**paper, "weight_decay": 5e-4, "scheduler": "cosine"}, {}),
         ("lr 0.1", 2, {**paper, "lr": 0.1}, {}),
+        ("adapter scale 1.0", 2, paper, {"adapter_scale": 1.0}),
         ("lr 0.1, adapter scale 1.0", 2, {**paper, "lr": 0.1}, {"adapter_scale": 1.0}),
         ("lr 1.0, adapter scale 1.0", 2, {**paper, "lr": 1.0}, {"adapter_scale": 1.0}),
         ("paper defaults, 4-class first session", 4, paper, {}),
         ("paper defaults, 6-class first session", 6, paper, {}),
+        ("adapter scale 1.0, 6-class first session", 6, paper, {"adapter_scale": 1.0}),
         ("lr 0.1, scale 1.0, 6-class first session", 6, {**paper, "lr": 0.1}, {"adapter_scale": 1.0}),
     ]
     cols = ["move", "grad", "phi_first", "adapted_first", "phi_later", "adapted_later", "phi_all", "adapted_all",
