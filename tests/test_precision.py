@@ -16,7 +16,9 @@ from cltoolbox.registry import STRATEGIES, import_plugins
 from cltoolbox.testing import SMALL_MODEL, SMALL_STREAM, strategy_cases
 
 import_plugins([])
-BUILTINS = strategy_cases("cltoolbox.strategies")
+# over 3 s each on 2 busy cores (ViT prompt methods, podnet's pooled distillation, adamerging's merges): slow tier
+SLOW = {"l2p", "coda_prompt", "podnet", "adamerging"}
+BUILTINS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in strategy_cases("cltoolbox.strategies")]
 
 
 def _config(tmp_path, strategy: dict, **train) -> dict:
