@@ -73,6 +73,7 @@ def Interval(low: float, high: float, low_open: bool = False, high_open: bool = 
 # the limits most parameters need, by name: sizes and counts, and weights of loss terms or penalties
 PositiveInt = Annotated[int, Min(1)]
 NonNegative = Annotated[float, Min(0)]
+Positive = Annotated[float, Min(0, strict=True)]  # temperatures, learning rates, scales
 
 
 class LimitError(ConfigError):

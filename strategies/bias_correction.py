@@ -52,16 +52,16 @@ papers).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
-from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.distillation import distillation_loss
-from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
+from cltoolbox.strategies.exemplar import ExemplarPlugin
 
 
 def kd_on(new: torch.Tensor, old: torch.Tensor, classes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -148,7 +148,7 @@ def align_weights(head: torch.nn.Linear, old: torch.Tensor, new: torch.Tensor) -
 
 
 @register_strategy("wa")
-def wa(memory_size: int = 500, temperature: float = 2.0, clip: bool = True, align: bool = True,
+def wa(memory_size: PositiveInt = 500, temperature: Positive = 2.0, clip: bool = True, align: bool = True,
        head_bias: bool = False, selection: Literal["herding", "random"] = "herding",
        mask_unseen: bool = True) -> list[Plugin]:
     """WA (Zhao et al. 2020): exemplars + KD, weights clipped >= 0, new-class weights aligned to old norms.
@@ -160,9 +160,6 @@ def wa(memory_size: int = 500, temperature: float = 2.0, clip: bool = True, alig
     far, as in the paper's growing layer (false: over all the head's outputs, which pushes future classes'
     rows to zero under clipping).
     """
-    check_memory(memory_size, selection)
-    if not temperature > 0:
-        raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the paper uses 2")
     return [WAPlugin(memory_size, temperature, clip, align, head_bias, selection, mask_unseen)]
 
 
@@ -324,8 +321,8 @@ def fit_bias_layer(logits: torch.Tensor, y: torch.Tensor, new: torch.Tensor, all
 
 
 @register_strategy("bic")
-def bic(memory_size: int = 500, val_fraction: float = 0.1, temperature: float = 2.0,
-        bias_steps: int = 100, bias_l2: float = 0.01,
+def bic(memory_size: PositiveInt = 500, val_fraction: Annotated[float, Interval(0, 1, True, True)] = 0.1,
+        temperature: Positive = 2.0, bias_steps: PositiveInt = 100, bias_l2: NonNegative = 0.01,
         selection: Literal["herding", "random"] = "herding") -> list[Plugin]:
     """BiC (Wu et al. 2019): exemplars + KD, then a 2-parameter bias layer on the new classes' logits fitted on
     a balanced validation split of the memory.
@@ -335,13 +332,4 @@ def bic(memory_size: int = 500, val_fraction: float = 0.1, temperature: float = 
     stage 2; ``bias_l2`` (>= 0): ridge pulling (alpha, beta) towards (1, 0) in stage 2; ``selection``: exemplars
     by herding (the paper's) or at random.
     """
-    check_memory(memory_size, selection)
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"strategy.val_fraction: must be in (0, 1), got {val_fraction}; the paper uses 0.1 (9:1)")
-    if not temperature > 0:
-        raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the paper uses 2")
-    if bias_steps < 1:
-        raise ConfigError(f"strategy.bias_steps: must be >= 1, got {bias_steps}; e.g. 100")
-    if not bias_l2 >= 0:
-        raise ConfigError(f"strategy.bias_l2: must be >= 0, got {bias_l2}; e.g. 0.01")
     return [BiCPlugin(memory_size, val_fraction, temperature, bias_steps, selection, bias_l2)]

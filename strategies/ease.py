@@ -33,12 +33,15 @@ sample is stored. Task-IL comes from the evaluator's masking of the same logits.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import SampleFeatureCache, sample_keys
+from cltoolbox.params import Interval, NonNegative, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.aper import CosineHead, FeatureAdapter
@@ -249,7 +252,8 @@ class EASEPlugin(Plugin):
 
 
 @register_strategy("ease", test_params={"bottleneck": 8})
-def ease(bottleneck: int = 64, adapter_scale: float = 0.1, alpha: float = 0.1, scale: float = 1.0) -> list[Plugin]:
+def ease(bottleneck: Annotated[int, Interval(1, 65536)] = 64, adapter_scale: Positive = 0.1, alpha: NonNegative = 0.1,
+         scale: Positive = 1.0) -> list[Plugin]:
     """EASE (Zhou et al., CVPR 2024): an adapter per experience, concatenated subspaces, complemented prototypes.
 
     ``bottleneck`` and ``adapter_scale``: each experience's residual adapter on the backbone features (paper and
@@ -257,12 +261,4 @@ def ease(bottleneck: int = 64, adapter_scale: float = 0.1, alpha: float = 0.1, s
     ``alpha``: total weight of the other subspaces in a class's logit (paper 0.1). ``scale`` multiplies the
     logits (changes no prediction).
     """
-    if not 1 <= bottleneck <= 65536:
-        raise ConfigError(f"strategy.bottleneck: {bottleneck} must be in [1, 65536]; use 64")
-    if not adapter_scale > 0:
-        raise ConfigError(f"strategy.adapter_scale: {adapter_scale} must be > 0; use 0.1")
-    if not alpha >= 0:
-        raise ConfigError(f"strategy.alpha: {alpha} must be >= 0; use 0.1")
-    if not scale > 0:
-        raise ConfigError(f"strategy.scale: {scale} must be > 0; use 1.0")
     return [EASEPlugin(bottleneck, adapter_scale, alpha, scale)]

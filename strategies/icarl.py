@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.pretrained import extract_features, stream_features
@@ -192,13 +193,9 @@ class ICaRLPlugin(Plugin):
 
 
 @register_strategy("icarl", test_params={"memory_size": 50})
-def icarl(memory_size: int = 500, classifier: Literal["nme", "logits"] = "nme") -> list[Plugin]:
+def icarl(memory_size: PositiveInt = 500, classifier: Literal["nme", "logits"] = "nme") -> list[Plugin]:
     """iCaRL (Rebuffi et al. 2017): herding exemplars, sigmoid BCE with distillation, nearest-mean classifier.
 
     ``classifier: logits`` classifies with the network's outputs instead of the nearest exemplar mean.
     """
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")
-    if classifier not in ("nme", "logits"):
-        raise ConfigError(f"strategy.classifier: must be 'nme' or 'logits', got {classifier!r}")
     return [ICaRLPlugin(memory_size, classifier)]

@@ -33,15 +33,15 @@ then does nothing (old and new classes never compete) and is skipped.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
-from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
+from cltoolbox.strategies.exemplar import ExemplarPlugin
 
 
 def margin_ranking(cos: torch.Tensor, y: torch.Tensor, old: torch.Tensor, new: torch.Tensor, k: int,
@@ -177,10 +177,13 @@ class LUCIRPlugin(ExemplarPlugin):
 
 
 @register_strategy("lucir")
-def lucir(memory_size: int = 500, lambda_base: float = 5.0, margin: float = 0.5, k: int = 2,
+def lucir(memory_size: PositiveInt = 500, lambda_base: NonNegative = 5.0,
+          margin: Annotated[float, Interval(0, 2, why="a gap between cosines")] = 0.5,
+          k: Annotated[int, Min(0, why="hard negatives per exemplar; 0 = off")] = 2,
           imprint: bool = True, fix_old: bool = True,
-          selection: Literal["herding", "random"] = "herding", balanced_epochs: int = 0,
-          balanced_lr: float = 0.01) -> list[Plugin]:
+          selection: Literal["herding", "random"] = "herding",
+          balanced_epochs: Annotated[int, Min(0, why="0 = no class-balanced finetuning")] = 0,
+          balanced_lr: Positive = 0.01) -> list[Plugin]:
     """LUCIR (Hou et al. 2019): cosine classifier, feature distillation (less-forget), margin ranking on exemplars.
 
     ``memory_size`` (>= 1): class-balanced exemplars; ``lambda_base`` (>= 0): less-forget weight (paper: 5 on
@@ -189,17 +192,5 @@ def lucir(memory_size: int = 500, lambda_base: float = 5.0, margin: float = 0.5,
     fixed in later steps; ``selection``: exemplars by herding (the paper's) or at random; ``balanced_epochs``
     (>= 0, 0 = off) and ``balanced_lr`` (> 0): the optional class-balanced finetuning of the classifier.
     """
-    check_memory(memory_size, selection)
-    if not lambda_base >= 0:
-        raise ConfigError(f"strategy.lambda_base: must be >= 0, got {lambda_base}; the paper uses 5 (CIFAR-100)")
-    if not 0 <= margin <= 2:
-        raise ConfigError(f"strategy.margin: must be in [0, 2] (a gap between cosines), got {margin}; paper: 0.5")
-    if k < 0:
-        raise ConfigError(f"strategy.k: must be >= 0 (hard negatives per exemplar; 0 = off), got {k}; paper: 2")
-    if balanced_epochs < 0:
-        raise ConfigError(f"strategy.balanced_epochs: must be >= 0 (0 = no class-balanced finetuning), got "
-                          f"{balanced_epochs}")
-    if not balanced_lr > 0:
-        raise ConfigError(f"strategy.balanced_lr: must be > 0, got {balanced_lr}; e.g. 0.01")
     return [LUCIRPlugin(memory_size, lambda_base, margin, k, imprint, fix_old, selection, balanced_epochs,
                         balanced_lr)]

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ from torch import nn
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import sample_keys
+from cltoolbox.params import Interval, Min, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.gdumb import reinitialise
@@ -354,9 +355,9 @@ class ModelZooPlugin(Plugin):
 
 @register_strategy("model_zoo")
 def model_zoo(
-    memory_size: int = 500,
-    tasks_per_model: int = 5,
-    replay_fraction: float = 1.0,
+    memory_size: Annotated[int, Min(1, why="strategy isolated trains without replay")] = 500,
+    tasks_per_model: PositiveInt = 5,
+    replay_fraction: Annotated[float, Interval(0, 1, low_open=True)] = 1.0,
     weighting: Literal["uniform", "samples"] = "uniform",
 ) -> list[Plugin]:
     """Model Zoo (Ramesh & Chaudhari 2022): grow one small model per experience, trained on boosting-picked tasks.
@@ -367,14 +368,7 @@ def model_zoo(
     are averaged (``uniform``: the plain mean, the paper's rule; ``samples``: weighted by the task's samples
     each trained on, a generalisation of the authors' code, see the module docstring).
     """
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500 (strategy isolated "
-                          "trains without replay)")
-    if tasks_per_model < 1:
-        raise ConfigError(f"strategy.tasks_per_model: must be >= 1, got {tasks_per_model}; e.g. 5")
-    if not 0.0 < replay_fraction <= 1.0:
-        raise ConfigError(f"strategy.replay_fraction: must be in (0, 1], got {replay_fraction}; e.g. 1.0")
-    if weighting not in ("samples", "uniform"):
+    if weighting not in ("samples", "uniform"):  # configs check the Literal; this is for Python callers
         raise ConfigError(f"strategy.weighting: must be 'samples' or 'uniform', got {weighting!r}")
     return [ModelZooPlugin(memory_size, tasks_per_model, replay_fraction, weighting)]
 

@@ -35,16 +35,17 @@ the adaptive factor is LUCIR's, as said above.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
+from cltoolbox.strategies.exemplar import ExemplarPlugin
 
 
 def staged_forward(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -243,27 +244,17 @@ class PODNetPlugin(ExemplarPlugin):
 
 
 @register_strategy("podnet")
-def podnet(memory_size: int = 500, proxies: int = 10, margin: float = 0.6, lambda_spatial: float = 3.0,
-           lambda_flat: float = 1.0, selection: Literal["herding", "random"] = "herding",
-           fix_old: bool = True, balanced_epochs: int = 20, balanced_lr: float = 0.05) -> list[Plugin]:
+def podnet(memory_size: PositiveInt = 500, proxies: PositiveInt = 10,
+           margin: Annotated[float, Interval(0, 2, why="a gap between cosines")] = 0.6,
+           lambda_spatial: NonNegative = 3.0, lambda_flat: NonNegative = 1.0,
+           selection: Literal["herding", "random"] = "herding", fix_old: bool = True,
+           balanced_epochs: Annotated[int, Min(0, why="0 = no class-balanced finetuning")] = 20,
+           balanced_lr: Positive = 0.05) -> list[Plugin]:
     """PODNet (Douillard et al. 2020): pooled-output distillation (spatial + flat), local similarity classifier, NCA.
 
     ``memory_size`` (>= 1): class-balanced exemplars; ``proxies`` (>= 1): proxies per class (paper: 10);
     ``margin`` in [0, 2]: NCA margin (paper: 0.6); ``lambda_spatial``, ``lambda_flat`` (>= 0): POD weights
     (paper: 3 and 1 on CIFAR-100); ``selection``: exemplars by herding or at random.
     """
-    check_memory(memory_size, selection)
-    if proxies < 1:
-        raise ConfigError(f"strategy.proxies: must be >= 1, got {proxies}; the paper uses 10")
-    if not 0 <= margin <= 2:
-        raise ConfigError(f"strategy.margin: must be in [0, 2] (a gap between cosines), got {margin}; paper: 0.6")
-    for name, value in (("lambda_spatial", lambda_spatial), ("lambda_flat", lambda_flat)):
-        if not value >= 0:
-            raise ConfigError(f"strategy.{name}: must be >= 0, got {value}")
-    if balanced_epochs < 0:
-        raise ConfigError(f"strategy.balanced_epochs: must be >= 0 (0 = no class-balanced finetuning), got "
-                          f"{balanced_epochs}")
-    if not balanced_lr > 0:
-        raise ConfigError(f"strategy.balanced_lr: must be > 0, got {balanced_lr}; the authors use 0.05")
     return [PODNetPlugin(memory_size, proxies, margin, lambda_spatial, lambda_flat, selection, fix_old,
                          balanced_epochs, balanced_lr)]

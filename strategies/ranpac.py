@@ -32,12 +32,13 @@ sample by stream key, so file-backed streams embed each image once; no sample is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.pretrained import FixedExtractorPlugin
@@ -166,8 +167,9 @@ def select_lambda(gram: torch.Tensor, targets: torch.Tensor, h_val: torch.Tensor
 
 
 @register_strategy("ranpac", test_params={"projection_dim": 200})
-def ranpac(adapt: Literal["none", "body", "film"] = "none", projection_dim: int = 2000,
-           lambdas: list[float] = DEFAULT_LAMBDAS, val_fraction: float = 0.2) -> list[Plugin]:  # noqa: B006
+def ranpac(adapt: Literal["none", "body", "film"] = "none", projection_dim: Annotated[int, Interval(1, 100_000)] = 2000,
+           lambdas: list[Positive] = DEFAULT_LAMBDAS,  # noqa: B006
+           val_fraction: Annotated[float, Interval(0, 1, high_open=True)] = 0.2) -> list[Plugin]:
     """RanPAC (McDonnell et al., NeurIPS 2023): frozen random ReLU projection + Gram-matrix ridge head.
 
     ``projection_dim``: M, the projected dimension (paper 10,000; 2000 here for CPU: G is M^2 float64).
@@ -176,10 +178,6 @@ def ranpac(adapt: Literal["none", "body", "film"] = "none", projection_dim: int 
     scale and shift after every normalisation layer, SSF-like; "body": fine-tuning; "none": frozen, default
     on CPU), trained with ``train.*``.
     """
-    if not 1 <= projection_dim <= 100_000:
-        raise ConfigError(f"strategy.projection_dim: {projection_dim} must be in [1, 100000]; use 2000")
-    if not lambdas or any(not (v > 0) for v in lambdas):
-        raise ConfigError(f"strategy.lambdas: {lambdas} must be a non-empty list of values > 0; e.g. [1.0, 100.0]")
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"strategy.val_fraction: {val_fraction} must be in [0, 1); use 0.2")
+    if not lambdas:
+        raise ConfigError("strategy.lambdas: must be a non-empty list of values > 0; e.g. [1.0, 100.0]")
     return [RanPACPlugin(adapt, projection_dim, list(lambdas), val_fraction)]

@@ -35,14 +35,15 @@ the same relation net on top of DER/DER++/ER-ACE; only the ER variant is provide
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import sample_keys
+from cltoolbox.params import Interval, Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.replay import ReplayPlugin
@@ -174,25 +175,12 @@ class RERPlugin(ReplayPlugin):
 
 @register_strategy("rer", test_params={"memory_size": 50})
 def rer(
-    memory_size: int = 500,
-    replay_weight: float = 1.0,
-    meta_lr: float = 1e-3,
-    meta_interval: int = 1,
-    warmup: float = 0.5,
-    hidden: int = 16,
+    memory_size: PositiveInt = 500,
+    replay_weight: NonNegative = 1.0,
+    meta_lr: Positive = 1e-3,
+    meta_interval: Annotated[int, Min(1, why="steps between relation-net updates")] = 1,
+    warmup: Annotated[float, Interval(0, 1, why="a fraction of each experience's steps")] = 0.5,
+    hidden: PositiveInt = 16,
 ) -> list[Plugin]:
     """Relational Experience Replay (Wang et al. 2022): replay with pairwise loss weights learned bi-level."""
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}")
-    if replay_weight < 0:
-        raise ConfigError(f"strategy.replay_weight: must be >= 0, got {replay_weight}")
-    if meta_lr <= 0:
-        raise ConfigError(f"strategy.meta_lr: must be > 0, got {meta_lr}; the official code uses 1e-3")
-    if meta_interval < 1:
-        raise ConfigError(f"strategy.meta_interval: must be >= 1 (steps between relation-net updates), "
-                          f"got {meta_interval}")
-    if not 0 <= warmup <= 1:
-        raise ConfigError(f"strategy.warmup: must be in [0, 1] (fraction of each experience's steps), got {warmup}")
-    if hidden < 1:
-        raise ConfigError(f"strategy.hidden: must be >= 1, got {hidden}")
     return [RERPlugin(memory_size, replay_weight, meta_lr, meta_interval, warmup, hidden)]

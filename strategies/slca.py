@@ -31,11 +31,14 @@ the backbone's cache, so file-backed streams work; no sample is stored, only the
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.pretrained import stream_features
@@ -198,8 +201,10 @@ class SLCAPlugin(Plugin):
 
 
 @register_strategy("slca")
-def slca(slow_factor: float = 0.01, ca_epochs: int = 5, ca_samples: int = 256, ca_lr: float = 0.01,
-         ca_batch_size: int = 128, logit_tau: float = 0.1, cov_ridge: float = 1e-4) -> list[Plugin]:
+def slca(slow_factor: Annotated[float, Interval(0, 1)] = 0.01,
+         ca_epochs: Annotated[int, Min(0, why="0 disables the alignment")] = 5, ca_samples: PositiveInt = 256,
+         ca_lr: Positive = 0.01, ca_batch_size: PositiveInt = 128, logit_tau: Positive = 0.1,
+         cov_ridge: NonNegative = 1e-4) -> list[Plugin]:
     """SLCA (Zhang et al., ICCV 2023): slow backbone lr + classifier aligned on per-class Gaussian features.
 
     ``slow_factor``: backbone lr = slow_factor * train.lr (paper 0.01; nothing trains in a frozen backbone).
@@ -207,16 +212,4 @@ def slca(slow_factor: float = 0.01, ca_epochs: int = 5, ca_samples: int = 256, c
     seen class (paper 5 and 256), SGD momentum 0.9 at ``ca_lr``, batches of ``ca_batch_size``, LogitNorm with
     temperature ``logit_tau`` (paper 0.1); ``cov_ridge`` regularises each covariance before sampling.
     """
-    if not 0 <= slow_factor <= 1:
-        raise ConfigError(f"strategy.slow_factor: {slow_factor} must be in [0, 1]; use 0.01")
-    if ca_epochs < 0:
-        raise ConfigError(f"strategy.ca_epochs: {ca_epochs} must be >= 0 (0 disables the alignment); use 5")
-    if ca_samples < 1 or ca_batch_size < 1:
-        raise ConfigError("strategy.ca_samples/ca_batch_size: must be >= 1; use 256 and 128")
-    if not ca_lr > 0:
-        raise ConfigError(f"strategy.ca_lr: {ca_lr} must be > 0; use 0.01")
-    if not logit_tau > 0:
-        raise ConfigError(f"strategy.logit_tau: {logit_tau} must be > 0; use 0.1")
-    if cov_ridge < 0:
-        raise ConfigError(f"strategy.cov_ridge: {cov_ridge} must be >= 0; use 1e-4")
     return [SLCAPlugin(slow_factor, ca_epochs, ca_samples, ca_lr, ca_batch_size, logit_tau, cov_ridge)]

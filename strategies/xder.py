@@ -36,10 +36,12 @@ SupCon are skipped (other tasks' classes never compete).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
-from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.memory import ClassBalancedMemory, MemoryPlugin
@@ -211,9 +213,10 @@ class XDERPlugin(MemoryPlugin):
 
 
 @register_strategy("xder", test_params={"memory_size": 60})
-def xder(memory_size: int = 500, alpha: float = 0.3, beta: float = 0.8, gamma: float = 0.85, lambd: float = 0.05,
-         temperature: float = 5.0, mem_batch_size: int | None = None, eta: float = 1.0,
-         margin: float = 0.7) -> list[Plugin]:
+def xder(memory_size: PositiveInt = 500, alpha: NonNegative = 0.3, beta: NonNegative = 0.8,
+         gamma: Annotated[float, Interval(0, 1, low_open=True)] = 0.85, lambd: NonNegative = 0.05,
+         temperature: Positive = 5.0, mem_batch_size: PositiveInt | None = None, eta: NonNegative = 1.0,
+         margin: Annotated[float, Interval(0, 1, why="a gap between probabilities")] = 0.7) -> list[Plugin]:
     """X-DER (Boschini et al. 2022): DER++ with end-of-task class-balanced memory, past logits updated with new
     classes' knowledge, future heads prepared by SupCon, separate CE masks for stream and memory.
 
@@ -223,17 +226,4 @@ def xder(memory_size: int = 500, alpha: float = 0.3, beta: float = 0.8, gamma: f
     (null = train.batch_size); ``eta`` (>= 0) and ``margin`` in [0, 1]: the past/future logit constraints.
     Defaults: the authors' Seq-CIFAR-100, buffer 500 (eta: ours, see the module docstring).
     """
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")
-    for field, v in (("alpha", alpha), ("beta", beta), ("lambd", lambd), ("eta", eta)):
-        if not v >= 0:
-            raise ConfigError(f"strategy.{field}: must be >= 0, got {v}")
-    if not 0 < gamma <= 1:
-        raise ConfigError(f"strategy.gamma: must be in (0, 1], got {gamma}; the authors use 0.85")
-    if not temperature > 0:
-        raise ConfigError(f"strategy.temperature: must be > 0, got {temperature}; the authors use 5")
-    if mem_batch_size is not None and mem_batch_size < 1:
-        raise ConfigError(f"strategy.mem_batch_size: must be >= 1 or null (= train.batch_size), got {mem_batch_size}")
-    if not 0 <= margin <= 1:
-        raise ConfigError(f"strategy.margin: must be in [0, 1] (a gap between probabilities), got {margin}")
     return [XDERPlugin(memory_size, alpha, beta, gamma, lambd, temperature, mem_batch_size, eta, margin)]
