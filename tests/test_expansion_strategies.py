@@ -36,6 +36,18 @@ def test_learns_beyond_naive(name: str, naive_acc: float) -> None:
     assert _mean_acc(learner, stream) > naive_acc + 0.25
 
 
+@pytest.mark.parametrize("name", ["der_expand", "memo", "foster", "xder"])
+def test_task_incremental_streams(name: str) -> None:
+    from toys import gaussian_pairs_stream
+
+    stream = gaussian_pairs_stream(n_exp=3, per_class=60, task_labels=True)
+    learner, _ = _fit(name, stream, epochs=1, memory_size=60)
+    for e in stream:  # task-IL: logits masked to the experience's task
+        t = torch.full((e.n_test,), e.task_id, dtype=torch.long)
+        logits = learner.logits(e.x_test, t).masked_fill(~learner.task_mask[t], -1e9)
+        assert float((logits.argmax(1) == e.y_test).float().mean()) > 0.9
+
+
 # -- DER / MEMO ---------------------------------------------------------------------------------------------------
 def test_der_expand_grows_one_frozen_extractor_per_step() -> None:
     learner, stream = _fit("der_expand", memory_size=60, epochs=1, balanced_epochs=1)
