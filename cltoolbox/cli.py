@@ -1,4 +1,7 @@
-"""The ``cltoolbox`` command. Imports stay inside the commands so that ``--help`` never loads torch."""
+# PYTHON_ARGCOMPLETE_OK
+"""The ``cltoolbox`` command. Imports stay inside the commands so that ``--help`` never loads torch.
+
+Shell completion (argcomplete): ``eval "$(register-python-argcomplete cltoolbox)"`` in bash/zsh."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue unfinished runs, skip finished ones")
     r.add_argument("--overwrite", action="store_true", help="replace existing runs")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary table")
+    _loggers_option(r)
     r.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS if set, else 1, "
                                                   "which a busy machine does not slow down; a resumed run keeps the "
                                                   "threads it started with)")
@@ -61,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", parents=[debug], help="figures (PNG+PDF) and tables (CSV/Markdown/LaTeX) from runs")
     rp.add_argument("runs", nargs="+", help="run folders, or folders above them (every run with DONE is used)")
-    rp.add_argument("--out", required=True, help="folder for the figures and tables")
+    rp.add_argument("--out", help="folder for the figures and tables (default: <first RUNS folder>/report)")
+    rp.add_argument("--html", action="store_true",
+                    help="also write report.html: one self-contained page (figures, sortable tables, each run's "
+                         "config and environment, links to the run folders)")
 
     tr = sub.add_parser("transfer", parents=[debug],
                         help="pairwise task-transfer matrix T[i, j] of a config's tasks (CSV + heatmaps)")
@@ -74,7 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loggers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loggers", nargs="+", metavar="TRACKER",
+                   help="experiment trackers (replaces the config's `loggers:`): tensorboard, wandb (offline unless "
+                        "WANDB_MODE says otherwise), mlflow (a local store in <out>/mlruns); `none` turns them off")
+
+
 def _sweep_options(p: argparse.ArgumentParser) -> None:
+    _loggers_option(p)
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local worker processes (default) or Ray (joins RAY_ADDRESS / a running cluster, "
                         "else starts a local instance)")
@@ -149,6 +163,12 @@ def _check(spec: str, debug: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    try:  # shell completion: answers the shell's _ARGCOMPLETE request and exits; nothing otherwise
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    except ImportError:
+        pass
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (`run cfg.yaml --seeds 0 train.lr=0.05`); argparse leaves those over.
     # A malformed one (`train.lr` without =) goes on too, so that it gets the one-line override error.
@@ -157,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if getattr(args, "loggers", None):  # --loggers: the config's `loggers:` replaced (names checked with it)
+        names = [n for n in args.loggers if "=" not in n and n != "none"]
+        moved = [n for n in args.loggers if "=" in n]  # `--loggers wandb train.lr=0.1`: overrides after it
+        args.overrides = [*args.overrides, *moved, f"loggers=[{','.join(names)}]"]
     from cltoolbox.errors import CLToolboxError
 
     try:
@@ -199,10 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check":
             return _check(args.plugins, args.debug)
         elif args.command == "report":
+            from pathlib import Path
+
             from cltoolbox.report import report
 
-            written = report(args.runs, args.out)
-            print(f"wrote {len(written['figures'])} figures and {len(written['tables'])} tables to {args.out}")
+            out = args.out or str(Path(args.runs[0]) / "report")
+            written = report(args.runs, out)
+            print(f"wrote {len(written['figures'])} figures and {len(written['tables'])} tables to {out}")
+            if args.html:
+                from cltoolbox.html_report import write_html
+
+                print(f"wrote {write_html(args.runs, out, written)}")
     except CLToolboxError as e:
         if args.debug:
             raise

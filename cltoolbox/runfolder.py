@@ -35,6 +35,9 @@ def one_line(e: BaseException) -> str:
 
 
 def scenario_label(scenario: dict[str, Any]) -> str:
+    """``<scenario>-<dataset>``; a scenario that builds its own data (``avalanche``) names its builder instead."""
+    if scenario.get("dataset") is None and isinstance(scenario.get("benchmark"), str):
+        return f"{scenario['name']}-{re.sub(r'[^A-Za-z0-9_.+-]', '_', scenario['benchmark'].split(':')[-1])}"
     return f"{scenario['name']}-{scenario['dataset']}"
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from cltoolbox import config as cfgmod
 from cltoolbox.errors import CLToolboxError, ConfigError
-from cltoolbox.sweep import GRID_SECTIONS, Point, check_points, execute, plan_jobs
+from cltoolbox.sweep import GRID_SECTIONS, Point, available_cores, check_points, execute, plan_jobs
 
 METHODS = ("random", "tpe")
 SEARCH_KEYS = ("method", "trials", "seed", "batch", "metric", "setting")
@@ -95,6 +95,11 @@ def check_search(spec: Any, grid: Any) -> Spec:
 
     if not isinstance(spec, dict):
         raise ConfigError(f"search: expected a mapping like {{method: tpe, trials: 20}}, got {spec!r}")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("search: needs optuna; pip install 'cltoolbox[search]' (or optuna), or drop `search:` "
+                          "for a full grid") from None
     for key in spec:
         if key not in SEARCH_KEYS:
             raise ConfigError(f"search.{key}: unknown key; use {', '.join(SEARCH_KEYS)}")
@@ -162,7 +167,8 @@ def check_space(grid: Any) -> list[Dim]:
         if integer and not (float(low).is_integer() and float(high).is_integer()):
             raise ConfigError(f"{where}: an int range needs integer low and high")
         dims.append(Dim(str(key), low=low, high=high, log=log, integer=integer))
-    return dims
+    # sampled in key order: the trials do not depend on how the YAML orders the space (safe_dump sorts it)
+    return sorted(dims, key=lambda d: d.key)
 
 
 def _base_entries(raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -269,16 +275,34 @@ def run_search(raw: dict[str, Any], spec: Spec, backend: str = "local", workers:
                ) -> tuple[list[Point], list[dict[str, Any]], Path]:
     """Run a search; returns (every trial's point, every run's record, the trials CSV). ``metric`` and
     ``setting`` override the spec's objective (tune's ``select:``)."""
-    from optuna.trial import TrialState
-
     from cltoolbox.runfolder import check_writable
-    from cltoolbox.tuning import score as score_of
 
     metric, setting = metric or spec.metric, setting or spec.setting
     search = Search(raw, spec)
     check_points(search.corner_points())
     studies = search.studies()
     stop = check_writable(str(search.root.parent))
+    ray_started = False
+    if backend == "ray":  # one Ray instance for every round (each round's execute joins it)
+        from cltoolbox.sweep import ray_connect, require_ray
+
+        ray = require_ray()
+        ray_started = ray_connect(workers or available_cores())
+    try:
+        return _rounds(raw, spec, search, studies, stop, metric, setting, backend, workers, threads, resume,
+                       overwrite, quiet, debug)
+    finally:
+        if ray_started:
+            ray.shutdown()
+
+
+def _rounds(raw: dict[str, Any], spec: Spec, search: Search, studies: dict[str, Any], stop: Path, metric: str,
+            setting: str, backend: str, workers: int | None, threads: int | None, resume: bool, overwrite: bool,
+            quiet: bool, debug: bool) -> tuple[list[Point], list[dict[str, Any]], Path]:
+    from optuna.trial import TrialState
+
+    from cltoolbox.tuning import score as score_of
+
     dists = {base: {d.key: d.distribution() for d in search.dims[base]} for base in search.bases}
     entries = dict(zip(search.bases, search.entries, strict=True))
     points: list[Point] = []

@@ -321,7 +321,7 @@ def require_ray():
     return ray
 
 
-def _ray_connect(workers: int) -> bool:
+def ray_connect(workers: int) -> bool:
     """Join a running Ray cluster (RAY_ADDRESS, or one started with `ray start`), else start a local instance
     with ``workers`` CPUs. Returns True when this call started Ray (and so must shut it down)."""
     import logging
@@ -394,7 +394,7 @@ def _run_local(specs: list[dict], workers: int, on_result) -> None:
 
 def _run_ray(specs: list[dict], workers: int, limit: int | None, on_result) -> None:
     ray = require_ray()
-    started = _ray_connect(workers)
+    started = ray_connect(workers)
     task = ray.remote(num_cpus=1, max_retries=0)(run_job)
     pending, inflight = list(specs), {}
     limit = limit or len(specs)

@@ -71,6 +71,7 @@ def _train_log(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the module's logged run: ~15 s on 2 busy cores
 def test_tensorboard_event_files_hold_config_losses_rows_metrics_figures(logged_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -93,6 +94,7 @@ def test_tensorboard_event_files_hold_config_losses_rows_metrics_figures(logged_
     assert "config/text_summary" in tags["tensors"]
 
 
+@pytest.mark.slow  # the module's logged run: ~15 s on 2 busy cores
 def test_wandb_offline_run_holds_config_history_summary_and_figures(logged_run: Path) -> None:
     run = _run_dir(logged_run)
     files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -120,6 +122,7 @@ def test_wandb_offline_run_holds_config_history_summary_and_figures(logged_run: 
     assert unwrap["strategy"]["name"] == "er" and unwrap["train"]["epochs"] == 2
 
 
+@pytest.mark.slow  # the module's logged run: ~15 s on 2 busy cores
 def test_mlflow_local_store_holds_params_metrics_and_artifacts(logged_run: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -142,6 +145,7 @@ def test_mlflow_local_store_holds_params_metrics_and_artifacts(logged_run: Path)
     assert "figures/heatmap_class_il_class_incremental-digits.png" in figs
 
 
+@pytest.mark.slow  # the module's logged run: ~15 s on 2 busy cores
 def test_adding_a_tracker_to_a_finished_run_resumes_it_as_is(logged_run: Path, tmp_path: Path) -> None:
     # loggers are not a run's identity: a finished run is skipped under --resume with other trackers
     code = main(["run", str(ROOT / "experiments" / "quickstart.yaml"), "--seeds", "0", "--out", str(logged_run),
