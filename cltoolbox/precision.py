@@ -8,6 +8,9 @@
   and everything a strategy computes outside the training forward (Fisher, GEM's QP, closed-form heads,
   prototypes) stay float32 or float64: autocast is entered around the forward and loss hooks only, and
   ``full_precision()`` turns it off for any part of a hook that must not be rounded.
+- Data: a stream's in-memory sources (uint8 images stay uint8) move to the GPU when they take at most half its
+  free memory (``place_stream``); otherwise they stay in pinned host memory and each batch is gathered there
+  and copied with ``non_blocking=True``.
 - ``channels_last`` stores convolutional models' weights and inputs NHWC (faster convolutions on tensor
   cores); ``compile`` wraps the training forward in ``torch.compile``; ``deterministic`` turns on
   ``torch.use_deterministic_algorithms`` with cuDNN's and cuBLAS's deterministic settings.
@@ -58,6 +61,38 @@ def check_settings(train: dict[str, Any], field: str = "train") -> None:
                                                           or shutil.which("g++")):
         raise ConfigError(f"{field}.compile: torch.compile on CPU needs a C/C++ compiler (cc, gcc) on PATH; "
                           "install one or set compile: false")
+
+
+DEVICE_DATA_SHARE = 0.5  # in-memory data go to the GPU when they take at most this share of its free memory
+
+
+def host_bytes(stream) -> int:
+    """Bytes of the stream's in-memory sources that are not on a GPU yet (each source counted once)."""
+    sources = {id(s.source): s.source for e in [*stream.experiences, *(stream.test_experiences or [])]
+               for s in (e.train, e.test)}
+    return sum(s.x.numel() * s.x.element_size() for s in sources.values()
+               if isinstance(getattr(s, "x", None), torch.Tensor) and s.x.device.type == "cpu")
+
+
+def data_fits(n_bytes: int, free_bytes: int) -> bool:
+    return n_bytes <= DEVICE_DATA_SHARE * free_bytes
+
+
+def place_stream(stream, device: torch.device, free_bytes: int | None = None):
+    """``stream`` ready for training on ``device``: its data on the GPU when they fit (``data_fits``), else in
+    pinned host memory with indices and labels on the GPU (batches then copy asynchronously)."""
+    if device.type != "cuda":
+        return stream.to(device)
+    need = host_bytes(stream)
+    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    if data_fits(need, free):
+        return stream.to(device)
+    for e in [*stream.experiences, *(stream.test_experiences or [])]:
+        for part in (e.train, e.test):
+            x = getattr(part.source, "x", None)
+            if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.is_pinned():
+                part.source.x = x.pin_memory()  # same values, page-locked: shared with the dataset, harmless
+    return stream.to(device, move_sources=False)
 
 
 def autocast_dtype(precision: Any) -> torch.dtype | None:

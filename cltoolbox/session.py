@@ -21,6 +21,7 @@ from cltoolbox.build import build_model, build_plugins, describe_stream
 from cltoolbox.errors import DivergenceError, RunExistsError
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
+from cltoolbox.precision import place_stream
 from cltoolbox.results import (
     ACCURACY_FIELDS,
     OLD_NEW_FIELDS,
@@ -115,7 +116,7 @@ class RunSession:
         torch.manual_seed(self.seed)
         model = build_model(run_cfg, stream)
         self.learner = Learner(model, build_plugins(run_cfg["strategy"]), train_cfg, seed=self.seed)
-        self.stream = stream.to(self.learner.device)
+        self.stream = place_stream(stream, self.learner.device)  # on the GPU when it fits, else pinned host memory
         self.T = len(self.stream)
         self.history = History(self.T, self.stream.n_classes, len(self.stream.eval_experiences))
         self.ckpt = run_dir / "checkpoint" / "state.pt"
@@ -183,6 +184,8 @@ class RunSession:
         learner, run_dir = self.learner, self.run_dir
         self.cpu_start = time.process_time()  # the clocks of the work itself, after the build
         self.env = environment(learner.device)
+        if learner.dist is not None:  # one run over several processes (cltoolbox.distributed)
+            self.env["distributed"] = {"world_size": learner.dist.world, "backend": torch.distributed.get_backend()}
         if self.start > 0:
             self.env["resumed_at_experience"] = self.start
             try:  # a run keeps its first start time (reports order runs by it)

@@ -244,16 +244,17 @@ class Stream:
             mask[e.task_id, list(e.classes)] = True
         return mask
 
-    def to(self, device: torch.device | str) -> Stream:
+    def to(self, device: torch.device | str, move_sources: bool = True) -> Stream:
         """The stream with in-memory sources, indices and labels on ``device``; shared sources and sample sets
-        (recurring streams reuse test sets) are moved once, so views and keys stay the same."""
+        (recurring streams reuse test sets) are moved once, so views and keys stay the same.
+        ``move_sources=False`` moves indices and labels only (data too large for the device stays on the host)."""
         sources: dict[int, Source] = {}
         sets: dict[int, Samples] = {}
 
         def move(s: Samples) -> Samples:
             if id(s) not in sets:
                 if id(s.source) not in sources:
-                    sources[id(s.source)] = s.source.to(device)
+                    sources[id(s.source)] = s.source.to(device) if move_sources else s.source
                 sets[id(s)] = Samples(sources[id(s.source)], s.index.to(device), s.y.to(device), s.transform)
             return sets[id(s)]
 

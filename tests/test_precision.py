@@ -88,3 +88,21 @@ def test_compile_gives_the_eager_result(tmp_path):
     eager = cltoolbox.run(_config(tmp_path / "a", {"name": "er", "memory_size": 50}), quiet=True)[0]
     compiled = cltoolbox.run(_config(tmp_path / "b", {"name": "er", "memory_size": 50}, compile=True), quiet=True)[0]
     assert abs(compiled["class_il"]["acc"] - eager["class_il"]["acc"]) < 0.03
+
+
+def test_stream_data_go_to_the_device_only_when_they_fit():
+    from cltoolbox.build import build_stream
+    from cltoolbox.data import load_dataset
+    from cltoolbox.precision import data_fits, host_bytes, place_stream
+
+    resolved = cfgmod.validate({"name": "x", "scenario": dict(SMALL_STREAM), "model": dict(SMALL_MODEL),
+                                "strategy": {"name": "naive"}})
+    data = load_dataset("digits")
+    stream = build_stream(resolved, data, 0)
+    need = host_bytes(stream)
+    assert need == sum(s.x.numel() * s.x.element_size() for s in (data.train, data.test))
+    assert data_fits(need, 2 * need) and not data_fits(need, 2 * need - 1)
+    assert place_stream(stream, torch.device("cpu")).experiences[0].train.source.x.device.type == "cpu"
+    kept = stream.to("meta", move_sources=False)  # indices and labels move, the data stay where they are
+    assert kept.experiences[0].train.index.device.type == "meta"
+    assert kept.experiences[0].train.source is stream.experiences[0].train.source

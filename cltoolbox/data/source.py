@@ -100,7 +100,14 @@ class TensorSource(Source):
         return self.x.device
 
     def fetch(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-        x = self.x.index_select(0, index.to(self.x.device))
+        index = index.to(self.x.device)
+        if device is not None and device.type == "cuda" and self.x.is_pinned():
+            # host data too large for the GPU (cltoolbox.precision.place_stream): gather into pinned memory, so
+            # that the copy to the device is asynchronous
+            x = torch.empty((index.numel(), *self.sample_shape), dtype=self.x.dtype, pin_memory=True)
+            torch.index_select(self.x, 0, index, out=x)
+        else:
+            x = self.x.index_select(0, index)
         if device is not None and x.device != device:
             x = x.to(device, non_blocking=True)
         return self.prepare(x)
