@@ -28,6 +28,9 @@ Adaptivity are All You Need" (IJCV 2024; arXiv 2303.07338, first named ADAM, lat
   up to where the scales sit), ``body``: full fine-tuning (the paper's finetune variant). Both keep a frozen
   copy of the pre-trained model for ``phi`` (its bytes count in ``memory_bytes``) and train the model's own
   linear head during adaptation.
+- ``vpt``: visual prompt tuning (Jia et al. ECCV 2022), the paper's VPT-shallow variant: ``prompt_length``
+  learnable tokens (the authors' 5) inserted after the [CLS] token of a frozen ``vit``; ``phi*`` is the prompted
+  [CLS] feature. Only ``vit`` has tokens to prompt; VPT-deep is not implemented.
 Adaptation trains with ``train.*`` (epochs, optimizer, lr) on the first experience with cross-entropy.
 
 Task-IL comes from the evaluator's masking of the same logits. Features are computed per stream key through
@@ -83,9 +86,12 @@ class CosineHead(nn.Module):
 class APERPlugin(FixedExtractorPlugin):
     method = "aper"
 
-    def __init__(self, adapt: str, bottleneck: int, adapter_scale: float, scale: float) -> None:
+    def __init__(self, adapt: str, bottleneck: int, adapter_scale: float, scale: float,
+                 prompt_length: int = 5) -> None:
         super().__init__(adapt)
         self.bottleneck, self.adapter_scale, self.scale = bottleneck, adapter_scale, scale
+        self.prompt_length = prompt_length
+        self.prompts: nn.Parameter | None = None  # vpt: (length, embed_dim) tokens after [CLS]
         self.stats = ClassMeans()  # sums/counts of the concatenated features
         self.adapter: FeatureAdapter | None = None
         self.adapt_head: CosineHead | None = None  # adapter mode: trained with the adapter, then dropped
@@ -97,7 +103,10 @@ class APERPlugin(FixedExtractorPlugin):
         self.shift: float | None = None  # mean ||phi*(x) - phi(x)|| / ||phi(x)|| on the first experience
 
     def check(self, model, stream) -> None:
-        if self.adapt == "adapter":
+        if self.adapt == "vpt" and not (callable(getattr(model, "encode", None)) and hasattr(model, "pool")):
+            raise ConfigError("strategy.adapt: vpt inserts prompt tokens into a transformer; use model vit, or "
+                              "adapt: adapter / film / body")
+        if self.adapt in ("adapter", "vpt"):
             if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None),
                                                                                nn.Linear):
                 raise ConfigError("strategy: aper needs a model with features(x) and a linear head; use model "
@@ -119,6 +128,18 @@ class APERPlugin(FixedExtractorPlugin):
             self.adapt_head.to(learner.device)
             if self._adapter_state is not None:  # resumed: load_state_dict ran before before_fit
                 self._load_adapter(self._adapter_state)
+        if self.adapt == "vpt" and self.adapt_head is None:
+            model = learner.model
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(learner.seed)
+                dim = model.head.in_features
+                patch = model.backbone.patch_embed.patch_size
+                bound = (6.0 / (3 * patch[0] * patch[1] + dim)) ** 0.5  # VPT's uniform (Xavier-style) init
+                prompts = torch.empty(self.prompt_length, dim).uniform_(-bound, bound)
+                self.adapt_head = CosineHead(dim, self.n_classes)
+            if self.prompts is None:  # not restored from a checkpoint
+                self.prompts = nn.Parameter(prompts.to(learner.device))
+            self.adapt_head.to(learner.device)
 
     def _load_adapter(self, state: dict) -> None:
         self.adapter.load_state_dict(state)
@@ -128,28 +149,39 @@ class APERPlugin(FixedExtractorPlugin):
 
     # -- the first session: adaptation ------------------------------------------------------------------
     def parameters(self) -> list[torch.Tensor]:
-        if self.adapter is None:
-            return []
-        return [*self.adapter.parameters(), *self.adapt_head.parameters()]
+        if self.adapter is not None:
+            return [*self.adapter.parameters(), *self.adapt_head.parameters()]
+        if self.prompts is not None:
+            return [self.prompts, *self.adapt_head.parameters()]
+        return []
+
+    def _prompted(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The ViT's pooled feature with the prompt tokens inserted after [CLS]."""
+        return model.pool(model.encode(x, prompts=self.prompts.expand(x.shape[0], -1, -1)))
 
     def forward(self, learner, x, t):
         if not self._adapting:
             return None
+        if self.adapt == "vpt":
+            return self.adapt_head(self._prompted(learner.model, x))
         return self.adapt_head(self.adapter(learner.model.features(x)))
 
     def adapt_first(self, learner, exp) -> None:
         model = learner.model
-        if self.adapt == "adapter":
-            freeze(model)  # the backbone stays as it is (cached if it can); only the adapter and its head train
+        if self.adapt in ("adapter", "vpt"):
+            freeze(model)  # the backbone stays as it is (cached if it can); only the adapter/prompts and head train
             self._adapting = True
             try:
                 task = torch.full_like(exp.y_train, exp.task_id)
                 learner.train_data(learner.stream.keys(exp.train), exp.y_train, task)
             finally:
                 self._adapting = False
-            self.adapter.requires_grad_(False)
             self.adapt_head.requires_grad_(False)
-            self.adapter.eval()
+            if self.adapter is not None:
+                self.adapter.requires_grad_(False)
+                self.adapter.eval()
+            else:
+                self.prompts.requires_grad_(False)
             return
         self.pretrained = copy.deepcopy(model)  # the PTM as it is before adaptation
         freeze(self.pretrained)
@@ -189,6 +221,8 @@ class APERPlugin(FixedExtractorPlugin):
         f = self._model_features(learner.model, x, self._cache)
         if self.adapt == "adapter":
             return torch.cat((f, self.adapter(f)), dim=1)
+        if self.adapt == "vpt":  # the prompted features, cached per stream key (the backbone is frozen)
+            return torch.cat((f, self._cache(x, lambda rows: self._prompted(learner.model, rows))), dim=1)
         pre = self._model_features(self._pretrained_model(learner), x, self._pre_cache)
         return torch.cat((pre, f), dim=1)
 
@@ -221,6 +255,8 @@ class APERPlugin(FixedExtractorPlugin):
         state: dict = dict(self.stats.state())
         if self.adapter is not None:
             state["adapter"] = self.adapter.state_dict()
+        if self.prompts is not None:
+            state["prompts"] = self.prompts.detach()
         if self._pre_state is not None:
             state["pretrained"] = self._pre_state
         if self.shift is not None:
@@ -235,6 +271,8 @@ class APERPlugin(FixedExtractorPlugin):
                 self._load_adapter(self._adapter_state)
         if "pretrained" in state:
             self._pre_state, self.pretrained = dict(state["pretrained"]), None
+        if "prompts" in state:
+            self.prompts = nn.Parameter(state["prompts"].clone(), requires_grad=False)
         self.shift = float(state["shift"]) if "shift" in state else None
         self._cache.clear()
         self._pre_cache.clear()
@@ -249,18 +287,21 @@ class APERPlugin(FixedExtractorPlugin):
         if not self.ready():
             return 0, 0
         extra = (tensor_bytes(*self.adapter.parameters()) if self.adapter is not None
+                 else tensor_bytes(self.prompts) if self.prompts is not None
                  else tensor_bytes(*(self._pre_state or {}).values()))
         return int(self.stats.seen.sum()), tensor_bytes(self.stats.sums, self.stats.counts) + extra
 
 
 @register_strategy("aper")
-def aper(adapt: Literal["adapter", "film", "body"] = "adapter", bottleneck: Annotated[int, Interval(1, 65536)] = 64,
-         adapter_scale: Positive = 0.1, scale: Positive = 1.0) -> list[Plugin]:
+def aper(adapt: Literal["adapter", "film", "body", "vpt"] = "adapter",
+         bottleneck: Annotated[int, Interval(1, 65536)] = 64, adapter_scale: Positive = 0.1, scale: Positive = 1.0,
+         prompt_length: Annotated[int, Interval(1, 1024)] = 5) -> list[Plugin]:
     """APER (Zhou et al., IJCV 2024): adapt on experience 1, concatenate PTM + adapted features, prototypes.
 
     ``adapt``: "adapter" (residual bottleneck adapter on the backbone's features, ``bottleneck`` units, output
     scaled by ``adapter_scale``: AdaptFormer's 64 and 0.1), "film" (scale and shift after every normalisation
-    layer, SSF-like) or "body" (fine-tuning); trained with ``train.*`` on the first experience. ``scale``
-    multiplies the cosine logits (changes no prediction).
+    layer, SSF-like), "body" (fine-tuning) or "vpt" (``prompt_length`` prompt tokens after [CLS] of a ``vit``,
+    VPT-shallow; the authors' 5); trained with ``train.*`` on the first experience. ``scale`` multiplies the
+    cosine logits (changes no prediction).
     """
-    return [APERPlugin(adapt, bottleneck, adapter_scale, scale)]
+    return [APERPlugin(adapt, bottleneck, adapter_scale, scale, prompt_length)]

@@ -293,3 +293,44 @@ def test_file_backed_stream_embeds_each_image_once(tmp_path) -> None:
         learner.fit(stream, on_experience_end=lambda lrn, e, h=history: evaluate_stream(lrn, stream, e.index, h))
         assert model.cache.misses == len(model.cache) == 56, name  # 40 + 16 images, each embedded once
         assert history.accuracy[-1].mean() > 0.35, (name, history.accuracy)  # chance: 0.25 (class-IL)
+
+
+def test_aper_vpt_trains_prompt_tokens_of_a_frozen_vit_and_resumes() -> None:
+    """APER's VPT-shallow variant: only the prompt tokens (and the dropped head) train, the ViT stays as it was,
+    phi* is the prompted [CLS] feature, and a restored learner predicts exactly as the one that trained."""
+    from cltoolbox.loop import Learner, TrainConfig
+
+    stream = _digits()
+
+    def make() -> Learner:
+        torch.manual_seed(0)
+        model = MODELS.get("vit").factory(stream.input_shape, 10, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                                          frozen=True)
+        return Learner(model, STRATEGIES.get("aper").factory(adapt="vpt", prompt_length=3),
+                       TrainConfig(epochs=2, batch_size=32, lr=0.5, momentum=0.9), seed=0)
+
+    a = make()
+    backbone = {k: v.clone() for k, v in a.model.backbone.state_dict().items()}
+    (plugin,) = a.plugins
+    a.begin(stream)
+    start = plugin.prompts.detach().clone()
+    assert plugin.prompts.shape == (3, 16)
+    a.train_experience(stream.experiences[0])
+    assert not torch.equal(plugin.prompts, start)  # the prompts learned
+    for k, v in a.model.backbone.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    x = stream.experiences[1].x_test
+    with torch.no_grad():
+        prompted = a.model.pool(a.model.encode(x, prompts=plugin.prompts.expand(len(x), -1, -1)))
+        torch.testing.assert_close(plugin.concat_features(a, x), torch.cat((a.model.features(x), prompted), 1))
+    assert plugin.memory_usage()[1] >= 3 * 16 * 4
+    b = make()
+    b.load_state_dict(a.state_dict())
+    b.begin(stream)
+    for learner in (a, b):
+        learner.train_experience(stream.experiences[1])
+    xs = torch.cat([e.x_test for e in stream.experiences])
+    t = torch.zeros(len(xs), dtype=torch.int64)
+    assert torch.equal(a.logits(xs, t), b.logits(xs, t))
+    with pytest.raises(ConfigError, match="adapt: vpt"):
+        plugin.check(MODELS.get("mlp").factory(stream.input_shape, 10, hidden=[8]), stream)
