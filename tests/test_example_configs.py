@@ -19,7 +19,12 @@ CONFIGS = sorted([*EXPERIMENTS.glob("*.yaml"), *(EXPERIMENTS / "full").glob("*.y
 def test_shipped_config_is_valid(path: Path) -> None:
     raw = load_yaml(path)
     import_plugins([i for i in raw.get("imports") or [] if not i.endswith(".py")])
-    if "grid" in raw or "evaluation" in raw:  # sweeps and tuning: every point of the grid must resolve
+    if "search" in raw:  # a search (Optuna): its space's corners must resolve
+        from cltoolbox.search import Search, split_raw
+
+        base, spec = split_raw({k: v for k, v in raw.items() if k not in ("evaluation", "select")})
+        assert Search(base, spec).corner_points()
+    elif "grid" in raw or "evaluation" in raw:  # sweeps and tuning: every point of the grid must resolve
         base = {k: v for k, v in raw.items() if k not in ("evaluation", "select")}
         assert expand(base)
     else:
