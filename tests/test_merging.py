@@ -1,0 +1,102 @@
+"""Model merging strategies: the merge rules on hand-made tensors, memory accounting of the stored task vectors,
+AdaMerging's coefficients in the run folder, and learning runs on digits against naive fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import cltoolbox
+from cltoolbox.errors import CLToolboxError, ConfigError
+from cltoolbox.strategies.merging import max_magnitude, ties_merge
+
+
+def test_ties_merge_trims_elects_and_takes_the_disjoint_mean() -> None:
+    taus = [torch.tensor([1.0, -2.0, 0.1, 3.0]), torch.tensor([-3.0, 1.0, 0.2, 1.0])]
+    # keep 3 of 4: [1, -2, 0, 3] and [-3, 1, 0, 1]; elected signs (of the sums -2, -1, 0, 4): -, -, 0, +;
+    # mean over the entries that agree: -3, -2, 0, (3 + 1) / 2
+    merged = ties_merge(taus, keep=0.75)
+    torch.testing.assert_close(merged, torch.tensor([-3.0, -2.0, 0.0, 2.0]))
+    # one task vector, all kept: unchanged
+    torch.testing.assert_close(ties_merge(taus[:1], keep=1.0), taus[0])
+
+
+def test_max_magnitude_running_merge_equals_the_merge_of_all_task_vectors() -> None:
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(50, generator=g) for _ in range(6)]
+    running = taus[0]
+    for t in taus[1:]:
+        running = max_magnitude(running, t)
+    stack = torch.stack(taus)
+    expected = stack.gather(0, stack.abs().argmax(0, keepdim=True))[0]
+    torch.testing.assert_close(running, expected)
+
+
+def _config(strategy: dict, epochs: int = 3, n_exp: int = 5) -> dict:
+    return {
+        "name": "merging",
+        "scenario": {"name": "class_incremental", "dataset": "digits", "n_experiences": n_exp},
+        "model": {"name": "mlp", "hidden": [64]},
+        "strategy": strategy,
+        "train": {"epochs": epochs, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+        "seeds": [0],
+    }
+
+
+def _run(tmp_path: Path, strategy: dict, **kw) -> dict:
+    return cltoolbox.run(_config(strategy, **kw), out=str(tmp_path), quiet=True)[0]
+
+
+def test_merging_strategies_beat_naive_fine_tuning_in_class_il(tmp_path: Path) -> None:
+    naive = _run(tmp_path, {"name": "naive"})["class_il"]["acc"]
+    for name in ("task_arithmetic", "ties_merging", "magmax"):
+        acc = _run(tmp_path, {"name": name})["class_il"]["acc"]
+        assert acc >= naive + 0.2, (name, acc, naive)
+
+
+def test_memory_counts_every_task_vector_but_magmax_keeps_one_running_vector(tmp_path: Path) -> None:
+    n_params = 64 * 64 + 64  # the trained body: Linear(64, 64) of digits' 8x8 inputs (the head rows are fixed)
+    costs = {}
+    for name in ("task_arithmetic", "magmax"):
+        for n_exp in (2, 5):
+            s = cltoolbox.run(_config({"name": name, "val_fraction": 0.1}, epochs=1, n_exp=n_exp),
+                              out=str(tmp_path / f"{name}{n_exp}"), quiet=True)[0]
+            costs[name, n_exp] = s["cost"]["memory_bytes"]
+    # task arithmetic: theta_0 and one task vector per experience (float32); held-out keys (int64) on top
+    ta_growth = costs["task_arithmetic", 5] - costs["task_arithmetic", 2]
+    assert 3 * 4 * n_params <= ta_growth < 3 * 4 * n_params + 8 * 1437
+    # magmax: theta_0, the running merged vector and the fine-tuned weights whatever the stream's length
+    assert costs["magmax", 5] - costs["magmax", 2] < 8 * 1437
+    assert costs["magmax", 5] >= 3 * 4 * n_params
+
+
+def test_adamerging_writes_its_coefficients_and_names_its_unlabeled_data(tmp_path: Path) -> None:
+    s = _run(tmp_path, {"name": "adamerging", "steps": 30}, n_exp=5)
+    m = json.loads((Path(s["run_dir"]) / "metrics.json").read_text())["strategy"]
+    assert m["adamerging_unlabeled"] == "test"
+    rows = m["adamerging_coefficients"]
+    layers = {"model.body.1.weight", "model.body.1.bias"}
+    assert {r["layer"] for r in rows} == layers
+    # after experience k, one coefficient per (task <= k, layer)
+    assert len(rows) == sum(k * len(layers) for k in range(1, 6))
+    assert all(0.0 <= r["coefficient"] <= 1.0 for r in rows)
+    assert any(abs(r["coefficient"] - 0.3) > 1e-3 for r in rows)  # learned, not left at the init
+    task = _run(tmp_path / "t", {"name": "adamerging", "steps": 30, "granularity": "task",
+                                 "unlabeled": "validation"}, n_exp=2)
+    m = json.loads((Path(task["run_dir"]) / "metrics.json").read_text())["strategy"]
+    assert m["adamerging_unlabeled"] == "validation"
+    assert {r["layer"] for r in m["adamerging_coefficients"]} == {"all"}
+
+
+def test_bad_settings_are_one_line_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="val_fraction"):
+        cltoolbox.run(_config({"name": "task_arithmetic", "val_fraction": 0.0}), out=str(tmp_path), quiet=True)
+    with pytest.raises(ConfigError, match="keep"):
+        cltoolbox.run(_config({"name": "ties_merging", "keep": 0.0}), out=str(tmp_path), quiet=True)
+    frozen = _config({"name": "magmax"})
+    frozen["model"] = {"name": "mlp", "hidden": []}  # only the (fixed) head: nothing to merge
+    with pytest.raises(CLToolboxError, match="adapter"):
+        cltoolbox.run(frozen, out=str(tmp_path / "f"), quiet=True)
