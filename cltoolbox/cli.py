@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     _sweep_options(sw)
     sw.add_argument("--seeds", type=int, nargs="+", help="seeds to run (replaces the config's `seeds`)")
     sw.add_argument("--dry-run", action="store_true", help="validate everything and list the runs; run nothing")
+    sw.add_argument("--gpus-per-run", type=float, default=0.0,
+                    help="with --backend ray: GPUs Ray reserves for each run (e.g. 1, or 0.5 for two runs per GPU); "
+                         "each run then sees its own GPU as cuda:0")
 
     tu = sub.add_parser("tune", parents=[debug],
                         help="two-phase tuning: pick hyperparameters on one scenario, evaluate them on another")
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sweep(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, backend=args.backend,
                   workers=args.workers, threads=args.threads, resume=args.resume, overwrite=args.overwrite,
-                  quiet=args.quiet, dry_run=args.dry_run, debug=args.debug)
+                  quiet=args.quiet, dry_run=args.dry_run, debug=args.debug, gpus_per_run=args.gpus_per_run)
         elif args.command == "tune":
             from cltoolbox.tuning import tune
 

@@ -392,10 +392,18 @@ def _run_local(specs: list[dict], workers: int, on_result) -> None:
     pool.shutdown(wait=True)
 
 
-def _run_ray(specs: list[dict], workers: int, limit: int | None, on_result) -> None:
+def _run_ray(specs: list[dict], workers: int, limit: int | None, on_result, gpus_per_run: float = 0.0) -> None:
     ray = require_ray()
     started = ray_connect(workers)
-    task = ray.remote(num_cpus=1, max_retries=0)(run_job)
+    if gpus_per_run > 0:
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < gpus_per_run:  # Ray would keep such tasks pending forever
+            if started:
+                ray.shutdown()
+            raise ConfigError(f"--gpus-per-run: {gpus_per_run} GPU(s) per run, but the Ray cluster has {have:g}; "
+                              "use 0 here or join a cluster with GPUs (RAY_ADDRESS)")
+    # Ray gives each task its GPUs through CUDA_VISIBLE_DEVICES: train.device auto/cuda is the task's own GPU
+    task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(run_job)
     pending, inflight = list(specs), {}
     limit = limit or len(specs)
     try:
@@ -424,9 +432,10 @@ def _run_ray(specs: list[dict], workers: int, limit: int | None, on_result) -> N
 
 def execute(jobs: list[Job], backend: str = "local", workers: int | None = None, overwrite: bool = False,
             threads: int | None = None, quiet: bool = False, debug: bool = False,
-            stop: Path | None = None) -> list[dict[str, Any]]:
+            stop: Path | None = None, gpus_per_run: float = 0.0) -> list[dict[str, Any]]:
     """Run the planned jobs; returns one record per job (skipped ones included), in plan order. ``stop``: the
-    folder below which a run that failed before writing anything leaves no empty folders (check_writable)."""
+    folder below which a run that failed before writing anything leaves no empty folders (check_writable).
+    ``gpus_per_run``: GPUs Ray reserves for each run (fractions share a GPU; Ray backend only)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
     explicit = workers is not None
@@ -492,7 +501,7 @@ def execute(jobs: list[Job], backend: str = "local", workers: int | None = None,
         if backend == "local":
             _run_local(specs, workers, on_result)
         else:
-            _run_ray(specs, workers, workers if explicit else None, on_result)
+            _run_ray(specs, workers, workers if explicit else None, on_result, gpus_per_run)
     return [records[str(j.run_dir)] for j in jobs]
 
 
@@ -529,14 +538,17 @@ def sweep(
     quiet: bool = False,
     dry_run: bool = False,
     debug: bool = False,
+    gpus_per_run: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Run every strategy x grid point x seed of a sweep YAML; returns one summary (metrics.json + run_dir)
     per finished run. Raises CLToolboxError after the sweep if any run diverged or failed (the others are
-    kept), and before anything runs for any invalid config, grid value, backend or existing run."""
+    kept), and before anything runs for any invalid config, grid value, backend or existing run.
+    ``gpus_per_run`` (Ray backend): GPUs reserved for each run, e.g. 1, or 0.5 for two runs per GPU."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    check_gpus_per_run(gpus_per_run, backend)
     if backend == "ray":
         require_ray()
     raw = prepare(config, overrides, out, seeds)
@@ -544,6 +556,9 @@ def sweep(
 
     raw, search = split_raw(raw)
     if search is not None:  # `search: {method: random | tpe, trials: N}`: Optuna proposes the points
+        if gpus_per_run:
+            raise ConfigError("--gpus-per-run: not supported with `search:` yet; run a grid sweep, or set "
+                              "train.device per run and use 0")
         return sweep_search(raw, search, dry_run=dry_run, backend=backend, workers=workers, threads=threads,
                             resume=resume, overwrite=overwrite, quiet=quiet, debug=debug)
     points = expand(raw)
@@ -556,8 +571,24 @@ def sweep(
 
     stop = check_writable(points[0].resolved["out"]) if any(j.action != "skip" for j in jobs) else None
     records = execute(jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,
-                      stop=stop)
+                      stop=stop, gpus_per_run=gpus_per_run)
     return finish(records, quiet)
+
+
+def check_gpus_per_run(gpus: float, backend: str) -> None:
+    """--gpus-per-run: >= 0, Ray only; without a cluster address, only what this machine's CUDA devices hold."""
+    if not gpus >= 0 or gpus != gpus:
+        raise ConfigError(f"--gpus-per-run: must be >= 0 (e.g. 1, or 0.5 for two runs per GPU), got {gpus}")
+    if gpus == 0:
+        return
+    if backend != "ray":
+        raise ConfigError("--gpus-per-run: needs --backend ray (local workers all see every GPU; give each run "
+                          "train.device: cuda:N instead)")
+    import torch
+
+    if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+        raise ConfigError(f"--gpus-per-run: {gpus:g} requested but this machine has no CUDA device; use 0 (or join "
+                          "a GPU cluster with RAY_ADDRESS)")
 
 
 def finish(records: list[dict[str, Any]], quiet: bool) -> list[dict[str, Any]]:

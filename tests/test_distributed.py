@@ -196,3 +196,23 @@ def test_shard_weights_the_criterion_by_the_rank_share():
         assert len(shard) == hi - lo
         total += float(losses[lo:hi].mean()) * share
     assert total / 2 == pytest.approx(float(losses.mean()))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--backend", "ray", "--gpus-per-run", "1"], "this machine has no CUDA device; use 0"),
+    (["--gpus-per-run", "1"], "needs --backend ray"),
+    (["--backend", "ray", "--gpus-per-run", "-1"], "must be >= 0"),
+])
+def test_gpus_per_run_is_checked_in_one_line(tmp_path, capsys, monkeypatch, args, words):
+    from cltoolbox.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("name: s\nscenario: {name: class_incremental, dataset: digits, n_experiences: 2}\n"
+                   "model: {name: mlp, hidden: [8]}\nstrategy: {name: naive}\ngrid: {train.lr: [0.1]}\n")
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus-per-run" in err[0] and words in err[0], err
+    assert not (tmp_path / "o").exists()
