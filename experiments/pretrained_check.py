@@ -24,7 +24,7 @@ from cltoolbox.data import load_dataset
 from cltoolbox.data.base import Dataset
 from cltoolbox.models.pretrained import efficientnet_lite0
 from cltoolbox.registry import register_dataset
-from cltoolbox.strategies.pretrained import extract_features
+from cltoolbox.strategies.extractor import extract_features
 
 SEEDS = [0, 1, 2]
 STRATEGIES = [

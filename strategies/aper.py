@@ -51,7 +51,7 @@ from cltoolbox.models.cache import SampleFeatureCache, sample_keys
 from cltoolbox.params import Interval, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.pretrained import ClassMeans, FixedExtractorPlugin, adapt_first_experience, freeze
+from cltoolbox.strategies.extractor import ClassMeans, FixedExtractorPlugin, adapt_first_experience, freeze
 
 
 class FeatureAdapter(nn.Module):

@@ -45,7 +45,7 @@ from cltoolbox.params import Interval, NonNegative, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.aper import CosineHead, FeatureAdapter
-from cltoolbox.strategies.pretrained import freeze
+from cltoolbox.strategies.extractor import freeze
 
 
 def complement(protos: torch.Tensor, real: torch.Tensor, own: torch.Tensor) -> torch.Tensor:

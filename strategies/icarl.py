@@ -32,7 +32,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.params import PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.pretrained import extract_features, stream_features
+from cltoolbox.strategies.extractor import extract_features, stream_features
 
 
 def normalised_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:

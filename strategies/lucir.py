@@ -103,7 +103,7 @@ class LUCIRPlugin(ExemplarPlugin):
 
     def _imprint(self, learner, exp, new: list[int]) -> None:
         """New classes' weight vectors := their normalised mean normalised feature, at the old rows' mean norm."""
-        from cltoolbox.strategies.pretrained import stream_features
+        from cltoolbox.strategies.extractor import stream_features
 
         y = exp.y_train
         feats = F.normalize(stream_features(learner, learner.stream.keys(exp.train)), dim=1)
@@ -145,7 +145,7 @@ class LUCIRPlugin(ExemplarPlugin):
 
     def _balanced_finetune(self, learner) -> None:
         """CBF: the cosine classifier trained on the (class-balanced) exemplars' frozen features."""
-        from cltoolbox.strategies.pretrained import stream_features
+        from cltoolbox.strategies.extractor import stream_features
 
         m = self.memory
         feats = F.normalize(stream_features(learner, m.key[: m.size]), dim=1)

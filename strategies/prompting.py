@@ -38,199 +38,27 @@ They trained with Adam; set ``train.optimizer: adam`` (the examples do).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.cache import sample_keys
-from cltoolbox.models.vit import Prefix, ViTClassifier
-from cltoolbox.plugin import MASKED_LOGIT, Plugin
+from cltoolbox.models.vit import Prefix
+from cltoolbox.params import Min, NonNegative, PositiveInt
+from cltoolbox.plugin import Plugin
 from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.prompt_base import TINY_VIT, PromptPlugin, gather_rows, key_cosine, uniform_init
 
-# the small ViT that `cltoolbox.testing` checks the prompt strategies with
-TINY_VIT = {"name": "vit", "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
-_INIT_SEED = 7919  # prompt initialisation draws from its own generator: data order stays the stream's
-
-
-def _uniform(gen: torch.Generator, *shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.rand(*shape, generator=gen) * 2 - 1)  # U(-1, 1), the authors' prompt init
-
-
-class PromptPlugin(Plugin):
-    """Shared machinery: frozen ViT, plugin-owned prompt module, query, masks, checkpointing."""
-
-    method = "prompting"
-
-    def __init__(self, pull: float, train_mask: bool) -> None:
-        if pull < 0:
-            raise ConfigError(f"strategy.pull: {pull} must be >= 0; 0 disables the key-query loss")
-        self.pull = pull
-        self.train_mask = train_mask
-        self.module: nn.Module | None = None
-        self.seen: torch.Tensor | None = None  # classes trained so far
-        self.current: torch.Tensor | None = None  # classes of the current experience
-        self._pending: dict | None = None
-        self._aux: torch.Tensor | float = 0.0
-        self._snapshot: dict[str, torch.Tensor] = {}  # the prompt tensors at the start of the experience
-        self._head: list[torch.Tensor] = []  # the head's weight and bias at the start of the experience
-
-    # -- subclass API ----------------------------------------------------------------------------------
-    def check(self, model, stream) -> None:
-        if not isinstance(model, ViTClassifier):
-            raise ConfigError(f"strategy: {self.method} prompts a Vision Transformer; set model.name: vit")
-
-    def build(self, model: ViTClassifier, n_tasks: int, gen: torch.Generator) -> nn.Module:
-        raise NotImplementedError
-
-    def prompted(self, model: ViTClassifier, x: torch.Tensor, task: int | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """Pre-head features of ``x`` with prompts (``task`` while training, None at inference) and the
-        auxiliary loss."""
-        raise NotImplementedError
-
-    def selected_task(self, learner, x: torch.Tensor) -> torch.Tensor:
-        """The task whose prompts each input selects at inference."""
-        raise NotImplementedError
-
-    # -- hooks -------------------------------------------------------------------------------------------
-    def before_fit(self, learner, stream) -> None:
-        model = learner.model
-        self.check(model, stream)
-        model.set_frozen(True)  # the backbone; the head stays trainable
-        if self.module is None:
-            gen = torch.Generator().manual_seed(learner.seed * 1_000_003 + _INIT_SEED)
-            self.module = self.build(model, len(stream), gen).to(learner.device)
-            self.seen = torch.zeros(stream.n_classes, dtype=torch.bool, device=learner.device)
-            if self._pending is not None:
-                self._restore(self._pending)
-
-    def before_experience(self, learner, exp) -> None:
-        self.current = torch.zeros_like(self.seen)
-        self.current[list(exp.classes)] = True
-        self.prepare(learner, exp)
-        self._snapshot = {k: v.detach().clone() for k, v in self.module.named_parameters()}
-        if self.train_mask:  # the head's rows of the other classes: masked out of the loss, so frozen too
-            self._head = [p.detach().clone() for p in learner.model.head.parameters()]
-
-    def prepare(self, learner, exp) -> None:
-        """Per-experience set-up of the prompt tensors before the frozen entries are recorded (CODA-Prompt
-        initialises the task's components here)."""
-
-    def frozen(self, name: str, tensor: torch.Tensor, task: int) -> torch.Tensor | None:
-        """Bool mask, broadcastable to ``tensor`` (the module parameter ``name``), of the entries outside
-        ``task``'s allotment; None: the whole tensor is the task's."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def after_step(self, learner, batch) -> None:
-        """Put back every entry outside the current task's allotment, bit for bit: whatever weight decay (or
-        optimizer state built from it) did to them in this step is undone. An L2P pool entry joins the
-        allotment at the first step a batch of the task selects it, from its value at the task's start."""
-        task = learner.experience.index
-        for name, t in self.module.named_parameters():
-            mask = self.frozen(name, t, task)
-            if mask is not None:
-                t.copy_(torch.where(mask, self._snapshot[name], t))
-        if self.train_mask:
-            other = ~self.current
-            for p, before in zip(learner.model.head.parameters(), self._head, strict=True):
-                p.copy_(torch.where(other.view(-1, *[1] * (p.dim() - 1)), before, p))
-
-    def forward(self, learner, x, t):
-        feats, self._aux = self.prompted(learner.model, x, learner.experience.index)
-        logits = learner.model.head(feats)
-        if self.train_mask:
-            logits = logits.masked_fill(~self.current, MASKED_LOGIT)
-        return logits
-
-    def loss(self, learner, batch, logits):
-        aux, self._aux = self._aux, 0.0
-        return aux
-
-    def after_experience(self, learner, exp) -> None:
-        self.seen |= self.current
-
-    def predict(self, learner, x, task_ids):
-        if self.module is None or not bool(self.seen.any()):
-            return None
-        feats, _ = self.prompted(learner.model, x, None)
-        return learner.model.head(feats).float().masked_fill(~self.seen, MASKED_LOGIT)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [] if self.module is None else list(self.module.parameters())
-
-    @torch.no_grad()
-    def report(self, learner, stream) -> dict[str, float]:
-        """``selection_acc``: how often a test sample selects its own task's prompts (streams whose test
-        experiences are the training experiences, one task each)."""
-        tests = stream.eval_experiences
-        if self.module is None or len(tests) != len(stream) or stream.first_seen() != list(range(1, len(stream) + 1)):
-            return {}
-        was_training = learner.model.training
-        learner.model.eval()
-        right = 0
-        for i, e in enumerate(tests):  # test sets walked in eval batches; the queries come from the feature cache
-            for keys, x in learner.batches(stream.keys(e.test)):
-                with sample_keys(keys, stream):
-                    right += int((self.selected_task(learner, x) == i).sum())
-        learner.model.train(was_training)
-        return {"selection_acc": right / max(1, sum(e.n_test for e in tests))}
-
-    def cost(self) -> dict[str, float]:
-        return {"prompt_params": sum(p.numel() for p in self.parameters())}
-
-    # -- checkpoint --------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        if self.module is None:
-            return {} if self._pending is None else self._pending
-        return {"module": self.module.state_dict(), "seen": self.seen.cpu(), **self.extra_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._pending = state  # applied once before_fit has built the module for this model
-            if self.module is not None:
-                self._restore(state)
-
-    def _restore(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.seen.copy_(state["seen"])
-        self.load_extra(state)
-        self._pending = None
-
-    @staticmethod
-    def _check_blocks(name: str, layers: list[int], model: ViTClassifier) -> None:
-        bad = [i for i in layers if not 0 <= i < model.depth]
-        if bad:
-            raise ConfigError(f"strategy.{name}: block {bad[0]} does not exist in a ViT of depth {model.depth}; "
-                              f"use blocks 0..{model.depth - 1}")
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra(self, state: dict) -> None: ...
-
-
-def _cosine(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T
-
-
-def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``table[idx]`` for a long tensor ``idx`` of any shape, reproducible in its gradient.
-
-    Selected prompts repeat across a batch. The backward of ``table[idx]`` adds the repeated rows' gradients
-    with parallel atomic adds on CPU (large tensors, several threads), in a different order every call, so
-    runs with the same seed differed at the last bit; ``index_select``'s backward adds them in index order.
-    """
-    return table.index_select(0, idx.flatten()).view(*idx.shape, *table.shape[1:])
+Pull = Annotated[float, Min(0, why="0 disables the key-query loss")]  # weight of the key-query loss
 
 
 # ---------------------------------------------------------------------------------------------------- L2P
 class L2PPool(nn.Module):
     def __init__(self, pool: int, length: int, dim: int, gen: torch.Generator) -> None:
         super().__init__()
-        self.prompts = _uniform(gen, pool, length, dim)
-        self.keys = _uniform(gen, pool, dim)
+        self.prompts = uniform_init(gen, pool, length, dim)
+        self.keys = uniform_init(gen, pool, dim)
 
 
 class L2PPlugin(PromptPlugin):
@@ -258,9 +86,9 @@ class L2PPlugin(PromptPlugin):
 
     def prompted(self, model, x, task):
         q = model.features(x)
-        cos = _cosine(q, self.module.keys)
+        cos = key_cosine(q, self.module.keys)
         idx = self.select(cos, task)
-        prompts = _rows(self.module.prompts, idx).flatten(1, 2)  # (batch, top_k * length, dim)
+        prompts = gather_rows(self.module.prompts, idx).flatten(1, 2)  # (batch, top_k * length, dim)
         h = model.encode(x, prompts=prompts)
         feats = h[:, 1 : 1 + prompts.shape[1]].mean(1)  # the prompt tokens' outputs
         if task is None:
@@ -274,7 +102,7 @@ class L2PPlugin(PromptPlugin):
 
     def selected_task(self, learner, x):
         with torch.no_grad():
-            cos = _cosine(learner.model.features(x), self.module.keys)
+            cos = key_cosine(learner.model.features(x), self.module.keys)
             owner = self.usage.argmax(0)  # the task that trained each prompt most
             return owner[cos.argmax(1)]
 
@@ -286,12 +114,9 @@ class L2PPlugin(PromptPlugin):
 
 
 @register_strategy("l2p", test_model=TINY_VIT)
-def l2p(pool_size: int = 10, prompt_length: int = 5, top_k: int = 5, pull: float = 0.1, diversify: bool = True,
-        train_mask: bool = True) -> list[Plugin]:
+def l2p(pool_size: PositiveInt = 10, prompt_length: PositiveInt = 5, top_k: PositiveInt = 5, pull: Pull = 0.1,
+        diversify: bool = True, train_mask: bool = True) -> list[Plugin]:
     """Learning to Prompt (Wang et al. 2022): key-matched prompt pool on a frozen ViT."""
-    for name, v in (("pool_size", pool_size), ("prompt_length", prompt_length), ("top_k", top_k)):
-        if v < 1:
-            raise ConfigError(f"strategy.{name}: {v} must be >= 1")
     if top_k > pool_size:
         raise ConfigError(f"strategy.top_k: {top_k} exceeds pool_size {pool_size}; lower top_k")
     return [L2PPlugin(pool_size, prompt_length, top_k, pull, diversify, train_mask)]
@@ -302,9 +127,9 @@ class DualPromptPool(nn.Module):
     def __init__(self, n_g: int, g_length: int, pool: int, n_e: int, e_length: int, dim: int,
                  gen: torch.Generator) -> None:
         super().__init__()
-        self.g = _uniform(gen, n_g, 2, g_length, dim)  # (layer, key/value, length, dim)
-        self.e = _uniform(gen, pool, n_e, 2, e_length, dim)
-        self.keys = _uniform(gen, pool, dim)
+        self.g = uniform_init(gen, n_g, 2, g_length, dim)  # (layer, key/value, length, dim)
+        self.e = uniform_init(gen, pool, n_e, 2, e_length, dim)
+        self.keys = uniform_init(gen, pool, dim)
 
 
 class DualPromptPlugin(PromptPlugin):
@@ -318,8 +143,8 @@ class DualPromptPlugin(PromptPlugin):
 
     def check(self, model, stream) -> None:
         super().check(model, stream)
-        self._check_blocks("g_layers", self.g_layers, model)
-        self._check_blocks("e_layers", self.e_layers, model)
+        self.check_blocks("g_layers", self.g_layers, model)
+        self.check_blocks("e_layers", self.e_layers, model)
         if self.pool_size is not None and self.pool_size < len(stream):
             raise ConfigError(f"strategy.pool_size: {self.pool_size} E-prompts for {len(stream)} tasks; use >= "
                               f"{len(stream)} or leave it unset (one per task)")
@@ -333,7 +158,7 @@ class DualPromptPlugin(PromptPlugin):
         out: dict[int, list[torch.Tensor]] = {}
         for i, layer in enumerate(self.g_layers):
             out[layer] = [self.module.g[i, 0].expand(batch, -1, -1), self.module.g[i, 1].expand(batch, -1, -1)]
-        e = _rows(self.module.e, slots)  # (batch, layers, 2, length, dim)
+        e = gather_rows(self.module.e, slots)  # (batch, layers, 2, length, dim)
         for j, layer in enumerate(self.e_layers):
             k, v = e[:, j, 0], e[:, j, 1]
             if layer in out:  # a block with both prompts gets both prefixes
@@ -343,7 +168,7 @@ class DualPromptPlugin(PromptPlugin):
 
     def prompted(self, model, x, task):
         q = model.features(x)
-        cos = _cosine(q, self.module.keys)
+        cos = key_cosine(q, self.module.keys)
         if task is None:
             slots = cos.argmax(1)
         else:
@@ -361,21 +186,19 @@ class DualPromptPlugin(PromptPlugin):
 
     def selected_task(self, learner, x):
         with torch.no_grad():
-            return _cosine(learner.model.features(x), self.module.keys).argmax(1)
+            return key_cosine(learner.model.features(x), self.module.keys).argmax(1)
 
 
 @register_strategy("dualprompt", test_params={"g_layers": [0], "e_layers": [1]}, test_model=TINY_VIT)
-def dualprompt(g_layers: list[int] = [0, 1], g_length: int = 5, e_layers: list[int] = [2, 3, 4],  # noqa: B006
-               e_length: int = 5, pool_size: int | None = None, pull: float = 1.0,
+def dualprompt(g_layers: list[int] = [0, 1], g_length: PositiveInt = 5, e_layers: list[int] = [2, 3, 4],  # noqa: B006
+               e_length: PositiveInt = 5, pool_size: int | None = None, pull: Pull = 1.0,
                train_mask: bool = True) -> list[Plugin]:
     """DualPrompt (Wang et al. 2022): shared G-prompt + key-matched task E-prompts, prefix-tuned."""
-    if g_length < 1 or e_length < 1:
-        raise ConfigError("strategy.g_length/e_length: prompt lengths must be >= 1")
     return [DualPromptPlugin(list(g_layers), g_length, list(e_layers), e_length, pool_size, pull, train_mask)]
 
 
 # -------------------------------------------------------------------------------------------- CODA-Prompt
-def _orthogonal_rows(existing: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+def _orthogonalgather_rows(existing: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` random unit rows orthogonal to the rows of ``existing`` and to each other (Gram-Schmidt against an
     orthonormal basis of ``existing``, float64)."""
     dim = existing.shape[1]
@@ -419,7 +242,7 @@ class CodaPromptPlugin(PromptPlugin):
     def check(self, model, stream) -> None:
         super().check(model, stream)
         n_tasks = len(stream)
-        self._check_blocks("layers", self.layers, model)
+        self.check_blocks("layers", self.layers, model)
         if self.pool_size > model.embed_dim:
             raise ConfigError(f"strategy.pool_size: {self.pool_size} components cannot be mutually orthogonal in "
                               f"the backbone's {model.embed_dim} dimensions; use pool_size <= {model.embed_dim}")
@@ -443,7 +266,7 @@ class CodaPromptPlugin(PromptPlugin):
         for layer in range(len(self.layers)):  # new slice orthogonal to the earlier ones (Sec. 3.2)
             for tensor in (m.p, m.k, m.a):
                 flat = tensor[layer].flatten(1)
-                flat[lo:hi] = _orthogonal_rows(flat[:lo].cpu(), hi - lo, gen).to(flat)
+                flat[lo:hi] = _orthogonalgather_rows(flat[:lo].cpu(), hi - lo, gen).to(flat)
         self.trained = t + 1
 
     def frozen(self, name, tensor, task):
@@ -503,10 +326,8 @@ def _ortho_penalty(t: torch.Tensor) -> torch.Tensor:
 
 @register_strategy("coda_prompt", test_params={"pool_size": 6, "layers": [0, 1]}, test_model=TINY_VIT)
 def coda_prompt(pool_size: int = 100, prompt_length: int = 8, layers: list[int] = [0, 1, 2, 3, 4],  # noqa: B006
-                ortho: float = 0.0, train_mask: bool = True) -> list[Plugin]:
+                ortho: NonNegative = 0.0, train_mask: bool = True) -> list[Plugin]:
     """CODA-Prompt (Smith et al. 2023): attention-weighted prompt components, orthogonal per task."""
     if prompt_length < 2 or prompt_length % 2:
         raise ConfigError(f"strategy.prompt_length: {prompt_length} must be even (half keys, half values)")
-    if ortho < 0:
-        raise ConfigError(f"strategy.ortho: {ortho} must be >= 0")
     return [CodaPromptPlugin(pool_size, prompt_length, list(layers), ortho, train_mask)]

@@ -41,7 +41,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.params import Interval, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.pretrained import FixedExtractorPlugin
+from cltoolbox.strategies.extractor import FixedExtractorPlugin
 
 DEFAULT_LAMBDAS = [10.0 ** e for e in range(-8, 14)]
 _CHUNK = 4096  # rows projected at a time: the M-dimensional activations of a whole experience never coexist

@@ -41,7 +41,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.params import Interval, Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.pretrained import stream_features
+from cltoolbox.strategies.extractor import stream_features
 
 
 class ClassGaussians:

@@ -166,7 +166,7 @@ def test_stream_features_walk_keys_in_batches_and_key_the_frozen_cache() -> None
 
     from cltoolbox.loop import Learner, TrainConfig
     from cltoolbox.registry import MODELS
-    from cltoolbox.strategies.pretrained import extract_features, stream_features
+    from cltoolbox.strategies.extractor import extract_features, stream_features
 
     stream = textured_task_stream(2)
     torch.manual_seed(0)

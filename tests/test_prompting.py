@@ -204,8 +204,8 @@ def test_the_pretrain_then_prompt_recipe_beats_naive_finetuning(tmp_path) -> Non
 
 def test_prompt_gather_gradient_is_reproducible_with_threads() -> None:
     # a batch selects the same prompts many times; table[idx]'s backward sums those rows with parallel atomic
-    # adds on CPU (differing at the last bit from call to call), _rows must sum them in a fixed order
-    from cltoolbox.strategies.prompting import _rows
+    # adds on CPU (differing at the last bit from call to call), gather_rows must sum them in a fixed order
+    from cltoolbox.strategies.prompt_base import gather_rows
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -214,9 +214,9 @@ def test_prompt_gather_gradient_is_reproducible_with_threads() -> None:
         table = torch.randn(10, 2, 2, 5, 64, generator=gen, requires_grad=True)  # DualPrompt's E-prompt pool
         idx = torch.randint(0, 3, (32,), generator=gen)
         g = torch.randn(32, 2, 2, 5, 64, generator=gen)
-        out = _rows(table, idx)
+        out = gather_rows(table, idx)
         assert torch.equal(out, table[idx])
         first = torch.autograd.grad(out, table, g)[0]
-        assert all(torch.equal(first, torch.autograd.grad(_rows(table, idx), table, g)[0]) for _ in range(50))
+        assert all(torch.equal(first, torch.autograd.grad(gather_rows(table, idx), table, g)[0]) for _ in range(50))
     finally:
         torch.set_num_threads(threads)
