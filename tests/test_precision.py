@@ -106,3 +106,23 @@ def test_stream_data_go_to_the_device_only_when_they_fit():
     kept = stream.to("meta", move_sources=False)  # indices and labels move, the data stay where they are
     assert kept.experiences[0].train.index.device.type == "meta"
     assert kept.experiences[0].train.source is stream.experiences[0].train.source
+
+
+def test_feature_cache_keeps_autocast_features_apart():
+    """A frozen extractor's features computed under bf16 autocast (training) are never what a full-precision pass
+    (prototypes, closed-form heads) reads back."""
+    from cltoolbox.models.cache import SampleFeatureCache
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    cache = SampleFeatureCache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cache(x, layer)
+    assert low.dtype == torch.bfloat16
+    full = cache(x, layer)
+    assert full.dtype == torch.float32 and torch.equal(full, layer(x).detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(cache(x, lambda rows: pytest.fail("recomputed")), low)  # both are cached
+    cache.clear()
+    assert len(cache) == 0 and len(cache._low) == 0

@@ -79,12 +79,17 @@ def _as_ints(x: torch.Tensor) -> torch.Tensor:
 class SampleFeatureCache:
     """Features of a fixed extractor, one row per distinct input sample (at most ``max_items`` rows)."""
 
-    def __init__(self, max_items: int = 500_000) -> None:
+    def __init__(self, max_items: int = 500_000, _autocast: bool = False) -> None:
         self.max_items = max_items
         self._w: tuple[torch.Tensor, torch.Tensor] | None = None
+        # features computed under autocast (train.precision bf16 / 16-mixed) are kept apart: a strategy's
+        # float32/float64 statistics (prototypes, LDA, ridge heads) must never read rounded ones
+        self._low: SampleFeatureCache | None = None if _autocast else SampleFeatureCache(max_items, _autocast=True)
         self.clear()
 
     def clear(self) -> None:
+        if getattr(self, "_low", None) is not None:
+            self._low.clear()
         self._keys = torch.empty(0, dtype=torch.int64)  # sorted
         self._checks = torch.empty(0, dtype=torch.int64)  # aligned with _keys
         self._slots = torch.empty(0, dtype=torch.int64)  # aligned with _keys: row in _feats
@@ -108,6 +113,8 @@ class SampleFeatureCache:
         """Features of ``x``: cached rows are looked up, the others computed with ``compute`` and stored."""
         if x.shape[0] == 0 or _bypass[0]:
             return compute(x)
+        if self._low is not None and torch.is_autocast_enabled(x.device.type):
+            return self._low(x, compute)
         given = _keys[0]
         if given is not None and given[0].shape[0] == x.shape[0]:  # stream samples: (stream, key)
             keys = given[0].detach().cpu()
