@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cltoolbox import config as cfgmod
-from cltoolbox import distributed
+from cltoolbox import distributed, progress
 from cltoolbox.build import build_stream, check_buildable, load_raw
 from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError
 from cltoolbox.runfolder import (
@@ -127,32 +127,35 @@ def run(
     distributed.barrier()  # every rank has planned before rank 0 writes
 
     results, failures, causes = [], [], []
-    for strategy, seed, run_dir, action in todo:
-        if action == "skip":
-            results.append({**skipped[run_dir], "run_dir": str(run_dir)})
-            continue
-        if seed not in streams:
-            streams.clear()
-            streams[seed] = build_stream(resolved, data, seed)
-        run_cfg = cfgmod.run_config(resolved, strategy, seed)
-        try:
-            _, summary = run_in_folder(run_cfg, streams[seed], run_dir, action, overwrite, quiet=quiet, stop=stop,
-                                       threads=threads)
-        except OSError as e:  # a full disk or a folder gone read-only: the next runs would fail the same way
-            raise io_error(e, run_dir) from e
-        except CLToolboxError as e:  # diverged, locked by another process, a damaged checkpoint: the others go on
-            failures.append(f"{run_dir}: {'diverged: ' if isinstance(e, DivergenceError) else ''}{e}")
-            if not quiet:
-                print(f"error: {e}", file=sys.stderr)
-            continue
-        except Exception as e:  # noqa: BLE001 - a bug in a strategy: its traceback, then the next run
-            import traceback
+    # a bar per run and one for the whole config (its ETA) on a terminal, else plain lines (cltoolbox.progress)
+    n_left = sum(action != "skip" for *_, action in todo) * len(streams[resolved["seeds"][0]])
+    with progress.session(n_left, quiet):
+        for strategy, seed, run_dir, action in todo:
+            if action == "skip":
+                results.append({**skipped[run_dir], "run_dir": str(run_dir)})
+                continue
+            if seed not in streams:
+                streams.clear()
+                streams[seed] = build_stream(resolved, data, seed)
+            run_cfg = cfgmod.run_config(resolved, strategy, seed)
+            try:
+                _, summary = run_in_folder(run_cfg, streams[seed], run_dir, action, overwrite, quiet=quiet, stop=stop,
+                                           threads=threads)
+            except OSError as e:  # a full disk or a folder gone read-only: the next runs would fail the same way
+                raise io_error(e, run_dir) from e
+            except CLToolboxError as e:  # diverged, locked by another process, a damaged checkpoint: the others go on
+                failures.append(f"{run_dir}: {'diverged: ' if isinstance(e, DivergenceError) else ''}{e}")
+                if not quiet:
+                    print(f"error: {e}", file=sys.stderr)
+                continue
+            except Exception as e:  # noqa: BLE001 - a bug in a strategy: its traceback, then the next run
+                import traceback
 
-            traceback.print_exception(e, file=sys.stderr)  # a bug: its traceback belongs on the screen
-            causes.append(e)
-            failures.append(f"{run_dir}: failed with {one_line(e)} (traceback in {run_dir / 'error.log'})")
-            continue
-        results.append({**summary, "run_dir": str(run_dir)})
+                traceback.print_exception(e, file=sys.stderr)  # a bug: its traceback belongs on the screen
+                causes.append(e)
+                failures.append(f"{run_dir}: failed with {one_line(e)} (traceback in {run_dir / 'error.log'})")
+                continue
+            results.append({**summary, "run_dir": str(run_dir)})
     if not quiet and results:
         print(format_table(results))
     if failures:  # from the first crash, if any: --debug and Python callers see its traceback
@@ -162,7 +165,9 @@ def run(
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """Mean ± std over seeds per strategy: class-IL ACC, forgetting, BWT, task-IL ACC, wall time."""
+    """Mean ± std over seeds per strategy: class-IL ACC, forgetting, BWT, task-IL ACC, and ``wall s``: the mean
+    of the runs' own wall time (``cost.wall_s``: training, evaluation and checkpoints, all attempts of a resumed
+    run; not loading data or starting processes). A sweep's per-run lines print the same number as "run wall"."""
     import statistics as st
 
     groups: dict[str, list[dict]] = {}
@@ -178,7 +183,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
     w = max([16, *(len(name) + 2 for name in groups)])  # sweep labels (er-lr0.1-memory_size500) are long
     header = (f"{'strategy':<{w}}{'seeds':>6}  {'ACC (class-IL)':>15}{'forgetting':>15}{'BWT':>16}"
-              f"{'ACC (task-IL)':>15}{'time s':>9}")
+              f"{'ACC (task-IL)':>15}{'wall s':>9}")
     lines = [header, "-" * len(header)]
     for name, rs in groups.items():
         c = [r["class_il"] for r in rs]
