@@ -235,3 +235,43 @@ def check_composition(plugins: list[Plugin], field: str = "strategy") -> list[Pl
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def held_tensors(plugin: Plugin) -> dict[str, list[torch.Tensor]]:
+    """The tensors a plugin holds, by attribute: tensors, modules' parameters and buffers, and tensors inside
+    lists, tuples and dict values (nested)."""
+
+    def collect(value: Any, out: list[torch.Tensor], depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, torch.nn.Module):
+            out.extend(value.state_dict().values())
+        elif depth < 3 and isinstance(value, (list, tuple, dict)):
+            for v in value.values() if isinstance(value, dict) else value:
+                collect(v, out, depth + 1)
+
+    found = {}
+    for name, value in vars(plugin).items():
+        tensors: list[torch.Tensor] = []
+        collect(value, tensors)
+        if tensors:
+            found[name] = tensors
+    return found
+
+
+def unsaved_tensors(plugin: Plugin, built: dict[str, list[torch.Tensor]], model: torch.nn.Module | None = None
+                    ) -> list[str]:
+    """Attributes of a plugin without its own ``state_dict`` that hold tensors it did not hold as built
+    (``built``: :func:`held_tensors` of the plugin fresh from its factory): state a resumed run would lose.
+    Tensors of ``model`` (the learner's, saved by the learner) do not count. Empty for plugins that implement
+    ``state_dict`` (what they save is theirs to decide)."""
+    if type(plugin).state_dict is not Plugin.state_dict:
+        return []
+    saved = {t.data_ptr() for t in model.state_dict().values()} if model is not None else set()
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(x is y or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+                                                   and torch.equal(x, y)) for x, y in zip(a, b, strict=True))
+
+    return [name for name, tensors in held_tensors(plugin).items()
+            if not same(tensors, built.get(name, [])) and not all(t.data_ptr() in saved for t in tensors)]

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from cltoolbox.build import build_model, build_plugins, describe_stream
 from cltoolbox.errors import DivergenceError, RunExistsError
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
+from cltoolbox.plugin import held_tensors, unsaved_tensors
 from cltoolbox.precision import place_stream
 from cltoolbox.results import (
     ACCURACY_FIELDS,
@@ -116,6 +118,7 @@ class RunSession:
         torch.manual_seed(self.seed)
         model = build_model(run_cfg, stream)
         self.learner = Learner(model, build_plugins(run_cfg["strategy"]), train_cfg, seed=self.seed)
+        self.built: list | None = [held_tensors(p) for p in self.learner.plugins]  # see warn_unsaved
         self.stream = place_stream(stream, self.learner.device)  # on the GPU when it fits, else pinned host memory
         self.T = len(self.stream)
         self.history = History(self.T, self.stream.n_classes, len(self.stream.eval_experiences))
@@ -164,8 +167,21 @@ class RunSession:
             self.checkpoint(learner, exp.index + 1, now)
         self.bar.experience_done(exp.index)
 
+    def warn_unsaved(self) -> None:
+        """At the first checkpoint: a plugin without ``state_dict()`` that now holds tensors it did not hold as
+        built would lose them on --resume; say so once (``cltoolbox check`` fails such a plugin)."""
+        for plugin, built in zip(self.learner.plugins, self.built or [], strict=False):
+            lost = unsaved_tensors(plugin, built, self.learner.model)
+            if lost:
+                warnings.warn(f"{type(plugin).__name__} holds tensors in {', '.join('self.' + a for a in lost)} but "
+                              "has no state_dict(): --resume would lose them; implement state_dict() and "
+                              "load_state_dict()", stacklevel=2)
+        self.built = None
+
     def checkpoint(self, learner: Learner, next_experience: int, now: float) -> None:
         """Save what resuming at ``next_experience`` needs (atomically; a kill leaves the previous one)."""
+        if self.built is not None:
+            self.warn_unsaved()
         timing = {"wall_s": self.prior["wall_s"] + now - self.wall_start, "eval_s": self.eval_s,
                   "cpu_s": self.cpu_s()}
         blob = {"learner": learner.state_dict(), "history": self.history.state_dict(),

@@ -37,7 +37,7 @@ import torch
 
 from cltoolbox.errors import CLToolboxError, ConfigError
 from cltoolbox.params import Limit
-from cltoolbox.plugin import FIRST_ANSWER_HOOKS, Plugin
+from cltoolbox.plugin import FIRST_ANSWER_HOOKS, Plugin, held_tensors, unsaved_tensors
 from cltoolbox.registry import SCENARIOS, STRATEGIES, import_plugins, register_strategy, registered_by
 from cltoolbox.runfolder import one_line
 
@@ -73,6 +73,8 @@ class Recorder(Plugin):
     one (resume refuses a folder started from another config)."""
 
     calls: list[str] = []
+    plugins: list[Plugin] = []
+    model: Any = None
 
     crash_at = -1
     composes = frozenset(FIRST_ANSWER_HOOKS)  # it answers None / False: the strategy's own answer counts
@@ -86,7 +88,8 @@ class Recorder(Plugin):
         return object.__getattribute__(self, name)
 
     def before_fit(self, learner, stream):
-        pass
+        Recorder.plugins = [p for p in learner.plugins if not isinstance(p, Recorder)]  # the strategy's, trained
+        Recorder.model = learner.model
 
     def before_experience(self, learner, exp):
         pass
@@ -219,6 +222,7 @@ def check_strategy(name: str, imports: str | Sequence[str] = (), params: dict[st
         check.expect(bool(acc.accuracy.between(0, 1).all()), "accuracy outside [0, 1]")
         _check_learning(check, acc)
         cost = json.loads((run / "metrics.json").read_text())["cost"]
+        _check_unsaved_state(check, {"name": name, **params})
         _check_memory(check, cost)
 
         check.call("a second run with the same seed", cltoolbox.run, config(b), quiet=True)
@@ -280,6 +284,18 @@ def _check_memory(check: _Check, cost: dict[str, Any]) -> None:
     check.expect(isinstance(items, int) and isinstance(nbytes, int) and items >= 0 and nbytes >= 0,
                  f"memory_usage() must give (items, bytes) as non-negative ints, got ({items!r}, {nbytes!r})")
     check.expect(items == 0 or nbytes > 0, f"memory_usage() gives {items} stored items in 0 bytes")
+
+
+def _check_unsaved_state(check: _Check, strategy: dict[str, Any]) -> None:
+    """No plugin without ``state_dict`` holds tensors it did not have as built (a resume would lose them)."""
+    from cltoolbox.build import build_plugins
+
+    fresh = build_plugins(strategy)  # the factory's defaults fill what the check's params leave out
+    for trained, built in zip(Recorder.plugins, fresh, strict=False):
+        lost = unsaved_tensors(trained, held_tensors(built), Recorder.model)
+        check.expect(not lost, f"{type(trained).__name__} holds tensors in {', '.join('self.' + a for a in lost)} "
+                               "but has no state_dict(): a resumed run loses them; implement state_dict() and "
+                               "load_state_dict()")
 
 
 def _check_resume(check: _Check, config: dict[str, Any], run: Path, resumed: Path, cost: dict[str, Any]) -> None:
