@@ -34,16 +34,17 @@ Split-MNIST; the paper uses 2,000 on CIFAR-100).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.exemplar import ExemplarPlugin, check_memory
+from cltoolbox.strategies.exemplar import ExemplarPlugin
 from cltoolbox.strategies.expansion import Branches, Split, UnitGates, balanced_finetune, stream_concat_features
 
 
@@ -194,18 +195,11 @@ class DERExpandPlugin(ExemplarPlugin):
         self._seen_mask = state["seen_mask"]
 
 
-def check_balanced(balanced_epochs: int, balanced_lr: float) -> None:
-    if balanced_epochs < 0:
-        raise ConfigError(f"strategy.balanced_epochs: must be >= 0 (0 = no class-balanced finetuning), got "
-                          f"{balanced_epochs}; e.g. 30")
-    if not balanced_lr > 0:
-        raise ConfigError(f"strategy.balanced_lr: must be > 0, got {balanced_lr}; e.g. 0.05")
-
-
 @register_strategy("der_expand", test_params={"memory_size": 60, "balanced_epochs": 2})
-def der_expand(memory_size: int = 500, aux_weight: float = 1.0, balanced_epochs: int = 30,
-               balanced_lr: float = 0.05, selection: Literal["herding", "random"] = "herding", prune: bool = False,
-               sparsity_weight: float = 1.0, s_max: float = 400.0) -> list[Plugin]:
+def der_expand(memory_size: PositiveInt = 500, aux_weight: NonNegative = 1.0,
+               balanced_epochs: Annotated[int, Min(0)] = 30, balanced_lr: Positive = 0.05,
+               selection: Literal["herding", "random"] = "herding", prune: bool = False,
+               sparsity_weight: NonNegative = 1.0, s_max: Annotated[float, Min(1)] = 400.0) -> list[Plugin]:
     """DER (Yan et al. 2021): a new feature extractor per step, old ones frozen, classifier over the concatenated
     features, auxiliary new-vs-old classifier, class-balanced classifier finetuning; no pruning.
 
@@ -214,13 +208,5 @@ def der_expand(memory_size: int = 500, aux_weight: float = 1.0, balanced_epochs:
     retraining on the exemplars; ``selection``: exemplars by herding (the paper's) or at random; ``prune``: the
     optional mask-based pruning (mlp), with ``sparsity_weight`` (>= 0) and the gates' annealing ``s_max`` (>= 1).
     """
-    check_memory(memory_size, selection)
-    if not aux_weight >= 0:
-        raise ConfigError(f"strategy.aux_weight: must be >= 0, got {aux_weight}; the paper uses 1")
-    check_balanced(balanced_epochs, balanced_lr)
-    if not sparsity_weight >= 0:
-        raise ConfigError(f"strategy.sparsity_weight: must be >= 0, got {sparsity_weight}; e.g. 1")
-    if not s_max >= 1:
-        raise ConfigError(f"strategy.s_max: must be >= 1, got {s_max}; HAT and DER use 400")
     return [DERExpandPlugin(memory_size, aux_weight, balanced_epochs, balanced_lr, selection, prune,
                             sparsity_weight, s_max)]

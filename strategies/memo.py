@@ -25,12 +25,12 @@ extractor, and the parameters saved can pay for exemplars (the paper's "603 exem
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from cltoolbox.params import NonNegative, PositiveInt
+from cltoolbox.params import Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.der_expand import DERExpandPlugin, check_balanced
+from cltoolbox.strategies.der_expand import DERExpandPlugin
 
 
 class MEMOPlugin(DERExpandPlugin):
@@ -48,8 +48,8 @@ class MEMOPlugin(DERExpandPlugin):
 
 
 @register_strategy("memo", test_params={"memory_size": 60, "balanced_epochs": 2})
-def memo(memory_size: PositiveInt = 500, aux_weight: NonNegative = 1.0, balanced_epochs: int = 30,
-         balanced_lr: float = 0.05,
+def memo(memory_size: PositiveInt = 500, aux_weight: NonNegative = 1.0, balanced_epochs: Annotated[int, Min(0)] = 30,
+         balanced_lr: Positive = 0.05,
          selection: Literal["herding", "random"] = "herding", train_shared: bool = False) -> list[Plugin]:
     """MEMO (Zhou et al. 2023): shared generalised (shallow) blocks, a specialised deep block added per task,
     DER's auxiliary loss and class-balanced classifier finetuning.
@@ -59,5 +59,4 @@ def memo(memory_size: PositiveInt = 500, aux_weight: NonNegative = 1.0, balanced
     ``selection``: herding or random exemplars; ``train_shared``: keep training the generalised blocks after the
     first task (default: frozen).
     """
-    check_balanced(balanced_epochs, balanced_lr)
     return [MEMOPlugin(memory_size, aux_weight, balanced_epochs, balanced_lr, selection, train_shared)]
