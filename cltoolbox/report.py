@@ -28,16 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from cltoolbox.tables import METRICS, format_mean_std
+
 COLUMN_WIDTH_IN = 3.4
-SETTING_NAMES = {"class_il": "class-IL", "task_il": "task-IL"}
 # metric -> (header with unit, higher is better, scale to the unit)
 TABLE_METRICS: dict[str, tuple[str, bool, float]] = {
-    "acc": ("ACC (%)", True, 100.0),
-    "aia": ("AIA (%)", True, 100.0),
-    "forgetting": ("Forgetting (pp)", False, 100.0),
-    "bwt": ("BWT (pp)", True, 100.0),
-    "fwt": ("FWT (pp)", True, 100.0),
-}
+    k: (METRICS[k].header, METRICS[k].higher_is_better, 100.0) for k in ("acc", "aia", "forgetting", "bwt", "fwt")}
 COST_METRICS: dict[str, tuple[str, bool, float]] = {
     "cpu_s": ("CPU time (s)", False, 1.0),
     "wall_s": ("Wall time (s)", False, 1.0),
@@ -170,15 +166,6 @@ def summary_table(metrics: Any, setting: str = "class_il") -> Any:
     return table.sort_values(["_o", "reference"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
-def mean_std(values: Iterable[float], digits: int = 3, scale: float = 1.0) -> str:
-    """'mean ± sample std' of per-seed values (std 0 for a single value), as the tables print them."""
-    import statistics
-
-    v = [float(x) * scale for x in values]
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}"
-
-
 def _columns(table: Any) -> list[str]:
     metrics = {**TABLE_METRICS, **COST_METRICS}
     return [c for c in metrics if f"{c}_mean" in table.columns]
@@ -277,7 +264,7 @@ def _plain(cell: Any, col: str) -> str:
     if kind == "na":
         return "n/a"
     d = _digits(col, mean)
-    return f"{mean:.{d}f} ± {std:.{d}f}".replace("-", "−")
+    return format_mean_std(mean, std, d).replace("-", "−")
 
 
 def to_markdown(table: Any, setting: str = "class_il") -> str:

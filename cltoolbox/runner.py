@@ -170,16 +170,14 @@ def format_table(results: list[dict[str, Any]]) -> str:
     run; not loading data or starting processes). A sweep's per-run lines print the same number as "run wall"."""
     import statistics as st
 
+    from cltoolbox.tables import mean_std
+
     groups: dict[str, list[dict]] = {}
     for r in results:
         groups.setdefault(r["labels"]["strategy"], []).append(r)
 
     def ms(vals: list) -> str:
-        vals = [v for v in vals if v is not None and v == v]
-        if not vals:
-            return "n/a"
-        sd = st.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{st.mean(vals):.3f}±{sd:.3f}"
+        return mean_std(vals, sep="±")
 
     w = max([16, *(len(name) + 2 for name in groups)])  # sweep labels (er-lr0.1-memory_size500) are long
     header = (f"{'strategy':<{w}}{'seeds':>6}  {'ACC (class-IL)':>15}{'forgetting':>15}{'BWT':>16}"

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -46,6 +45,7 @@ from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner, resolve_device
 from cltoolbox.results import atomic_write_text, is_done, write_csv, write_json
 from cltoolbox.stream import Experience, Stream
+from cltoolbox.tables import mean_std
 
 ACCURACY_FIELDS = ["first_task", "second_task", "setting", "accuracy"]
 
@@ -307,10 +307,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         groups.setdefault(r["labels"]["strategy"], []).append(r)
 
     def ms(vals: list[float]) -> str:
-        vals = [v for v in vals if v is not None and v == v]
-        if not vals:
-            return "n/a"
-        return f"{statistics.mean(vals):+.3f}±{statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+        return mean_std(vals, sep="±", signed=True)
 
     for name, rs in groups.items():
         lines.append(f"{name:<16}{len(rs):>6}  {ms([r['mean_transfer']['class_il'] for r in rs]):>18}"

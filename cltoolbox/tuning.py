@@ -39,13 +39,11 @@ from typing import Any
 from cltoolbox.config import check_folder_name
 from cltoolbox.errors import CLToolboxError, ConfigError
 from cltoolbox.sweep import Point, check_points, execute, expand, plan_jobs, prepare, require_ray
+from cltoolbox.tables import METRICS, SETTING_NAMES, format_mean_std
 
 EVALUATION_KEYS = ("scenario", "seeds")
-SELECT_METRICS = {"acc": True, "acc_weighted": True, "aia": True, "bwt": True, "fwt": True, "forgetting": False,
-                  "forgetting_last": False}  # metric -> higher is better
+SELECT_METRICS = {k: m.higher_is_better for k, m in METRICS.items()}  # metric -> higher is better
 SETTINGS = ("class_il", "task_il")
-METRIC_NAMES = {"acc": "ACC", "acc_weighted": "weighted ACC", "aia": "AIA", "bwt": "BWT", "fwt": "FWT",
-                "forgetting": "forgetting", "forgetting_last": "forgetting (last)"}
 PAPER = 'Cha & Cho, "Hyperparameters in Continual Learning: A Reality Check" (arXiv:2403.09066)'
 
 
@@ -135,9 +133,7 @@ def _params_text(pt: Point) -> str:
 
 
 def _pct(mean: float, std: float | None = None) -> str:
-    if mean != mean:
-        return "n/a"
-    return f"{mean * 100:.1f}" + ("" if std is None or std != std else f" ± {std * 100:.1f}")
+    return format_mean_std(mean, std, digits=1, scale=100)
 
 
 def write_report(root: Path, t_points: list[Point], e_points: dict[str, Point], t_scores: dict[str, dict],
@@ -165,7 +161,7 @@ def write_report(root: Path, t_points: list[Point], e_points: dict[str, Point], 
     csv_path, md_path = root / "tuning_report.csv", root / "tuning_report.md"
     csv_path.write_text(buf.getvalue())
 
-    m = f"{METRIC_NAMES.get(metric, metric)} ({setting.replace('_il', '-IL')})"
+    m = f"{METRICS[metric].name if metric in METRICS else metric} ({SETTING_NAMES.get(setting, setting)})"
     t, e = phases["tuning"], phases["evaluation"]
     lines = [
         f"# Two-phase tuning: {sel['name']}", "",

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import cltoolbox
-from cltoolbox.report import mean_std
+from cltoolbox.tables import mean_std
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = ("gem_split_mnist5k.yaml", "rer_split_mnist5k.yaml", "agem_permuted_mnist5k.yaml")

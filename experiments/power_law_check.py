@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 import cltoolbox
-from cltoolbox.report import mean_std
+from cltoolbox.tables import mean_std
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import statistics as st
 from pathlib import Path
 
 import cltoolbox
-from cltoolbox.report import mean_std
+from cltoolbox.tables import mean_std
 
 HERE = Path(__file__).parent
 

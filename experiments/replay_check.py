@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 import cltoolbox
-from cltoolbox.report import mean_std
+from cltoolbox.tables import mean_std
 
 STRATEGIES = [
     {"name": "naive"},
