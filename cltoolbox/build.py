@@ -12,10 +12,9 @@ import torch
 
 from cltoolbox import config as cfgmod
 from cltoolbox.augment import check_augment
-from cltoolbox.errors import CLToolboxError, ConfigError
+from cltoolbox.errors import CLToolboxError, ConfigError, one_line
 from cltoolbox.plugin import Plugin, check_composition
 from cltoolbox.registry import MODELS, SCENARIOS, STRATEGIES, import_plugins, resolve_import_path
-from cltoolbox.runfolder import one_line
 from cltoolbox.stream import Stream, validation_stream
 
 

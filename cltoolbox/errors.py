@@ -27,3 +27,11 @@ class RunLockedError(RunExistsError):
 
 class PluginError(CLToolboxError):
     """A plugin's code breaks the plugin contract (a misspelled hook, a taken name, an untyped parameter)."""
+
+
+def one_line(e: BaseException) -> str:
+    """``SyntaxError: invalid syntax (line 2)`` or ``ValueError: boom``: an exception on one line."""
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} (line {e.lineno})"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

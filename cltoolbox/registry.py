@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cltoolbox.errors import CLToolboxError, ConfigError, PluginError
+from cltoolbox.errors import CLToolboxError, ConfigError, PluginError, one_line
 from cltoolbox.params import Param, closest, signature_params, with_limits
 
 # what plugins a process loaded from outside cltoolbox, for env.json: imported file -> sha256, package -> version
@@ -165,7 +165,7 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
             except CLToolboxError as e:  # a plugin mistake found at registration: keep its one line
                 raise type(e)(f"imports: module '{spec}': {e}") from e
             except Exception as e:  # noqa: BLE001 - the user's module raised while it was imported
-                raise ConfigError(f"imports: module '{spec}' raised {_one_line(e)} on import; fix it") from e
+                raise ConfigError(f"imports: module '{spec}' raised {one_line(e)} on import; fix it") from e
             continue
         path = resolve_import_path(spec, base_dir)
         if not path.is_file():
@@ -183,7 +183,7 @@ def import_plugins(specs: list[str], base_dir: str | None = None) -> None:
             raise type(e)(f"imports: '{path}': {e}") from e
         except Exception as e:  # noqa: BLE001 - a syntax error or an exception in the user's file
             del sys.modules[name]
-            raise ConfigError(f"imports: '{path}' failed on import ({_one_line(e)}); fix the file") from e
+            raise ConfigError(f"imports: '{path}' failed on import ({one_line(e)}); fix the file") from e
         _IMPORTED_FILES[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -204,14 +204,6 @@ def registered_by(spec: str, base_dir: str | None = None) -> dict[str, list[str]
         mine = lambda m: m == spec or m.startswith(spec + ".")  # noqa: E731
     return {kind: [e.name for e in reg.entries() if mine(getattr(e.factory, "__module__", ""))]
             for kind, reg in REGISTRIES.items()}
-
-
-def _one_line(e: BaseException) -> str:
-    """``SyntaxError: invalid syntax (line 2)`` or ``ValueError: boom``: the exception on one line."""
-    if isinstance(e, SyntaxError):
-        return f"SyntaxError: {e.msg} (line {e.lineno})"
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def resolve_import_path(spec: str, base_dir: str | None) -> Path:

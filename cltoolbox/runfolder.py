@@ -23,15 +23,9 @@ from typing import Any
 
 import torch
 
-from cltoolbox.errors import CLToolboxError, RunExistsError, RunLockedError
+from cltoolbox.errors import CLToolboxError, RunExistsError, RunLockedError, one_line
 from cltoolbox.registry import plugin_sources
 from cltoolbox.results import atomic_write_text, is_done, write_json
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its type and its message with the whitespace collapsed."""
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def scenario_label(scenario: dict[str, Any]) -> str:

@@ -13,14 +13,13 @@ from typing import Any
 from cltoolbox import config as cfgmod
 from cltoolbox import distributed, progress
 from cltoolbox.build import build_stream, check_buildable, load_raw
-from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError
+from cltoolbox.errors import CLToolboxError, ConfigError, DivergenceError, one_line
 from cltoolbox.runfolder import (
     RunLock,
     check_existing,
     check_writable,
     claim,
     io_error,
-    one_line,
     prune_empty,
     read_summary,
     record_failure,

@@ -19,7 +19,7 @@ import torch
 from cltoolbox import config as cfgmod
 from cltoolbox import metrics, multilabel, rss, time_to_target
 from cltoolbox.build import build_model, build_plugins, describe_stream
-from cltoolbox.errors import DivergenceError, RunExistsError
+from cltoolbox.errors import DivergenceError, RunExistsError, one_line
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner
 from cltoolbox.plugin import held_tensors, unsaved_tensors
@@ -39,7 +39,6 @@ from cltoolbox.runfolder import (
     environment,
     finish_env,
     load_checkpoint,
-    one_line,
     scenario_label,
     write_config,
     write_done,

@@ -35,11 +35,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from cltoolbox.errors import CLToolboxError, ConfigError
+from cltoolbox.errors import CLToolboxError, ConfigError, one_line
 from cltoolbox.params import Limit
 from cltoolbox.plugin import FIRST_ANSWER_HOOKS, Plugin, held_tensors, unsaved_tensors
 from cltoolbox.registry import SCENARIOS, STRATEGIES, import_plugins, register_strategy, registered_by
-from cltoolbox.runfolder import one_line
 
 __all__ = ["check_scenario", "check_strategy", "scenario_cases", "strategy_cases"]
 

@@ -239,7 +239,7 @@ def test_list_strategies_shows_parameters(capsys):
     assert rc == 0 and err == ""
     names = {line.split()[0] for line in out.splitlines() if line and not line[0].isspace()}
     assert {"naive", "er", "joint", "cumulative"} <= names
-    assert "memory_size: int = 500" in out  # er's parameters, read from its signature
+    assert "memory_size: int >= 1 = 500" in out  # er's parameters and limits, read from its signature
     er_line = next(line for line in out.splitlines() if line.startswith("er "))
     assert "Chaudhry" in er_line  # the docstring's first line
 
