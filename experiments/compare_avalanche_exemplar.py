@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_avalanche as ca  # noqa: E402
 
-from cltoolbox.report import mean_std  # noqa: E402
+from cltoolbox.tables import mean_std  # noqa: E402
 
 
 def _specs() -> dict[str, ca.Spec]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import cltoolbox
-from cltoolbox.report import mean_std
+from cltoolbox.tables import mean_std
 
 MEMORY = 500
 OFFLINE = [{"name": "naive"}, {"name": "er", "memory_size": MEMORY}, {"name": "er_ace", "memory_size": MEMORY},
