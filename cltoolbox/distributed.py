@@ -142,6 +142,15 @@ def all_reduce_grads(params: Sequence[torch.Tensor], world: int) -> None:
         offset += g.numel()
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over ranks (``value`` itself in one process): per-batch counts of the global batch."""
+    if current() is None:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     d = current()
     if d is None:

@@ -43,6 +43,7 @@ from typing import Annotated
 import torch
 from torch import nn
 
+from cltoolbox import distributed
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.vit import Prefix
 from cltoolbox.params import Min, NonNegative, PositiveInt
@@ -93,7 +94,8 @@ class L2PPlugin(PromptPlugin):
         feats = h[:, 1 : 1 + prompts.shape[1]].mean(1)  # the prompt tokens' outputs
         if task is None:
             return feats, 0.0
-        self.usage[task] += torch.bincount(idx.flatten(), minlength=self.pool_size).double()
+        # the global batch's selections (summed over ranks under DDP), so every rank grows the same allotment
+        self.usage[task] += distributed.all_reduce_sum(torch.bincount(idx.flatten(), minlength=self.pool_size).double())
         return feats, self.pull * (1 - cos.gather(1, idx)).sum(1).mean()
 
     def frozen(self, name, tensor, task):

@@ -154,6 +154,32 @@ def test_two_processes_match_one_write_only_rank0_and_resume(tmp_path):
     assert _written_under(tmp_path / "writes_rank1.txt", tmp_path / "cut") == []
 
 
+@pytest.mark.slow
+def test_strategies_under_ddp_match_one_process():
+    """~40 s: replay memories, Fisher/importance, GEM/A-GEM reference gradients and L2P's prompt selection counts
+    end the same on both ranks (plugin state checksums equal) and as in one process (accuracies within 0.02,
+    weights up to float rounding: DDP averages the shards' gradients in another summation order)."""
+    names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt"]
+    script = str(Path(__file__).with_name("ddp_equivalence.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, check=True)
+    port = distributed.free_port()
+    procs = [subprocess.Popen([sys.executable, script, *names], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
+    ref = {r["strategy"]: r for r in map(json.loads, one.stdout.splitlines())}
+    ranks = [{r["strategy"]: r for r in map(json.loads, out.splitlines())} for out, _ in outs]
+    for name in names:
+        a, b = ranks[0][name], ranks[1][name]
+        assert a["acc"] == b["acc"] and a["weights"] == b["weights"] and a["plugins"] == b["plugins"], name
+        assert max(abs(x - y) for x, y in zip(a["acc"], ref[name]["acc"], strict=True)) <= 0.02, name
+        assert a["weights"] == pytest.approx(ref[name]["weights"], rel=1e-4, abs=1e-3), name
+        assert a["plugins"] == pytest.approx(ref[name]["plugins"], rel=1e-4, abs=1e-3), name
+
+
 def test_shards_cover_the_global_batch():
     for n in (1, 7, 10, 33):
         for world in (2, 3, 4):
