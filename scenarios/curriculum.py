@@ -77,9 +77,9 @@ def curriculum_order(means: torch.Tensor, order: Literal["easy_to_hard", "hard_t
 def curriculum(
     data: Dataset,
     seed: int,
-    n_experiences: int | None = None,
-    first_classes: int | None = None,
-    classes_per_exp: int | None = None,
+    n_experiences: PositiveInt | None = None,
+    first_classes: PositiveInt | None = None,
+    classes_per_exp: PositiveInt | None = None,
     order: Literal["easy_to_hard", "hard_to_easy"] = "easy_to_hard",
     features: Literal["pixels", "random_projection"] = "random_projection",
     feature_dim: PositiveInt = 256,

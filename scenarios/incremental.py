@@ -8,6 +8,7 @@ import torch
 
 from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import PositiveInt
 from cltoolbox.registry import register_scenario
 from cltoolbox.stream import Experience, Samples, Stream
 
@@ -91,10 +92,10 @@ def split_by_class(
 def class_incremental(
     data: Dataset,
     seed: int,
-    n_experiences: int | None = None,
+    n_experiences: PositiveInt | None = None,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
-    first_classes: int | None = None,
-    classes_per_exp: int | None = None,
+    first_classes: PositiveInt | None = None,
+    classes_per_exp: PositiveInt | None = None,
 ) -> Stream:
     """Disjoint class splits, no task ids at test time (class-IL). Order: fixed, seeded, or an explicit list."""
     return split_by_class(data, seed, n_experiences, class_order, first_classes, classes_per_exp, False)
@@ -104,10 +105,10 @@ def class_incremental(
 def task_incremental(
     data: Dataset,
     seed: int,
-    n_experiences: int | None = None,
+    n_experiences: PositiveInt | None = None,
     class_order: Literal["fixed", "seeded"] | list[int] = "fixed",
-    first_classes: int | None = None,
-    classes_per_exp: int | None = None,
+    first_classes: PositiveInt | None = None,
+    classes_per_exp: PositiveInt | None = None,
 ) -> Stream:
     """The class splits of class_incremental with task ids given in training and test (multi-head task-IL)."""
     return split_by_class(data, seed, n_experiences, class_order, first_classes, classes_per_exp, True)

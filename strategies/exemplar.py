@@ -182,10 +182,3 @@ class ExemplarPlugin(Plugin):
         """Exemplars at their native size plus the frozen teacher's weights."""
         items, nbytes = self.memory.usage()
         return items, nbytes + (tensor_bytes(*self.old_state.values()) if self.old_state else 0)
-
-
-def check_memory(memory_size: int, selection: str) -> None:
-    if memory_size < 1:
-        raise ConfigError(f"strategy.memory_size: must be >= 1, got {memory_size}; e.g. 500")
-    if selection not in ("herding", "random"):
-        raise ConfigError(f"strategy.selection: must be 'herding' or 'random', got {selection!r}")
