@@ -287,8 +287,12 @@ class RunLoggers:
     is switched off for the rest of the run, so a tracker never breaks a run."""
 
     def __init__(self, specs: list[dict[str, Any]], run_cfg: dict[str, Any], run_dir: Path) -> None:
+        from cltoolbox import distributed
+
         self.trackers: list[Tracker] = []
         run_dir = Path(run_dir)
+        if not distributed.is_rank0():  # --nproc / torchrun: the other ranks train in a scratch folder, silent
+            return
         # the same id on every resume of this run folder (W&B's run id, MLflow's tag)
         run_id = hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:16]
         for spec in specs:

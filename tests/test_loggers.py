@@ -180,3 +180,11 @@ def test_a_failing_tracker_never_breaks_a_run(tiny_config: dict, tmp_path: Path,
     assert res["status"] == "done"
     err = capsys.readouterr().err
     assert err.count("warning: logger tensorboard failed to log (epoch)") == 1  # once, then it is off
+
+
+def test_only_rank0_logs(tmp_path: Path, monkeypatch) -> None:
+    from cltoolbox import distributed
+
+    monkeypatch.setattr(distributed, "is_rank0", lambda: False)  # another rank of a --nproc run
+    run = loggers.RunLoggers([{"name": "tensorboard", "dir": None}], {"name": "x"}, tmp_path / "run")
+    assert not run.active and not (tmp_path / "run").exists()
