@@ -165,8 +165,9 @@ class RunProgress:
             self.bar.refresh()
             return
         loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+        overall = f"; {self.parent.status()}" if self.parent.total else ""  # a run outside `cltoolbox run`: alone
         print(f"{self.label}: experience {self.index}/{self.T} done, {clock(time.perf_counter() - self.start)} "
-              f"elapsed{loss}; {self.parent.status()}", file=self.parent.file, flush=True)
+              f"elapsed{loss}{overall}", file=self.parent.file, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
