@@ -151,6 +151,7 @@ def run_hand(cfg: dict, data: Dataset, device: torch.device, replay: bool) -> di
     with clock(device, out):
         model.train()
         for exp in stream:
+            assert exp.train.source is data.train, "the hand loop indexes the dataset's own training tensor"
             idx_exp = exp.train.index.to(device)  # positions of this experience's samples in the train tensor
             order = idx_exp[torch.randperm(len(idx_exp), device=device, generator=g)]
             for s in range(0, len(order), bs):
@@ -203,7 +204,8 @@ def run_avalanche(cfg: dict, data: Dataset, device: torch.device, replay: bool) 
     torch.manual_seed(0)
     model = build_model(run_cfg, stream)
     out: dict[str, float] = {}
-    with warnings.catch_warnings():
+    # record, not print: Avalanche re-enables its DeprecationWarnings inside its own calls
+    with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore")
         bm = nc_benchmark(TensorPairs(xt, data.train.labels), TensorPairs(xe, data.test.labels),
                           n_experiences=len(stream), task_labels=False, shuffle=False,
