@@ -6,8 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,55 +16,12 @@ from cltoolbox import distributed, multilabel
 from cltoolbox.augment import BatchAugment, make_augment
 from cltoolbox.errors import DivergenceError
 from cltoolbox.models.cache import sample_keys, uncached
+from cltoolbox.optim import PlainSGD, complete_param_groups, make_optimizer, make_scheduler
 from cltoolbox.plugin import HOOKS, MASKED_LOGIT, Batch, Plugin, implementers
 from cltoolbox.precision import Precision, apply_channels_last, set_deterministic
 from cltoolbox.precision import resolve_device as resolve_device
-from cltoolbox.sgd import PlainSGD
 from cltoolbox.stream import Experience, Stream
-
-
-@dataclass
-class TrainConfig:
-    """Training hyperparameters (the ``train:`` section of a config)."""
-
-    epochs: int = 1
-    batch_size: int = 10
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    scheduler: Literal["none", "cosine", "multistep"] = "none"
-    milestones: list[int] = field(default_factory=list)  # epochs, for scheduler: multistep
-    gamma: float = 0.1
-    eval_batch_size: int = 1024
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    augment_crop: int = 0  # random crop after padding by this many pixels (0 = off); CIFAR recipe: 4
-    augment_hflip: bool = False  # random horizontal flip
-    workers: int | None = None  # DataLoader processes decoding file-backed data (None: up to 4 if file-backed)
-    precision: Literal[32, "bf16", "16-mixed"] = 32  # autocast of the training forward (cltoolbox.precision)
-    channels_last: bool = False  # NHWC weights and inputs for convolutional models
-    compile: bool = False  # torch.compile the training forward
-    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels and torch.use_deterministic_algorithms
-    time_to_target: dict | None = None  # {target: 0.9, every: 50}: cost to reach it per experience (time_to_target.py)
-
-
-def complete_param_groups(groups: list[dict[str, Any]], params: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """A plugin's ``param_groups`` answer checked against the trainable ``params``, plus one group (at the
-    optimizer's defaults) for the tensors no group names."""
-    from cltoolbox.errors import PluginError
-
-    named: set[int] = set()
-    allowed = {id(p) for p in params}
-    for i, g in enumerate(groups):
-        if not isinstance(g, dict) or "params" not in g:
-            raise PluginError(f"param_groups: group {i} must be a dict with a 'params' list, got {type(g).__name__}")
-        for p in g["params"]:
-            if id(p) in named or id(p) not in allowed:
-                why = "is in two groups" if id(p) in named else "is not among the trainable tensors"
-                raise PluginError(f"param_groups: a tensor of group {i} {why}; name each trainable tensor once")
-            named.add(id(p))
-    rest = [p for p in params if id(p) not in named]
-    return [dict(g, params=list(g["params"])) for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
+from cltoolbox.train_config import TrainConfig
 
 
 class Learner:
@@ -122,25 +78,11 @@ class Learner:
 
     # -- optimisation ---------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [p for plugin in self.plugins for p in plugin.parameters() if p.requires_grad]
         groups = next((g for p in self.hooks["param_groups"] if (g := p.param_groups(self, params)) is not None),
                       None)
-        if groups is not None:
-            params = complete_param_groups(groups, params)
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=c.lr, weight_decay=c.weight_decay)
-
-    def _make_scheduler(self, steps_per_epoch: int, epochs: int):
-        c = self.config
-        if c.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, epochs))
-        if c.scheduler == "multistep":
-            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, c.milestones, c.gamma)
-        return None
+        return make_optimizer(self.config, params if groups is None else complete_param_groups(groups, params))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Training logits (a plugin's ``forward`` or the model's) of ``x``, augmented when ``train.augment_*``
@@ -196,7 +138,7 @@ class Learner:
         by_key = not torch.is_floating_point(data)
         exp = self.experience
         self.optimizer = self.make_optimizer()
-        scheduler = self._make_scheduler((n + bs - 1) // bs, epochs)
+        scheduler = make_scheduler(self.config, self.optimizer, epochs)
         h = self.hooks
         model, opt = self.model, self.optimizer
         # per-batch work kept to what the step needs: hook lists bound once, gathers with index_select (a

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from cltoolbox.data import load_dataset
 from cltoolbox.evaluate import SETTINGS, History, evaluate_stream
 from cltoolbox.loop import Learner, TrainConfig
+from cltoolbox.optim import PlainSGD
 from cltoolbox.registry import MODELS, SCENARIOS
 from cltoolbox.results import atomic_write_bytes, atomic_write_text
-from cltoolbox.sgd import PlainSGD
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

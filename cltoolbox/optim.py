@@ -1,9 +1,51 @@
-"""``PlainSGD``: plain SGD's update without ``torch.optim.SGD``'s per-call machinery (the loop's fast path)."""
+"""The loop's optimizers: ``torch.optim`` built from ``train.*`` and a plugin's parameter groups, the learning-rate
+schedules, and ``PlainSGD``, plain SGD's update without ``torch.optim.SGD``'s per-call machinery (the fast path)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.optim import optimizer as torch_optimizer
+
+from cltoolbox.train_config import TrainConfig
+
+
+def complete_param_groups(groups: list[dict[str, Any]], params: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """A plugin's ``param_groups`` answer checked against the trainable ``params``, plus one group (at the
+    optimizer's defaults) for the tensors no group names."""
+    from cltoolbox.errors import PluginError
+
+    named: set[int] = set()
+    allowed = {id(p) for p in params}
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or "params" not in g:
+            raise PluginError(f"param_groups: group {i} must be a dict with a 'params' list, got {type(g).__name__}")
+        for p in g["params"]:
+            if id(p) in named or id(p) not in allowed:
+                why = "is in two groups" if id(p) in named else "is not among the trainable tensors"
+                raise PluginError(f"param_groups: a tensor of group {i} {why}; name each trainable tensor once")
+            named.add(id(p))
+    rest = [p for p in params if id(p) not in named]
+    return [dict(g, params=list(g["params"])) for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.Tensor] | list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """``train.optimizer`` (sgd, adam, adamw) over ``params`` (tensors or parameter groups) at ``train.lr``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
+    """``train.scheduler``, stepped once per epoch (cosine over ``epochs``, multistep at ``train.milestones``),
+    or None."""
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    if config.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.gamma)
+    return None
 
 
 class PlainSGD:
