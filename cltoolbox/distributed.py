@@ -15,8 +15,8 @@ After each experience rank 0's model buffers, plugin state (memories, Fisher/imp
 prototypes) and generator are broadcast to all ranks, so evaluation and the checkpoint are the same
 everywhere whatever a strategy computed per rank; rank 0 alone writes the run folder.
 
-A plugin declares that it keeps these rules with ``supports_ddp = True`` (see ``Plugin``); a strategy with
-a plugin that does not is refused with one line before training.
+A plugin class declares that it keeps these rules with ``supports_ddp = True`` in its own body (not inherited:
+see ``Plugin``); a strategy with a plugin that does not is refused with one line before training.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def rank_device(device: torch.device) -> torch.device:
 
 def check_plugins(plugins: Sequence[Any], label: str) -> None:
     """One line when a plugin of the strategy has not declared that it keeps the DDP rules."""
-    bad = [type(p).__name__ for p in plugins if not getattr(type(p), "supports_ddp", False)]
+    # the class's own declaration, not an inherited one: a subclass that changes hooks (ER-ACE's criterion over
+    # row positions on top of ER) must check the rules again
+    bad = [type(p).__name__ for p in plugins if not vars(type(p)).get("supports_ddp", False)]
     if bad:
         raise ConfigError(f"strategy {label!r}: {bad[0]} does not support multi-process training (its per-batch "
                           "state is not proven identical on every rank; see cltoolbox.distributed); run it in "

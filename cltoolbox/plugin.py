@@ -111,7 +111,8 @@ class Plugin:
     composes: ClassVar[set[str] | frozenset[str]] = frozenset()
     # True when the plugin keeps the multi-process rules of cltoolbox.distributed: its per-batch state (memory
     # updates, sampling) depends only on the global batch seen in transform_batch, not on a rank's shard.
-    # Strategies with a plugin that does not declare it refuse --nproc > 1.
+    # Strategies with a plugin that does not declare it refuse --nproc > 1. Read from the class's own body, not
+    # inherited: a subclass that changes hooks declares it again once it has checked them.
     supports_ddp: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -234,6 +234,7 @@ class GEMPlugin(Plugin):
 
 
 class AGEMPlugin(GEMPlugin):
+    supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
     def __init__(self, patterns_per_experience: int, sample_size: int) -> None:
         super().__init__(patterns_per_experience, 0.0)
         self.sample_size = sample_size

@@ -27,9 +27,6 @@ class PromptPlugin(Plugin):
     """Shared machinery: frozen ViT, plugin-owned prompt module, query, masks, checkpointing."""
 
     method = "prompting"
-    # under DDP: prompts, keys and the head get all-reduced gradients (the loop's plugin-forward path), the
-    # allotments are per experience, and L2P's selection counts are summed over ranks
-    supports_ddp = True
 
     def __init__(self, pull: float, train_mask: bool) -> None:
         self.pull = pull

@@ -64,6 +64,9 @@ class L2PPool(nn.Module):
 
 class L2PPlugin(PromptPlugin):
     method = "l2p"
+    # DDP: prompt, key and head gradients all-reduced by the loop; allotments per experience and selection
+    # counts summed over ranks
+    supports_ddp = True
 
     def __init__(self, pool_size: int, prompt_length: int, top_k: int, pull: float, diversify: bool,
                  train_mask: bool) -> None:
@@ -136,6 +139,8 @@ class DualPromptPool(nn.Module):
 
 class DualPromptPlugin(PromptPlugin):
     method = "dualprompt"
+    # DDP: prompt, key and head gradients all-reduced by the loop; allotments per experience
+    supports_ddp = True
 
     def __init__(self, g_layers: list[int], g_length: int, e_layers: list[int], e_length: int,
                  pool_size: int | None, pull: float, train_mask: bool) -> None:
@@ -232,6 +237,8 @@ class CodaPool(nn.Module):
 
 class CodaPromptPlugin(PromptPlugin):
     method = "coda_prompt"
+    # DDP: prompt, key and head gradients all-reduced by the loop; allotments per experience
+    supports_ddp = True
 
     def __init__(self, pool_size: int, prompt_length: int, layers: list[int], ortho: float,
                  train_mask: bool) -> None:

@@ -193,11 +193,12 @@ def test_strategies_without_ddp_support_refuse_in_one_line(tmp_path, monkeypatch
     from cltoolbox.errors import ConfigError
     from cltoolbox.registry import STRATEGIES
 
-    entry = {"name": "derpp", "label": "derpp", "plugins": [],
-             **{k: p.default for k, p in STRATEGIES.get("derpp").params.items()}}
-    with pytest.raises(ConfigError) as e:
-        distributed.check_strategy(entry)
-    assert "does not support multi-process training" in str(e.value) and "\n" not in str(e.value)
+    for name in ("derpp", "er_ace"):  # er_ace subclasses er's plugin: the declaration is not inherited
+        entry = {"name": name, "label": name, "plugins": [],
+                 **{k: p.default for k, p in STRATEGIES.get(name).params.items()}}
+        with pytest.raises(ConfigError) as e:
+            distributed.check_strategy(entry)
+        assert "does not support multi-process training" in str(e.value) and "\n" not in str(e.value)
     distributed.check_strategy({"name": "er", "label": "er", "plugins": [],
                                 **{k: p.default for k, p in STRATEGIES.get("er").params.items()}})
 
