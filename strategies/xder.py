@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from cltoolbox.params import Interval, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.der import LogitMemory
 from cltoolbox.strategies.memory import ClassBalancedMemory, MemoryPlugin
 
 
@@ -75,7 +76,10 @@ def rescale_update(new: torch.Tensor, gt_logit: torch.Tensor, gamma: float) -> t
 
 
 class XDERMemory(ClassBalancedMemory):
-    """A class-balanced memory whose entries carry logits (aligned by stream key after each refill)."""
+    """A class-balanced memory whose entries carry logits (aligned by stream key after each refill). Sampling is
+    DER's (``LogitMemory.sample_with_logits``: one randint and gathers); DER's reservoir insertion is not used."""
+
+    sample_with_logits = LogitMemory.sample_with_logits
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
@@ -150,9 +154,7 @@ class XDERPlugin(MemoryPlugin):
             extra = extra + self.eta * F.relu(bad.detach() + self.margin - good).mean()
         if mem.size:
             n = self.mem_batch_size or len(batch)
-            idx = torch.randint(mem.size, (n,), generator=learner.generator).to(mem.key.device)
-            key, y, t = mem.key.index_select(0, idx), mem.y.index_select(0, idx), mem.t.index_select(0, idx)
-            z = mem.logits.index_select(0, idx.to(mem.logits.device))
+            key, y, t, z = mem.sample_with_logits(n, learner.generator)
             out = learner.forward(learner.fetch(key), t, key)
             valid = seen_now.expand_as(out)
             if learner.multi_head:  # the loop masked other tasks' logits; stored logits are unmasked
@@ -168,8 +170,7 @@ class XDERPlugin(MemoryPlugin):
                 bad = prob.masked_fill(~future, 0).max(1).values
                 extra = extra + self.eta * F.relu(bad + self.margin - gt.detach()).mean()
             if self.beta > 0:
-                idx2 = torch.randint(mem.size, (n,), generator=learner.generator).to(mem.key.device)
-                key2, y2, t2 = mem.key.index_select(0, idx2), mem.y.index_select(0, idx2), mem.t.index_select(0, idx2)
+                key2, y2, t2, _ = mem.sample_with_logits(n, learner.generator)  # independent of the first draw
                 out2 = learner.forward(learner.fetch(key2), t2, key2)
                 extra = extra + self.beta * F.cross_entropy(out2.masked_fill(~seen_now, MASKED_LOGIT), y2)
         if feats:

@@ -134,6 +134,25 @@ def test_resnet_split_of_memo_is_the_last_stage() -> None:
     assert torch.allclose(full.branch(full.trunk(x)), model.features(x))
 
 
+def test_memo_on_resnet_keeps_the_shared_stages_and_their_statistics(tmp_path) -> None:
+    from cltoolbox.models.resnet import reduced_resnet18
+
+    stream = _file_stream(tmp_path)
+    torch.manual_seed(0)
+    plugins = STRATEGIES.get("memo").factory(memory_size=30, balanced_epochs=1)
+    learner = Learner(reduced_resnet18(stream.input_shape, 6, nf=4), plugins,
+                      TrainConfig(epochs=1, batch_size=8, lr=0.05, device="cpu", workers=0), seed=0)
+    learner.begin(stream)
+    learner.train_experience(stream.experiences[0])
+    trunk = {k: v.clone() for k, v in plugins[0].branches.split.trunk.state_dict().items()}
+    assert any("running_mean" in k for k in trunk)
+    for e in stream.experiences[1:]:
+        learner.train_experience(e)
+    after = plugins[0].branches.split.trunk.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in trunk.items())  # weights and BN statistics
+    assert len(plugins[0].branches.states) == 2 and plugins[0].branches.fc.in_features == 3 * 32
+
+
 # -- FOSTER -------------------------------------------------------------------------------------------------------
 def test_foster_weights_and_balanced_kd() -> None:
     w = effective_number_weights(torch.tensor([0, 10, 100]), 0.96)
