@@ -39,6 +39,7 @@ STRATEGIES = {
     "task_arithmetic": {"name": "task_arithmetic", "adapter": ADAPTER},
     "ties_merging": {"name": "ties_merging", "adapter": ADAPTER},
     "adamerging": {"name": "adamerging", "adapter": ADAPTER},
+    "adamerging_seen": {"name": "adamerging", "adapter": ADAPTER, "entropy_over": "seen", "label": "adamerging_seen"},
     "magmax": {"name": "magmax", "adapter": ADAPTER},
 }
 
@@ -97,7 +98,7 @@ def main() -> None:
             forg = torch.tensor([s["class_il"]["forgetting"] for s in summaries])
             mem = summaries[0]["cost"]["memory_bytes"]
             rows.append((name, accs, forg, mem, wall, cpu))
-            if name == "adamerging":
+            if name == "adamerging" and args.seeds:
                 m = json.loads((Path(summaries[0]["run_dir"]) / "metrics.json").read_text())
                 last = [r for r in m["strategy"]["adamerging_coefficients"] if r["merged_after"] == 4]
                 print(f"adamerging coefficients after the last experience, seed {args.seeds[0]} "
