@@ -126,3 +126,14 @@ def test_feature_cache_keeps_autocast_features_apart():
         assert torch.equal(cache(x, lambda rows: pytest.fail("recomputed")), low)  # both are cached
     cache.clear()
     assert len(cache) == 0 and len(cache._low) == 0
+
+
+def test_full_precision_turns_autocast_off_inside():
+    from cltoolbox.precision import full_precision
+
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+        with full_precision():
+            assert (a @ b).dtype == torch.float32
+        assert (a @ b).dtype == torch.bfloat16
