@@ -137,3 +137,31 @@ def test_full_precision_turns_autocast_off_inside():
         with full_precision():
             assert (a @ b).dtype == torch.float32
         assert (a @ b).dtype == torch.bfloat16
+
+
+def test_fp16_step_scales_the_loss_and_hooks_see_true_gradients():
+    """The 16-mixed path (GradScaler) exercised on CPU below the config check (which keeps it to CUDA): hooks
+    after backward see unscaled gradients, the step is applied, the scaler's state goes into the checkpoint."""
+    from cltoolbox.loop import Learner, TrainConfig
+    from cltoolbox.plugin import Plugin
+
+    seen = []
+
+    class Probe(Plugin):
+        def after_backward(self, learner, batch):
+            seen.append(float(learner.model.weight.grad.abs().sum()))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    learner = Learner(model, [Probe()], TrainConfig(device="cpu", precision="16-mixed", batch_size=8, lr=0.1))
+    assert learner.precision.scaler is not None and learner.precision.scaler.get_scale() > 1
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    before = model.weight.detach().clone()
+    learner.train_data(x, y, torch.zeros(8, dtype=torch.long), epochs=1)
+    assert len(seen) == 1 and 0 < seen[0] < 100  # a float16 loss scaled by 65536 would give ~1e4-1e5
+    assert not torch.equal(model.weight, before)
+    state = learner.state_dict()
+    assert state["grad_scaler"]["scale"] == learner.precision.scaler.get_scale()
+    other = Learner(torch.nn.Linear(4, 3), [Probe()], TrainConfig(device="cpu", precision="16-mixed"))
+    other.load_state_dict(state)
+    assert other.precision.scaler.get_scale() == learner.precision.scaler.get_scale()
