@@ -23,9 +23,12 @@ along the batch dimension and runs one pass (lanes of equal class count together
 logits into its classes' columns. On a single-label stream the same lanes train with cross-entropy over the
 current task's classes (the paper shows MULTI-LANE in class-IL too).
 
-Simplified at this scale: no asymmetric loss (plain BCE), one selector count for every lane, the lanes start
-from the frozen backbone's patch embeddings only (no separate token-summary pre-pass), and the defaults below
-are ours for a 4-block ViT on 56 px digit grids, not the paper's ViT-B/16 settings.
+``summarise_at`` (default 0: the patch embeddings) lets the lanes start at a later block instead: blocks before
+it run once, frozen and shared, over the full token sequence, and the selectors summarise that block's input.
+
+Simplified at this scale: no asymmetric loss (plain BCE), one selector count for every lane, and the defaults
+(16 selectors, prefixes of 4 in every block, selectors drawn N(0, 1)) are ours for a 4-block ViT on 56 px
+digit grids, not the paper's ViT-B/16 settings.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ class Lane(nn.Module):
                  gen: torch.Generator) -> None:
         super().__init__()
         d = cls.shape[-1]
-        self.selectors = nn.Parameter(torch.randn(n_selectors, d, generator=gen) * 0.02)
+        # unit-variance selectors: their attention over the patches is peaked from the start, so the summary
+        # tokens differ (a near-zero init makes every one the mean patch, and they separate slowly)
+        self.selectors = nn.Parameter(torch.randn(n_selectors, d, generator=gen))
         self.class_tokens = nn.Parameter(cls.reshape(1, d).repeat(n_classes, 1)
                                          + torch.randn(n_classes, d, generator=gen) * 0.02)
         self.prefixes = nn.Parameter(torch.randn(n_layers, 2, prompt_length, d, generator=gen) * 0.02)
@@ -62,8 +67,9 @@ class Lane(nn.Module):
 
 
 class MultiLanePlugin(Plugin):
-    def __init__(self, n_selectors: int, prompt_length: int, layers: list[int] | None) -> None:
+    def __init__(self, n_selectors: int, prompt_length: int, layers: list[int] | None, summarise_at: int = 0) -> None:
         self.n_selectors, self.prompt_length, self.layers = n_selectors, prompt_length, layers
+        self.summarise_at = summarise_at
         self.lanes: nn.ModuleList | None = None
         self.classes: list[torch.Tensor] = []  # per lane, its class ids
         self.trained = 0  # lanes trained so far (lane t = experience t)
@@ -73,10 +79,13 @@ class MultiLanePlugin(Plugin):
     def check(self, model, stream) -> None:
         if not isinstance(model, ViTClassifier):
             raise ConfigError("strategy: multi_lane runs lanes through a Vision Transformer; set model.name: vit")
-        bad = [i for i in (self.layers or []) if not 0 <= i < model.depth]
+        if not 0 <= self.summarise_at < model.depth:
+            raise ConfigError(f"strategy.summarise_at: block {self.summarise_at} does not exist in a ViT of depth "
+                              f"{model.depth}; use 0..{model.depth - 1} (0: the patch embeddings)")
+        bad = [i for i in (self.layers or []) if not self.summarise_at <= i < model.depth]
         if bad:
-            raise ConfigError(f"strategy.layers: block {bad[0]} does not exist in a ViT of depth {model.depth}; "
-                              f"use blocks 0..{model.depth - 1}")
+            raise ConfigError(f"strategy.layers: block {bad[0]} is not one a lane runs (blocks {self.summarise_at}.."
+                              f"{model.depth - 1} of this ViT); use blocks in that range")
 
     # -- hooks -----------------------------------------------------------------------------------------
     def before_fit(self, learner, stream) -> None:
@@ -84,7 +93,7 @@ class MultiLanePlugin(Plugin):
         self.check(model, stream)
         model.set_frozen(True)
         if self.lanes is None:
-            self.layer_ids = list(range(model.depth)) if self.layers is None else list(self.layers)
+            self.layer_ids = list(range(self.summarise_at, model.depth)) if self.layers is None else list(self.layers)
             gen = torch.Generator().manual_seed(learner.seed * 1_000_003 + _INIT_SEED)
             cls = model.backbone.cls_token.detach().float().cpu()
             self.lanes = nn.ModuleList(
@@ -131,8 +140,11 @@ class MultiLanePlugin(Plugin):
     def _run(self, model: ViTClassifier, x: torch.Tensor, lanes: list[int]) -> torch.Tensor:
         """Logits (len(lanes), batch, classes per lane) of lanes with equal class counts, in one pass."""
         L, B = len(lanes), x.shape[0]
-        with torch.no_grad():
-            patches = model.tokens(x)[:, model.backbone.num_prefix_tokens:]  # (B, N, d), frozen
+        with torch.no_grad():  # frozen, shared by every lane: the patch tokens entering block summarise_at
+            tokens = model.tokens(x)
+            if self.summarise_at > 0:
+                tokens = model.run_blocks(tokens, stop=self.summarise_at)
+            patches = tokens[:, model.backbone.num_prefix_tokens:]  # (B, N, d)
         d = patches.shape[-1]
         params = [self.lanes[i] for i in lanes]
         sel = torch.stack([p.selectors for p in params])  # (L, k, d)
@@ -147,7 +159,7 @@ class MultiLanePlugin(Plugin):
             kv = pre[:, j, :, None].expand(L, 2, B, self.prompt_length, d)
             prefixes[layer] = (kv[:, 0].reshape(L * B, self.prompt_length, d),
                                kv[:, 1].reshape(L * B, self.prompt_length, d))
-        h = model.run_blocks(seq, prefixes)[:, :m].reshape(L, B, m, d)
+        h = model.run_blocks(seq, prefixes, start=self.summarise_at)[:, :m].reshape(L, B, m, d)
         w = torch.stack([p.weight for p in params]).to(h.dtype)
         b = torch.stack([p.bias for p in params]).to(h.dtype)
         return torch.einsum("lbmd,lmd->lbm", h, w) + b[:, None]
@@ -179,9 +191,12 @@ class MultiLanePlugin(Plugin):
 
 
 @register_strategy("multi_lane", test_params={"n_selectors": 2, "prompt_length": 2}, test_model=TINY_VIT)
-def multi_lane(n_selectors: int = 8, prompt_length: int = 4, layers: list[int] | None = None) -> list[Plugin]:
+def multi_lane(n_selectors: int = 16, prompt_length: int = 4, layers: list[int] | None = None,
+               summarise_at: int = 0) -> list[Plugin]:
     """MULTI-LANE (De Min et al. 2024): per-task lanes over summarised patch tokens on a frozen ViT."""
     for name, v in (("n_selectors", n_selectors), ("prompt_length", prompt_length)):
         if v < 1:
             raise ConfigError(f"strategy.{name}: {v} must be >= 1")
-    return [MultiLanePlugin(n_selectors, prompt_length, None if layers is None else list(layers))]
+    if summarise_at < 0:
+        raise ConfigError(f"strategy.summarise_at: {summarise_at} must be >= 0 (a block index; 0: patch embeddings)")
+    return [MultiLanePlugin(n_selectors, prompt_length, None if layers is None else list(layers), summarise_at)]

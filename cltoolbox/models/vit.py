@@ -101,15 +101,19 @@ class ViTClassifier(BackboneClassifier):
             h = torch.cat((h[:, :1], prompts.to(h.dtype), h[:, 1:]), dim=1)
         return self.run_blocks(h, prefixes)
 
-    def run_blocks(self, h: torch.Tensor, prefixes: dict[int, Prefix] | None = None) -> torch.Tensor:
-        """Any token sequence (batch, tokens, dim) through the pre-norm, every block (with optional key/value
-        ``prefixes`` per block) and the final norm: for methods that build their own sequence (MULTI-LANE)."""
+    def run_blocks(self, h: torch.Tensor, prefixes: dict[int, Prefix] | None = None, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """Any token sequence (batch, tokens, dim) through blocks ``start``..``stop - 1`` (with optional key/value
+        ``prefixes`` per block), the pre-norm when starting at block 0 and the final norm when running to the
+        last block: for methods that build their own sequence (MULTI-LANE)."""
         b = self.backbone
-        h = b.norm_pre(h)
+        stop = self.depth if stop is None else stop
+        if start == 0:
+            h = b.norm_pre(h)
         prefixes = prefixes or {}
-        for i, blk in enumerate(b.blocks):
-            h = _block(blk, h, prefixes.get(i))
-        return b.norm(h)
+        for i in range(start, stop):
+            h = _block(b.blocks[i], h, prefixes.get(i))
+        return b.norm(h) if stop == self.depth else h
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """The backbone's own pre-logits pooling of an ``encode`` output ([CLS] for token pooling)."""

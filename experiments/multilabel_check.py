@@ -1,0 +1,128 @@
+"""Multi-label class-incremental learning on MNIST-5k digit grids (scenario multi_label, dataset mnist5k_grid).
+
+Stream: 2x2 grids of 2-4 real MNIST-5k digits (56x56, 4,000 train / 1,000 test grids), the 10 digits split into
+5 experiences of 2 classes (B0-C2); the KRT/MULTI-LANE protocol: experience t trains on every grid holding one
+of its digits, annotated with its digits only; after each experience, mAP/CF1/OF1 over the digits seen so far
+on the test grids holding one of them (``cltoolbox.multilabel``). 3 seeds, one torch thread.
+
+1. ``naive`` vs ``er`` (reservoir, 500 grids, each kept with the labels it was annotated with) on an MLP
+   (2x400), SGD lr 0.05, batch 32, 3 epochs; sigmoid/BCE head (the loop's default on multi-label streams).
+   Asserted: er's final mAP >= naive's + 0.10 (means over seeds).
+2. ``l2p`` (multi-label head: the loop's BCE, its usual train mask) vs ``multi_lane`` on the frozen ViT
+   pre-trained on single MNIST-5k digits (experiments/vit_pretrain_mnist5k.yaml, run first if missing: the
+   train split only). The grid is 2x2 cells of 28 px and the ViT's 4x4 patch grid per 28 px digit, so its
+   position embeddings are tiled once per cell (each cell sees the positions it was pre-trained with) rather
+   than interpolated to 8x8; both methods get this same backbone. Adam lr 0.01, batch 32, 3 epochs (the
+   prompting recipe's settings, experiments/prompting_digits.yaml).
+   The claim checked: multi_lane's final mAP > l2p's (printed as PASS/FAIL, not asserted: see the results).
+Every run records time to target (``train.time_to_target: {target: 0.8, every: 20}``, mAP on the experience's
+own test grids); the table prints how many experiences reached it and their total training CPU seconds.
+
+    python experiments/multilabel_check.py [--seeds 0 1 2] [--out runs/multilabel_check] [--part mlp|vit|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import cltoolbox
+
+PRETRAIN = Path("runs/vit_pretrain_mnist5k/pretrain/class_incremental-mnist5k/seed_0/checkpoint/state.pt")
+SCENARIO = {"name": "multi_label", "dataset": "mnist5k_grid", "n_experiences": 5}
+TTT = {"target": 0.8, "every": 20}
+
+
+def tiled_backbone(out: Path) -> Path:
+    """The MNIST-5k ViT with its 4x4 position embeddings repeated over the 2x2 grid of cells (8x8 patches)."""
+    path = out / "vit_mnist5k_tiled56.pt"
+    if path.exists():
+        return path
+    if not PRETRAIN.exists():
+        print("pre-training the ViT on single MNIST-5k digits (experiments/vit_pretrain_mnist5k.yaml) ...")
+        cltoolbox.run("experiments/vit_pretrain_mnist5k.yaml", quiet=True)
+    state = torch.load(PRETRAIN, weights_only=True)["learner"]["model"]
+    back = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    pos = back["pos_embed"]  # (1, 1 + 16, d): [CLS] then the 4x4 grid of one 28 px digit
+    side = int((pos.shape[1] - 1) ** 0.5)
+    grid = pos[:, 1:].reshape(1, side, side, -1).repeat(1, 2, 2, 1).reshape(1, 4 * side * side, -1)
+    back["pos_embed"] = torch.cat((pos[:, :1], grid), 1)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(back, path)
+    return path
+
+
+def configs(out: Path, seeds: list[int], part: str) -> list[dict]:
+    runs = []
+    if part in ("mlp", "both"):
+        runs.append({
+            "name": "multilabel_mlp", "scenario": SCENARIO, "model": {"name": "mlp", "hidden": [400, 400]},
+            "strategy": [{"name": "naive"}, {"name": "er", "memory_size": 500}],
+            "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "time_to_target": TTT},
+            "seeds": seeds, "out": str(out),
+        })
+    if part in ("vit", "both"):
+        vit = {"name": "vit", "patch_size": 7, "embed_dim": 64, "depth": 4, "num_heads": 4, "img_size": 56,
+               "weights": str(tiled_backbone(out))}
+        runs.append({
+            "name": "multilabel_vit", "scenario": SCENARIO, "model": vit,
+            "strategy": [{"name": "l2p"}, {"name": "multi_lane"}],
+            "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.01, "time_to_target": TTT},
+            "seeds": seeds, "out": str(out),
+        })
+    return runs
+
+
+def ms(values: list[float], scale: float = 100.0) -> str:
+    vals = [v * scale for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/multilabel_check")
+    ap.add_argument("--part", choices=["mlp", "vit", "both"], default="both")
+    args = ap.parse_args()
+    out = Path(args.out)
+    results: dict[str, list[dict]] = {}
+    start = time.perf_counter()
+    for cfg in configs(out, args.seeds, args.part):
+        for s in cltoolbox.run(cfg, quiet=True):
+            results.setdefault(s["labels"]["strategy"], []).append(s)
+    header = (f"{'strategy':<11} {'seeds':>5} {'final mAP':>12} {'avg mAP':>12} {'CF1':>12} {'OF1':>12} "
+              f"{'forgetting':>11} {'CPU s':>7} {'reached':>8} {'CPU s to target':>16}")
+    lines = [header, "-" * len(header)]
+    final = {}
+    for name, runs in results.items():
+        ml = [r["multi_label"] for r in runs]
+        final[name] = statistics.mean(m["map"] for m in ml)
+        ttt = [r["time_to_target"] for r in runs]
+        reached = f"{statistics.mean(t['n_reached'] for t in ttt):.1f}/{ttt[0]['n_experiences']}"
+        lines.append(f"{name:<11} {len(runs):>5} {ms([m['map'] for m in ml]):>12} {ms([m['avg_map'] for m in ml]):>12} "
+                     f"{ms([m['cf1'] for m in ml]):>12} {ms([m['of1'] for m in ml]):>12} "
+                     f"{ms([r['class_il']['forgetting'] for r in runs]):>11} "
+                     f"{statistics.mean(r['cost']['cpu_s'] for r in runs):>7.1f} {reached:>8} "
+                     f"{ms([t['total_cpu_s'] for t in ttt], 1.0):>16}")
+    print("\n".join(lines))
+    print("(mAP, CF1, OF1, forgetting in %; forgetting of the per-experience mAP matrix; CPU s per run; "
+          f"time to target: mAP >= {TTT['target']} on the experience's own test grids, checked every "
+          f"{TTT['every']} steps, experiences that reached it and their summed training CPU s)")
+    if "naive" in final and "er" in final:
+        gap = final["er"] - final["naive"]
+        print(f"er - naive final mAP: {gap * 100:+.1f} points (claim >= +10): {'PASS' if gap >= 0.10 else 'FAIL'}")
+        assert gap >= 0.10, "er does not beat naive by 10 mAP points"
+    if "l2p" in final and "multi_lane" in final:
+        gap = final["multi_lane"] - final["l2p"]
+        print(f"multi_lane - l2p final mAP: {gap * 100:+.1f} points (claim > 0): {'PASS' if gap > 0 else 'FAIL'}")
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
