@@ -6,7 +6,7 @@ reference), and killed (SIGKILL to the whole process group, workers included) on
 recorded, then resumed with ``--resume``. Prints both trial tables side by side (learning rate and mean class-IL
 ACC per trial), the selected points and their evaluation, and wall/CPU time of each phase.
 
-    python experiments/search_resume_check.py [--seeds 0] [--workers 2] [--kill-after 25] [--out /tmp/src]
+    python experiments/search_resume_check.py [--seeds 0] [--workers 2] [--kill-after 25] [--kill-delay 5]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--kill-after", type=int, default=25, help="trials recorded (all strategies) before the kill")
+    ap.add_argument("--kill-delay", type=float, default=0.0,
+                    help="seconds to wait after --kill-after trials, so that the next round's runs are mid-way")
     ap.add_argument("--out", default="/tmp/cltoolbox_search_resume")
     args = ap.parse_args()
     root = Path(args.out)
@@ -68,6 +70,7 @@ def main() -> None:
                             start_new_session=True)
     while proc.poll() is None and len(trials(killed)) < args.kill_after:
         time.sleep(0.2)
+    time.sleep(args.kill_delay)
     if proc.poll() is not None:
         sys.exit("the search finished before the kill; lower --kill-after")
     os.killpg(proc.pid, signal.SIGKILL)
