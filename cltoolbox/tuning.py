@@ -43,7 +43,7 @@ from cltoolbox.tables import METRICS, SETTING_NAMES, format_mean_std
 
 EVALUATION_KEYS = ("scenario", "seeds")
 SELECT_METRICS = {k: m.higher_is_better for k, m in METRICS.items()}  # metric -> higher is better
-SETTINGS = ("class_il", "task_il")
+SETTINGS = tuple(SETTING_NAMES)  # the settings a selection may read
 PAPER = 'Cha & Cho, "Hyperparameters in Continual Learning: A Reality Check" (arXiv:2403.09066)'
 
 
