@@ -51,7 +51,13 @@ from cltoolbox.models.cache import SampleFeatureCache, sample_keys
 from cltoolbox.params import Interval, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.extractor import ClassMeans, FixedExtractorPlugin, adapt_first_experience, freeze
+from cltoolbox.strategies.extractor import (
+    ClassMeans,
+    FixedExtractorPlugin,
+    adapt_first_experience,
+    freeze,
+    require_features_and_head,
+)
 
 
 class FeatureAdapter(nn.Module):
@@ -107,10 +113,7 @@ class APERPlugin(FixedExtractorPlugin):
             raise ConfigError("strategy.adapt: vpt inserts prompt tokens into a transformer; use model vit, or "
                               "adapt: adapter / film / body")
         if self.adapt in ("adapter", "vpt"):
-            if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None),
-                                                                               nn.Linear):
-                raise ConfigError("strategy: aper needs a model with features(x) and a linear head; use model "
-                                  "mlp, resnet18_reduced, efficientnet_lite0 or vit")
+            require_features_and_head(model, "aper")
             return
         super().check(model, stream)
 

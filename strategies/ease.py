@@ -39,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import SampleFeatureCache, sample_keys
 from cltoolbox.params import Interval, NonNegative, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.aper import CosineHead, FeatureAdapter
-from cltoolbox.strategies.extractor import freeze
+from cltoolbox.strategies.extractor import freeze, require_features_and_head
 
 
 def complement(protos: torch.Tensor, real: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -102,9 +101,7 @@ class EASEPlugin(Plugin):
         self.shifts: list[float] = []  # per subspace: mean ||phi_b(x) - f(x)|| / ||f(x)|| on its experience
 
     def check(self, model, stream) -> None:
-        if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
-            raise ConfigError("strategy: ease needs a model with features(x) and a linear head; use model mlp, "
-                              "resnet18_reduced, efficientnet_lite0 or vit")
+        require_features_and_head(model, "ease")
 
     def before_fit(self, learner, stream) -> None:
         self.check(learner.model, stream)

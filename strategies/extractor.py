@@ -91,6 +91,13 @@ def adapt_first_experience(learner, exp, adapt: str) -> None:
             h.remove()
 
 
+def require_features_and_head(model: nn.Module, method: str) -> None:
+    """ConfigError (one line) unless ``model`` has ``features(x)`` and a linear ``head``."""
+    if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
+        raise ConfigError(f"strategy: {method} needs a model with features(x) and a linear head; use model mlp, "
+                          "resnet18_reduced, efficientnet_lite0 or vit")
+
+
 class FixedExtractorPlugin(Plugin):
     """Shared machinery: optional first-experience adaptation, feature passes, cached prediction."""
 
@@ -102,9 +109,7 @@ class FixedExtractorPlugin(Plugin):
         self._cache = SampleFeatureCache()
 
     def check(self, model, stream) -> None:
-        if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
-            raise ConfigError(f"strategy: {self.method} needs a model with features(x) and a linear head; "
-                              "use model mlp, resnet18_reduced, efficientnet_lite0 or vit")
+        require_features_and_head(model, self.method)
         if self.adapt == "film" and not any(isinstance(m, _NORM_LAYERS) for m in model.modules()):
             raise ConfigError("strategy.adapt: film modulates normalisation layers and this model has none; use "
                               "adapt: body or a model with normalisation layers (resnet18_reduced, "

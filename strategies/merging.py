@@ -58,6 +58,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import sample_keys
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
+from cltoolbox.strategies.extractor import require_features_and_head
 
 if TYPE_CHECKING:
     from cltoolbox.stream import Experience, Stream
@@ -146,9 +147,7 @@ class MergingPlugin(Plugin):
 
     # -- set-up -----------------------------------------------------------------------------------------
     def check(self, model, stream) -> None:
-        if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
-            raise ConfigError(f"strategy: {self.method} needs a model with features(x) and a linear head; use model "
-                              "mlp, resnet18_reduced, efficientnet_lite0 or vit")
+        require_features_and_head(model, self.method)
 
     def before_fit(self, learner, stream: Stream) -> None:
         model = learner.model

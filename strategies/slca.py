@@ -35,13 +35,11 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from cltoolbox.errors import ConfigError
 from cltoolbox.params import Interval, Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.extractor import stream_features
+from cltoolbox.strategies.extractor import require_features_and_head, stream_features
 
 
 class ClassGaussians:
@@ -117,9 +115,7 @@ class SLCAPlugin(Plugin):
         self._current: torch.Tensor | None = None  # bool mask of the classes of the task being trained
 
     def check(self, model, stream) -> None:
-        if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
-            raise ConfigError("strategy: slca needs a model with features(x) and a linear head; use model mlp, "
-                              "resnet18_reduced, efficientnet_lite0 or vit")
+        require_features_and_head(model, "slca")
 
     def before_fit(self, learner, stream) -> None:
         self.check(learner.model, stream)
