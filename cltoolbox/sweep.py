@@ -180,8 +180,8 @@ def expand(raw: dict[str, Any]) -> list[Point]:
 def check_points(points: list[Point]) -> None:
     """Build every distinct stream (first seed), every strategy's plugins and every model (on the meta
     device), so that no bad generator, strategy or model parameter is found after runs have started."""
-    from cltoolbox.data import load_dataset
     from cltoolbox.build import build_stream, check_model, check_plugins
+    from cltoolbox.data import load_dataset
 
     data, streams, models = {}, {}, set()
     for pt in points:
@@ -230,8 +230,8 @@ _STREAM: dict[tuple, Any] = {}
 
 
 def _stream_for(run_cfg: dict[str, Any]):
-    from cltoolbox.data import load_dataset
     from cltoolbox.build import build_stream
+    from cltoolbox.data import load_dataset
 
     scen = run_cfg["scenario"]
     dkey = (scen["dataset"], scen["root"], scen["download"])

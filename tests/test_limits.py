@@ -55,7 +55,8 @@ def test_values_on_the_closed_ends_and_defaults_pass() -> None:
     assert check(n=1, rate=1, decay=0, cap=9.99, hidden=[1], size=None) == {
         "n": 1, "rate": 1.0, "decay": 0.0, "cap": 9.99, "hidden": [1], "size": None}
     assert check() == {"n": 2, "rate": 0.5, "decay": 0.0, "cap": 1.0, "hidden": None, "size": None}
-    assert "expected int (>= 1) or null" in str(pytest.raises(ConfigError, check, size="big").value)  # a type error still
+    type_error = str(pytest.raises(ConfigError, check, size="big").value)  # a wrong type is still a type error
+    assert "expected int (>= 1) or null" in type_error
 
 
 def test_the_param_keeps_its_type_and_its_limits_apart() -> None:
