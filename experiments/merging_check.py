@@ -10,7 +10,9 @@ head); fine-tuning the image encoder itself, as the papers do with CLIP, is out 
 Compared: naive fine-tuning (the toolbox's ``naive``: the linear head, sequentially, full cross-entropy),
 ``task_arithmetic`` (lambda picked on 10% held out per experience), ``ties_merging`` (k = 20%, lambda 1),
 ``adamerging`` (layer-wise, entropy on the unlabeled test inputs of the experiences seen so far: test-time
-adaptation) and ``magmax`` (lambda 0.5). Claim checked: adamerging >= task_arithmetic >= naive in ACC.
+adaptation; ``adamerging_seen`` scores them over all seen classes instead of each task's own), ``magmax``
+(lambda 0.5), and ``no_task_vectors`` (task arithmetic with lambda 0: the fixed class-mean heads on the
+pre-trained features, what every merge starts from). Claim checked: adamerging >= task_arithmetic >= naive.
 
     python experiments/merging_check.py [--seeds 0 1 2] [--only task_arithmetic adamerging] [--epochs 2]
 """
@@ -41,6 +43,8 @@ STRATEGIES = {
     "adamerging": {"name": "adamerging", "adapter": ADAPTER},
     "adamerging_seen": {"name": "adamerging", "adapter": ADAPTER, "entropy_over": "seen", "label": "adamerging_seen"},
     "magmax": {"name": "magmax", "adapter": ADAPTER},
+    # lambda 0: the class-mean cosine heads on the pre-trained features alone (no task vector added)
+    "no_task_vectors": {"name": "task_arithmetic", "adapter": ADAPTER, "lam": 0.0, "label": "no_task_vectors"},
 }
 
 
@@ -106,7 +110,7 @@ def main() -> None:
                       f"unlabeled={m['strategy']['adamerging_unlabeled']}):")
                 for r in last:
                     print(f"  task {r['task']} {r['layer']:<22} {r['coefficient']:.3f}")
-            if name in ("task_arithmetic",):
+            if name == "task_arithmetic":
                 lams = [json.loads((Path(s["run_dir"]) / "metrics.json").read_text())["strategy"]
                         ["task_arithmetic_lambda"] for s in summaries]
                 print(f"task_arithmetic lambda per merge and seed: {lams}")
