@@ -10,6 +10,7 @@ import torch
 
 import cltoolbox
 from cltoolbox.augment import make_augment
+from cltoolbox.build import build_stream
 from cltoolbox.config import validate
 from cltoolbox.data import load_dataset
 from cltoolbox.data.source import TensorSource
@@ -18,7 +19,6 @@ from cltoolbox.loop import Learner, TrainConfig
 from cltoolbox.models.mlp import mlp
 from cltoolbox.plugin import Plugin
 from cltoolbox.registry import STRATEGIES
-from cltoolbox.build import build_stream
 
 
 def _windows(padded: torch.Tensor, h: int, w: int) -> list[torch.Tensor]:

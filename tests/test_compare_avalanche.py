@@ -30,8 +30,8 @@ def ca():
 @pytest.mark.slow
 def test_same_data_and_initial_model(ca, tmp_path):
     from cltoolbox import config as cfgmod
-    from cltoolbox.data import load_dataset
     from cltoolbox.build import build_model, build_stream
+    from cltoolbox.data import load_dataset
 
     base = ca.resolved_config("split", {"name": "naive"}, str(tmp_path))
     stream = build_stream(base, load_dataset("mnist5k"), 0)
