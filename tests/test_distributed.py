@@ -131,14 +131,13 @@ def _written_under(log: Path, folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_write_only_rank0_and_resume(tmp_path):
-    """~60 s on 2 cores: a 1-process run; a 2-process run with rank 1's writes traced; a 2-process run killed
-    after experience 1 and resumed, which must end exactly like the uninterrupted 2-process run."""
+def test_two_processes_write_only_rank0_and_resume(tmp_path):
+    """~45 s on 2 cores: a 2-process run with rank 1's writes traced; a 2-process run killed after experience 1
+    and resumed, which must end exactly like the uninterrupted one (test_strategies_under_ddp_match_one_process
+    compares with one process)."""
     cfg = _config(tmp_path)
-    subprocess.run([sys.executable, "-m", "cltoolbox.cli", "run", str(cfg), "--out", str(tmp_path / "one"), "-q"],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     _launch(2, [str(cfg), "--out", str(tmp_path / "two")], tmp_path)
-    assert abs(_acc(tmp_path / "two") - _acc(tmp_path / "one")) <= 0.02
+    assert _acc(tmp_path / "two") > 0.5
     assert (tmp_path / "two" / RUN / "DONE").exists()
     assert (tmp_path / "writes_rank1.txt").exists(), "the write tracer did not run in rank 1"
     assert _written_under(tmp_path / "writes_rank1.txt", tmp_path / "two") == []
