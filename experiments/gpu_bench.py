@@ -66,10 +66,11 @@ def generated(n_train: int, n_test: int, n_classes: int, side: int, seed: int = 
     def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.arange(n) % n_classes
         x = torch.empty(n, 3, side, side, dtype=torch.uint8)
-        for s in range(0, n, 4096):  # chunks: 50k float images at once would take 600 MB
-            yy = y[s : s + 4096]
+        chunk = max(1, 2**24 // (3 * side * side))  # ~64 MB of float noise at a time, whatever the image size
+        for s in range(0, n, chunk):
+            yy = y[s : s + chunk]
             noise = torch.rand(len(yy), 3, side, side, generator=g)
-            x[s : s + 4096] = ((0.6 * patterns[yy] + 0.4 * noise) * 255).round().to(torch.uint8)
+            x[s : s + chunk] = ((0.6 * patterns[yy] + 0.4 * noise) * 255).round().to(torch.uint8)
         return x, y
 
     (xt, yt), (xe, ye) = make(n_train), make(n_test)
