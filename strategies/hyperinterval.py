@@ -34,13 +34,14 @@ perturbation 5.0, beta 0.005, Adam lr 0.001 and batch 128 (set in ``train:``); t
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
+from cltoolbox.params import Interval, NonNegative, PositiveInt
 from cltoolbox.plugin import Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 
@@ -306,18 +307,11 @@ class HyperIntervalPlugin(Plugin):
 
 
 @register_strategy("hyperinterval", test_params={"hnet_hidden": [20]})
-def hyperinterval(embedding_dim: int = 24, hnet_hidden: list[int] = [100, 100],  # noqa: B006
-                  radius: float = 5.0, beta: float = 0.005, kappa_min: float = 0.5,
+def hyperinterval(embedding_dim: PositiveInt = 24, hnet_hidden: list[PositiveInt] = [100, 100],  # noqa: B006
+                  radius: NonNegative = 5.0, beta: NonNegative = 0.005,
+                  kappa_min: Annotated[float, Interval(0, 1)] = 0.5,
                   inference: Literal["auto", "task", "universal"] = "auto") -> list[Plugin]:
     """HyperInterval (Krukowski et al. 2024): interval task embeddings -> hypernetwork -> interval weights of the
     mlp, worst-case loss plus the hypernetwork regulariser; ``inference: universal`` predicts without task ids
     from the intersection of the task intervals. Use Adam, lr 0.001, batch 128 in ``train:`` as the paper."""
-    if embedding_dim < 1 or any(h < 1 for h in hnet_hidden):
-        raise ConfigError("strategy.embedding_dim / hnet_hidden: sizes must be >= 1; the paper uses 24 and [100, 100]")
-    if radius < 0:
-        raise ConfigError(f"strategy.radius: {radius} must be >= 0; the paper uses 5.0")
-    if beta < 0:
-        raise ConfigError(f"strategy.beta: {beta} must be >= 0; the paper uses 0.005")
-    if not 0 <= kappa_min <= 1:
-        raise ConfigError(f"strategy.kappa_min: {kappa_min} must be in [0, 1]; use 0.5")
     return [HyperIntervalPlugin(embedding_dim, list(hnet_hidden), radius, beta, kappa_min, inference)]

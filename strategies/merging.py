@@ -47,7 +47,7 @@ stored task vectors (MagMax: the running merged vector and the fine-tuned weight
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ from torch.func import functional_call
 
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import sample_keys
+from cltoolbox.params import Interval, Min, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.extractor import require_features_and_head
@@ -479,13 +480,9 @@ class MagMaxPlugin(MergingPlugin):
         return items + stored, nbytes + tensor_bytes(*self.running.values(), *self.finetuned.values())
 
 
-def _check_common(adapter: int, head_scale: float, val_fraction: float) -> None:
-    if adapter < 0:
-        raise ConfigError(f"strategy.adapter: {adapter} must be >= 0 (0: no adapter; e.g. 64)")
-    if head_scale <= 0:
-        raise ConfigError(f"strategy.head_scale: {head_scale} must be > 0; use 16")
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"strategy.val_fraction: {val_fraction} must be in [0, 1); use 0.1")
+# the parameters every merging strategy shares
+AdapterWidth = Annotated[int, Min(0, why="0: no adapter; e.g. 64")]  # bottleneck width of the residual adapter
+ValFraction = Annotated[float, Interval(0, 1, high_open=True)]  # held-out share of each experience
 
 
 def _check_lam(lam: float | None, val_fraction: float, grid: list[float]) -> None:
@@ -498,49 +495,45 @@ def _check_lam(lam: float | None, val_fraction: float, grid: list[float]) -> Non
 
 @register_strategy("task_arithmetic", test_params=TEST_SETTINGS)
 def task_arithmetic(lam: float | None = None, grid: list[float] = TA_GRID,  # noqa: B006
-                    adapter: int = 0, head_scale: float = 16.0, val_fraction: float = 0.1) -> list[Plugin]:
+                    adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1
+                    ) -> list[Plugin]:
     """Task arithmetic (Ilharco et al. 2023): theta_0 + lam * sum of task vectors, lam picked on held-out data
     from ``grid`` (null) or fixed. ``adapter``: bottleneck width of a residual adapter on the features (0: none)."""
-    _check_common(adapter, head_scale, val_fraction)
     _check_lam(lam, val_fraction, grid)
     return [TaskArithmeticPlugin(adapter, head_scale, val_fraction, lam, list(grid))]
 
 
 @register_strategy("ties_merging", test_params=TEST_SETTINGS)
-def ties_merging(keep: float = 0.2, lam: float | None = 1.0, grid: list[float] = TIES_GRID,  # noqa: B006
-                 adapter: int = 0, head_scale: float = 16.0, val_fraction: float = 0.1) -> list[Plugin]:
+def ties_merging(keep: Annotated[float, Interval(0, 1, low_open=True)] = 0.2, lam: float | None = 1.0,
+                 grid: list[float] = TIES_GRID,  # noqa: B006
+                 adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1
+                 ) -> list[Plugin]:
     """TIES-Merging (Yadav et al. 2023): trim to the top ``keep`` fraction of magnitudes, elect signs, disjoint
     mean, scaled by ``lam`` (null: picked on held-out data from ``grid``)."""
-    _check_common(adapter, head_scale, val_fraction)
     _check_lam(lam, val_fraction, grid)
-    if not 0 < keep <= 1:
-        raise ConfigError(f"strategy.keep: {keep} must be in (0, 1]; the paper keeps the top 20%: 0.2")
     return [TiesPlugin(adapter, head_scale, val_fraction, lam, list(grid), keep)]
 
 
 @register_strategy("adamerging", test_params={**TEST_SETTINGS, "steps": 20})
 def adamerging(granularity: Literal["layer", "task"] = "layer", unlabeled: Literal["test", "validation"] = "test",
-               entropy_over: Literal["task", "seen"] = "task", init: float = 0.3, steps: int = 500, lr: float = 0.001,
-               batch_per_task: int = 16,
-               adapter: int = 0, head_scale: float = 16.0, val_fraction: float = 0.1) -> list[Plugin]:
+               entropy_over: Literal["task", "seen"] = "task", init: float = 0.3, steps: PositiveInt = 500,
+               lr: Positive = 0.001, batch_per_task: PositiveInt = 16,
+               adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1) -> list[Plugin]:
     """AdaMerging (Yang et al. 2024): per-task (and per-layer) merging coefficients learned by entropy
     minimisation. ``unlabeled: test`` adapts on the unlabeled test inputs of the experiences seen so far
     (test-time adaptation, as the paper does); ``validation`` on the held-out training split, labels unused.
     ``entropy_over: task``: each experience's inputs are scored over its own classes, as the paper scores each
     task with its own head (which experience an unlabeled input came from is used, never its label);
     ``seen``: over every class seen so far."""
-    _check_common(adapter, head_scale, val_fraction)
     if unlabeled == "validation" and val_fraction == 0:
         raise ConfigError("strategy.unlabeled: validation needs held-out data; set val_fraction > 0 or use test")
-    if steps < 1 or batch_per_task < 1 or lr <= 0:
-        raise ConfigError("strategy.steps / batch_per_task / lr: must be positive; the paper uses 500, 16, 0.001")
     return [AdaMergingPlugin(adapter, head_scale, val_fraction, granularity, unlabeled, entropy_over, init, steps,
                              lr, batch_per_task)]
 
 
 @register_strategy("magmax", test_params=TEST_SETTINGS)
-def magmax(lam: float = 0.5, adapter: int = 0, head_scale: float = 16.0, val_fraction: float = 0.0) -> list[Plugin]:
+def magmax(lam: float = 0.5, adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.0
+           ) -> list[Plugin]:
     """MagMax (Marczak et al. 2024): sequential fine-tuning, max-magnitude merge of the task vectors kept as one
     running vector; the evaluated model is theta_0 + ``lam`` * merged vector."""
-    _check_common(adapter, head_scale, val_fraction)
     return [MagMaxPlugin(adapter, head_scale, val_fraction, lam)]

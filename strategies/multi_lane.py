@@ -34,6 +34,7 @@ digit grids, not the paper's ViT-B/16 settings.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch import nn
 from cltoolbox.errors import ConfigError
 from cltoolbox.models.vit import ViTClassifier
 from cltoolbox.multilabel import bce_loss
+from cltoolbox.params import Min, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.prompting import TINY_VIT
@@ -191,12 +193,7 @@ class MultiLanePlugin(Plugin):
 
 
 @register_strategy("multi_lane", test_params={"n_selectors": 2, "prompt_length": 2}, test_model=TINY_VIT)
-def multi_lane(n_selectors: int = 16, prompt_length: int = 4, layers: list[int] | None = None,
-               summarise_at: int = 0) -> list[Plugin]:
+def multi_lane(n_selectors: PositiveInt = 16, prompt_length: PositiveInt = 4, layers: list[int] | None = None,
+               summarise_at: Annotated[int, Min(0, why="a block index; 0: patch embeddings")] = 0) -> list[Plugin]:
     """MULTI-LANE (De Min et al. 2024): per-task lanes over summarised patch tokens on a frozen ViT."""
-    for name, v in (("n_selectors", n_selectors), ("prompt_length", prompt_length)):
-        if v < 1:
-            raise ConfigError(f"strategy.{name}: {v} must be >= 1")
-    if summarise_at < 0:
-        raise ConfigError(f"strategy.summarise_at: {summarise_at} must be >= 0 (a block index; 0: patch embeddings)")
     return [MultiLanePlugin(n_selectors, prompt_length, None if layers is None else list(layers), summarise_at)]
