@@ -27,7 +27,8 @@ multi-run figures). Nothing is sent anywhere by default:
 
 Trackers are imported when the config is validated (a missing package is one line naming the fix) and only
 the process that writes the run folder logs (one logger per run). A tracker that fails while a run trains
-prints one warning and is switched off for that run: it never breaks a run.
+prints one warning and is switched off for that run: it never breaks a run. Time spent in the trackers
+(starting them, each call) is left out of the run's ``cost.wall_s`` / ``cpu_s``, which measure the method.
 """
 
 from __future__ import annotations
@@ -290,9 +291,12 @@ class RunLoggers:
         from cltoolbox import distributed
 
         self.trackers: list[Tracker] = []
+        # time spent in the trackers (start included), which the run's cost clocks leave out (RunSession)
+        self.wall, self.cpu = 0.0, 0.0
         run_dir = Path(run_dir)
         if not distributed.is_rank0():  # --nproc / torchrun: the other ranks train in a scratch folder, silent
             return
+        t0, c0 = time.perf_counter(), time.process_time()
         # the same id on every resume of this run folder (W&B's run id, MLflow's tag)
         run_id = hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:16]
         for spec in specs:
@@ -301,6 +305,8 @@ class RunLoggers:
                 self.trackers.append(CLASSES[spec["name"]](opts, run_cfg, run_dir, run_id))
             except Exception as e:  # noqa: BLE001
                 self._warn(spec["name"], "start", e)
+        self.wall += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
 
     @property
     def active(self) -> bool:
@@ -312,12 +318,15 @@ class RunLoggers:
               "it is off for the rest of this run", file=sys.stderr, flush=True)
 
     def _call(self, method: str, *args: Any) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
         for t in list(self.trackers):
             try:
                 getattr(t, method)(*args)
             except Exception as e:  # noqa: BLE001 - never break a run
                 self._warn(t.name, f"log ({method})", e)
                 self.trackers.remove(t)
+        self.wall += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
 
     def config(self, cfg: dict[str, Any]) -> None:
         self._call("config", cfg)

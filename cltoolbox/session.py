@@ -141,11 +141,14 @@ class RunSession:
         self.start, self.prior = state["next_experience"], state["timing"]
 
     def cpu_s(self) -> float:
-        """This process's CPU time for the run so far, all threads (not loader workers), resumes included."""
-        return self.prior.get("cpu_s", 0.0) + time.process_time() - self.cpu_start
+        """This process's CPU time for the run so far, all threads (not loader workers), resumes included;
+        time spent in experiment trackers (cltoolbox.loggers) left out."""
+        tracked = self.loggers.cpu if self.loggers is not None else 0.0
+        return self.prior.get("cpu_s", 0.0) + time.process_time() - self.cpu_start - tracked
 
-    def wall_s(self) -> float:
-        return self.prior["wall_s"] + time.perf_counter() - self.wall_start
+    def wall_s(self, now: float | None = None) -> float:
+        tracked = self.loggers.wall if self.loggers is not None else 0.0
+        return self.prior["wall_s"] + (time.perf_counter() if now is None else now) - self.wall_start - tracked
 
     def evaluate(self, row: int) -> None:
         """Evaluate every test experience into the history's ``row`` (-1: before training)."""
@@ -181,7 +184,7 @@ class RunSession:
         """Save what resuming at ``next_experience`` needs (atomically; a kill leaves the previous one)."""
         if self.built is not None:
             self.warn_unsaved()
-        timing = {"wall_s": self.prior["wall_s"] + now - self.wall_start, "eval_s": self.eval_s,
+        timing = {"wall_s": self.wall_s(now), "eval_s": self.eval_s,
                   "cpu_s": self.cpu_s()}
         blob = {"learner": learner.state_dict(), "history": self.history.state_dict(),
                 "next_experience": next_experience, "timing": timing}

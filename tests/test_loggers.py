@@ -188,3 +188,24 @@ def test_only_rank0_logs(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(distributed, "is_rank0", lambda: False)  # another rank of a --nproc run
     run = loggers.RunLoggers([{"name": "tensorboard", "dir": None}], {"name": "x"}, tmp_path / "run")
     assert not run.active and not (tmp_path / "run").exists()
+
+
+def test_tracker_time_is_left_out_of_the_run_cost(tiny_config: dict, tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    from cltoolbox.runner import run
+
+    class Slow(loggers.Tracker):
+        name = "tensorboard"
+
+        def __init__(self, *args) -> None:
+            time.sleep(0.5)
+
+        def epoch(self, row: dict) -> None:
+            time.sleep(0.4)
+
+    monkeypatch.setitem(loggers.CLASSES, "tensorboard", Slow)
+    (plain,) = run(tiny_config, out=str(tmp_path / "a"), quiet=True)
+    (slow,) = run({**tiny_config, "loggers": ["tensorboard"]}, out=str(tmp_path / "b"), quiet=True)
+    # the tracker slept 0.5 + 5 x 0.4 = 2.5 s; the run's own clock leaves that out
+    assert slow["cost"]["wall_s"] - plain["cost"]["wall_s"] < 1.2
