@@ -1,5 +1,5 @@
-"""Small CLI conveniences: shell completion through argcomplete, ``report``'s default ``--out``, ``--loggers``
-mixed with overrides, ``list --json``."""
+"""Small CLI conveniences: shell completion through argcomplete, ``--loggers`` mixed with overrides, ``list
+--json``. (``report``'s default ``--out``, ``<runs>/report``, is used by tests/test_html_report.py.)"""
 
 from __future__ import annotations
 
@@ -32,16 +32,6 @@ def test_shell_completion_of_commands_and_options(tmp_path: Path) -> None:
     assert "--loggers" in complete("cltoolbox run x.yaml --lo", tmp_path)
     assert {"strategies", "scenarios", "datasets", "models"} <= set(complete("cltoolbox list ", tmp_path))
     assert complete("cltoolbox list sc", tmp_path) == ["scenarios"]
-
-
-@pytest.mark.slow  # the report's 20 figures: ~10-20 s on 2 busy cores
-def test_report_out_defaults_to_runs_report(tmp_path: Path, tiny_config: dict, capsys) -> None:
-    from cltoolbox.runner import run
-
-    run(tiny_config, out=str(tmp_path / "runs"), quiet=True)
-    assert main(["report", str(tmp_path / "runs")]) == 0
-    assert (tmp_path / "runs" / "report" / "table_class_il.md").is_file()
-    assert f"to {tmp_path / 'runs' / 'report'}" in capsys.readouterr().out
 
 
 def test_loggers_option_leaves_overrides_after_it(tmp_path: Path, tiny_config: dict) -> None:

@@ -77,16 +77,16 @@ def test_terminal_gets_a_step_bar(tmp_path: Path) -> None:
     assert "experience 1/5 done" not in text  # no plain lines on a terminal
 
 
-@pytest.mark.slow
-def test_sweep_lines_and_table_name_the_same_clock(tmp_path: Path) -> None:
-    proc = subprocess.run(_cmd("sweep", str(_config(tmp_path)), "--out", str(tmp_path / "runs"), "--workers", "1"),
-                          capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "\r" not in proc.stderr
-    walls = dict(re.findall(r"\] (\S+) seed 0: ran \(run wall ([\d.]+) s, [\d.]+ s in the worker\)", proc.stderr))
-    assert set(walls) == {"naive", "er"}, proc.stderr
-    assert "sweep" in proc.stderr and "elapsed" in proc.stderr
-    table = proc.stdout.splitlines()
+def test_sweep_lines_and_table_name_the_same_clock(tmp_path: Path, capsys, one_thread) -> None:
+    from cltoolbox.sweep import sweep
+
+    sweep(_config(tmp_path), out=str(tmp_path / "runs"), workers=1)
+    out, err = capsys.readouterr()
+    assert "\r" not in err
+    walls = dict(re.findall(r"\] (\S+) seed 0: ran \(run wall ([\d.]+) s, [\d.]+ s in the worker\), class-IL ACC "
+                            r"[\d.]+; sweep \d\d:\d\d elapsed", err))
+    assert set(walls) == {"naive", "er"}, err
+    table = out.splitlines()
     assert table[0].split()[-2:] == ["wall", "s"]
     for row in table[2:]:
         name, *_, wall = row.split()
