@@ -44,7 +44,7 @@ OFFLINE = [{"name": "naive"}, {"name": "er", "memory_size": MEMORY}, {"name": "e
            {"name": "der_expand", "memory_size": MEMORY, "prune": True, "label": "der_prune"},  # DER w/ P
            {"name": "foster", "memory_size": MEMORY},
            # FOSTER with class weights that still differ at this budget (see strategies/foster.py)
-           {"name": "foster", "memory_size": MEMORY, "beta1": 0.995, "beta2": 0.995, "label": "foster_b995"},
+           {"name": "foster", "memory_size": MEMORY, "beta1": 0.995, "beta2": 0.995, "label": "foster995"},
            {"name": "memo", "memory_size": MEMORY}]
 ONLINE = [{"name": "er", "memory_size": MEMORY}, {"name": "er_ace", "memory_size": MEMORY}]
 BEAT_NAIVE = ("er_ace", "wa", "bic", "lucir", "podnet", "xder", "der_expand", "foster", "memo")
