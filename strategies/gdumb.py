@@ -104,6 +104,7 @@ def reinitialise(model: torch.nn.Module, seed: int, device: torch.device) -> Non
 
 
 class GDumbPlugin(MemoryPlugin):
+    supports_ddp = True  # memory from the whole experience, same draws on every rank; train_data shards
     def __init__(self, memory_size: int, epochs: int) -> None:
         self.memory = GreedyClassBalancedMemory(memory_size)
         self.epochs = epochs

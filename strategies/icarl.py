@@ -67,6 +67,7 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
 
 
 class ICaRLPlugin(Plugin):
+    supports_ddp = True  # per-row criterion on the shard; herding over the whole experience
     def __init__(self, memory_size: int, classifier: str) -> None:
         self.memory_size = memory_size
         self.classifier = classifier

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 # -- SimpleCIL -------------------------------------------------------------------------------------------
 class SimpleCILPlugin(FixedExtractorPlugin):
     method = "simplecil"
+    supports_ddp = True  # no SGD: prototypes from full-experience passes
 
     def __init__(self, scale: float) -> None:
         super().__init__("none")
