@@ -84,10 +84,10 @@ def _summary_tables(out: Path) -> list[str]:
     """The report's table_<setting>.md as sortable HTML (the same cells, means ± std as text, means to sort)."""
     import pandas as pd
 
-    from cltoolbox import report
+    from cltoolbox.tables import SETTING_NAMES
 
     parts = []
-    for setting, title in report.SETTING_NAMES.items():
+    for setting, title in SETTING_NAMES.items():
         path = out / f"table_{setting}.csv"
         if not path.exists():
             continue
