@@ -16,7 +16,8 @@ from cltoolbox.data.base import Dataset
 from cltoolbox.data.multilabel import VOC_CLASSES, digit_grids, load_coco, load_voc
 from cltoolbox.errors import CLToolboxError, ConfigError, DataMissingError
 from cltoolbox.multilabel import average_precision, f1_scores, scores
-from cltoolbox.registry import SCENARIOS, register_dataset
+from cltoolbox.plugin import Plugin
+from cltoolbox.registry import SCENARIOS, register_dataset, register_strategy
 
 
 # -- metrics against sklearn -----------------------------------------------------------------------------
@@ -266,3 +267,72 @@ def test_multi_lane_keeps_finished_lanes_and_scores_all(tmp_path) -> None:
         alone = plugin._run(learner.model.eval(), x, [lane])[0]
         assert torch.allclose(out[:, plugin.classes[lane]], alone, atol=1e-5)
     assert plugin.cost()["lane_params"] > 0
+
+
+def test_multi_label_history_survives_a_checkpoint() -> None:
+    import io
+
+    from cltoolbox.evaluate import History
+    from cltoolbox.multilabel import ensure_tensors
+
+    h = History(3, 4)
+    ensure_tensors(h, 3, 3)
+    h.ml_matrix[1, 0] = torch.tensor([0.5, 0.4, 0.3, 0.2], dtype=torch.float64)
+    h.ml_seen[1] = torch.tensor([0.5, 0.4, 0.3, 0.2, 17], dtype=torch.float64)
+    buf = io.BytesIO()
+    torch.save(h.state_dict(), buf)
+    buf.seek(0)
+    again = History(3, 4)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.allclose(again.ml_matrix, h.ml_matrix, equal_nan=True)
+    assert torch.allclose(again.ml_seen, h.ml_seen, equal_nan=True)
+
+
+class _Kill(Exception):
+    pass
+
+
+class _Killer(Plugin):
+    """Dies after experience ``at`` when armed (set on the class: the resumed run keeps the same config)."""
+
+    at = -1
+
+    def after_experience(self, learner, exp) -> None:
+        if exp.index == _Killer.at:
+            raise _Kill()
+
+
+@register_strategy("ml_test_killer")
+def ml_test_killer() -> list[Plugin]:
+    """Test-only: a simulated kill."""
+    return [_Killer()]
+
+
+def test_killed_multi_label_run_resumes_exactly(tmp_path) -> None:
+    import contextlib
+    import io
+    from pathlib import Path
+
+    def config(out):
+        return {"name": "ml", "scenario": {"name": "multi_label", "dataset": "ml_toy", "n_experiences": 3,
+                                           "first_classes": 2},
+                "model": {"name": "mlp", "hidden": [8]},
+                "strategy": {"name": "er", "memory_size": 10, "plugins": [{"name": "ml_test_killer"}]},
+                "train": {"epochs": 2, "batch_size": 8, "lr": 0.1, "time_to_target": {"target": 0.9, "every": 2}},
+                "seeds": [0], "out": str(out)}
+
+    (whole,) = cltoolbox.run(config(tmp_path / "a"), quiet=True)
+    _Killer.at = 1
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), pytest.raises(CLToolboxError):
+            cltoolbox.run(config(tmp_path / "b"), quiet=True)
+    finally:
+        _Killer.at = -1
+    (resumed,) = cltoolbox.run(config(tmp_path / "b"), resume=True, quiet=True)
+    a, b = Path(whole["run_dir"]), Path(resumed["run_dir"])
+    for f in ("multilabel.csv", "matrices/map.csv", "matrices/of1.csv", "accuracy.csv"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    untimed = [{k: v for k, v in r.items() if not k.endswith(("cpu_s", "wall_s"))}
+               for r in whole["time_to_target"]["per_experience"]]
+    assert untimed == [{k: v for k, v in r.items() if not k.endswith(("cpu_s", "wall_s"))}
+                       for r in resumed["time_to_target"]["per_experience"]]
