@@ -153,6 +153,24 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gather_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The global batch's rows of a per-row tensor each rank computed for its shard (``Dist.shard_rows`` of an
+    ``n``-row batch), in batch order on every rank; ``rows`` itself in one process."""
+    d = current()
+    if d is None:
+        return rows
+    width = -(-n // d.world)  # the largest shard: all_gather needs one shape
+    dtype = rows.dtype
+    if rows.is_floating_point() and rows.element_size() < 4:  # gloo has no all_gather for half types
+        rows = rows.float()
+    padded = rows.new_zeros((width, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded.contiguous())
+    spans = [Dist(r, d.world, r).shard_rows(n) for r in range(d.world)]
+    return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, spans, strict=True)]).to(dtype)
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     d = current()
     if d is None:

@@ -51,6 +51,9 @@ class Learner:
         # the loop's own forward of the batch: only it goes through DDP (a plugin's extra forwards, e.g. GEM's
         # memory gradients by autograd.grad, must not arm DDP's gradient hooks)
         self._main_forward = False
+        # this step's batch before a rank took its shard (the batch itself in one process): what a plugin that
+        # stores per-batch state (DER's logits) stores, with distributed.gather_rows for its per-row tensors
+        self.global_batch: Batch | None = None
         self.plugins = list(plugins)
         if config.time_to_target is not None:  # an internal observer plugin (cltoolbox.time_to_target)
             from cltoolbox.time_to_target import observer_for
@@ -180,6 +183,7 @@ class Learner:
                 for p in transform:
                     batch = p.transform_batch(self, batch)
                 share = 1.0
+                self.global_batch = batch
                 if d is not None:  # this rank's rows of the global batch (see cltoolbox.distributed)
                     batch, share = self._shard(batch, d)
                 self._ddp_forward, self._main_forward = False, True

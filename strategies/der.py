@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cltoolbox import distributed
 from cltoolbox.params import NonNegative, PositiveInt
 from cltoolbox.plugin import Batch, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
@@ -68,6 +69,10 @@ class LogitMemory(ReservoirMemory):
 class DERPlugin(MemoryPlugin):
     """Logit (and, with beta > 0, label) replay from a reservoir memory; see the module docstring."""
 
+    # DDP: the reservoir takes the global batch with its logits gathered from the ranks, memory draws are sized by
+    # the global batch, and the memory terms are computed alike on every rank
+    supports_ddp = True
+
     def __init__(self, memory_size: int, alpha: float, beta: float, mem_batch_size: int | None) -> None:
         self.alpha, self.beta, self.mem_batch_size = alpha, beta, mem_batch_size
         self.memory = LogitMemory(memory_size)
@@ -75,8 +80,10 @@ class DERPlugin(MemoryPlugin):
         self._logits: torch.Tensor | None = None
 
     def loss(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | float:
-        # what the reservoir stores after this step: the batch and its logits before the update
-        self._batch, self._logits = batch, logits.detach()
+        # what the reservoir stores after this step: the batch and its logits before the update (several
+        # processes: the global batch, its logits gathered from every rank's shard)
+        batch = learner.global_batch if learner.global_batch is not None else batch
+        self._batch, self._logits = batch, distributed.gather_rows(logits.detach(), len(batch))
         mem = self.memory
         if mem.size == 0:
             return 0.0

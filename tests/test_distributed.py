@@ -158,7 +158,8 @@ def test_strategies_under_ddp_match_one_process():
     """~40 s: replay memories, Fisher/importance, GEM/A-GEM reference gradients and L2P's prompt selection counts
     end the same on both ranks (plugin state checksums equal) and as in one process (accuracies within 0.02,
     weights up to float rounding: DDP averages the shards' gradients in another summation order)."""
-    names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt", "gdumb", "icarl", "simplecil"]
+    names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt", "gdumb", "icarl", "simplecil",
+             "der", "derpp"]
     script = str(Path(__file__).with_name("ddp_equivalence.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, check=True)
@@ -192,7 +193,7 @@ def test_strategies_without_ddp_support_refuse_in_one_line(tmp_path, monkeypatch
     from cltoolbox.errors import ConfigError
     from cltoolbox.registry import STRATEGIES
 
-    for name in ("derpp", "er_ace"):  # er_ace subclasses er's plugin: the declaration is not inherited
+    for name in ("xder", "er_ace"):  # er_ace subclasses er's plugin: the declaration is not inherited
         entry = {"name": name, "label": name, "plugins": [],
                  **{k: p.default for k, p in STRATEGIES.get(name).params.items()}}
         with pytest.raises(ConfigError) as e:
