@@ -219,7 +219,9 @@ class RunSession:
         self.eval_s = self.prior["eval_s"]
         self.last_save_end = time.perf_counter()
 
-        if self.run_cfg.get("loggers"):  # trackers (cltoolbox.loggers): config, epochs, rows, final, figures
+        # trackers (cltoolbox.loggers): config, epochs, rows, final, figures; rank 0's only under DDP (they may write
+        # outside the run folder, e.g. <out>/mlruns)
+        if self.run_cfg.get("loggers") and (learner.dist is None or learner.dist.rank == 0):
             from cltoolbox.loggers import RunLoggers
 
             self.loggers = RunLoggers(self.run_cfg["loggers"], self.run_cfg, run_dir)
