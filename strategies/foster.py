@@ -10,9 +10,10 @@ to one backbone after it:
   old-feature columns inherit F_old's classifier). Loss = L_LA + L_FE + lambda_okd * L_KD: L_LA is the
   cross-entropy of W's logits balanced by class frequency (logits divided by per-class weights from the
   "effective number" of each class's training samples, (1 - beta1) / (1 - beta1^n_c), normalised to mean 1,
-  beta1 = 0.96, the authors' implementation of the paper's logit adjustment), L_FE the cross-entropy of
-  F_new's own classifier (``learner.model.head``) over all classes seen, L_KD the distillation of F_old's
-  logits into W's old-class logits (temperature T = 2, lambda_okd = 1).
+  beta1 = 0.96: the paper's "logits alignment", a diagonal per-class scaling of the logits in training that
+  leaves the old classes' trained logits larger), L_FE the cross-entropy of F_new's own classifier
+  (``learner.model.head``) over all classes seen, L_KD the distillation of F_old's logits into W's old-class
+  logits (temperature T = 2, lambda_okd = 1).
 * Compression (Sec. 4.3): the boosted pair is distilled into a single backbone (the student starts from F_old,
   as in the authors' code) with balanced KD: the teacher's softened probabilities are reweighted per class by
   the effective-number weights (beta2 = 0.97) and renormalised, and the student matches them (KL at T = 2)
