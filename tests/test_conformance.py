@@ -15,7 +15,7 @@ from cltoolbox.testing import check_scenario, check_strategy, scenario_cases, st
 BUILTIN_STRATEGIES = strategy_cases("cltoolbox.strategies")
 # Scenarios of one dataset's own protocol (CORe50's sessions, test_dataset=None) cannot run on digits;
 # tests/test_catalogue.py checks them on a CORe50 layout, end to end. multi_label needs multi-hot labels:
-# tests/test_multilabel.py checks it.
+# tests/test_multilabel.py checks it. avalanche needs a user's benchmark function: tests/test_avalanche_scenario.py.
 BUILTIN_SCENARIOS = scenario_cases("cltoolbox.scenarios")
 
 
@@ -23,7 +23,8 @@ def test_every_builtin_is_covered() -> None:
     assert len(BUILTIN_STRATEGIES) > 20 and {"naive", "er", "l2p", "gdumb"} <= set(BUILTIN_STRATEGIES)
     assert set(registered_by("cltoolbox.scenarios")["scenarios"]) - set(BUILTIN_SCENARIOS) == {"core50_ni",
                                                                                                  "core50_nc",
-                                                                                                 "multi_label"}
+                                                                                                 "multi_label",
+                                                                                                 "avalanche"}
 
 
 @pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
