@@ -245,3 +245,13 @@ def test_runs_on_file_backed_streams_with_keys_only(name: str, tmp_path) -> None
     assert mem.size == 30 and mem.key.dtype == torch.int64
     assert learner.fetch(mem.key[: mem.size]).shape == (30, 3, 8, 8)
     assert all(0 <= a <= 1 for a in _class_il_acc(learner, stream))
+
+
+# -- the conformance kit on the settings its defaults skip -----------------------------------------------------------
+def test_contract_with_pruning_and_with_a_shared_trunk() -> None:
+    """Resume after a kill, determinism and memory accounting with DER's pruning on, and with MEMO on a two-layer mlp
+    (the default one-layer test model has no weights in MEMO's shared trunk, so its freezing is not exercised)."""
+    from cltoolbox.testing import check_strategy
+
+    check_strategy("der_expand", params={"memory_size": 60, "balanced_epochs": 2, "prune": True})
+    check_strategy("memo", params={"memory_size": 60, "balanced_epochs": 1}, model={"name": "mlp", "hidden": [16, 32]})
