@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.nproc < 1:
                     raise CLToolboxError(f"--nproc: must be >= 1, got {args.nproc}")
                 if distributed.env_world() <= 1:  # start the N processes, each runs this command without --nproc
+                    distributed.precheck(args.config, args.overrides, args.out, args.seeds)
                     return distributed.launch(args.nproc, distributed.without_nproc(sys.argv[1:] if argv is None
                                                                                     else list(argv)))
             run(args.config, overrides=args.overrides, out=args.out, seeds=args.seeds, resume=args.resume,

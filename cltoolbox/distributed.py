@@ -252,6 +252,17 @@ def follow_run(run_dir: Path, execute) -> tuple[str, dict[str, Any]]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def precheck(config: Any, overrides: Sequence[str], out: str | None, seeds: list[int] | None) -> None:
+    """What ``--nproc`` checks once before starting processes (each would otherwise print the same error): the
+    config is valid and every strategy keeps the rules."""
+    from cltoolbox import config as cfgmod
+    from cltoolbox.build import load_raw
+
+    resolved = cfgmod.validate(load_raw(config, list(overrides), out, seeds))
+    for entry in resolved["strategy"]:
+        check_strategy(entry)
+
+
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``cltoolbox <argv>`` in ``nproc`` processes with torchrun's environment; returns the worst exit
     code (a rank that fails makes the others fail at their next collective, so all end)."""

@@ -243,3 +243,15 @@ def test_gpus_per_run_is_checked_in_one_line(tmp_path, capsys, monkeypatch, args
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpus-per-run" in err[0] and words in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_nproc_refuses_once_before_starting_processes(tmp_path, capsys):
+    from cltoolbox.cli import main
+
+    cfg = tmp_path / "ace.yaml"
+    cfg.write_text("name: ace\nscenario: {name: class_incremental, dataset: digits, n_experiences: 2}\n"
+                   "model: {name: mlp, hidden: [8]}\nstrategy: {name: er_ace, memory_size: 20}\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--nproc", "2", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ERACEPlugin does not support multi-process training" in err[0]
+    assert not (tmp_path / "o").exists()
