@@ -73,10 +73,10 @@ from cltoolbox.data import load_dataset
 from cltoolbox.errors import DivergenceError
 from cltoolbox.flat import flat_grad, write_flat_grad
 from cltoolbox.interop.avalanche import TensorPairs
-from cltoolbox.report import mean_std
 from cltoolbox.session import execute_run
 from cltoolbox.strategies.gem import gem_project
 from cltoolbox.stream import Stream
+from cltoolbox.tables import mean_std
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "compare_avalanche.md"

@@ -30,8 +30,8 @@ import torch
 
 import cltoolbox
 from cltoolbox.models.mlp import mlp
-from cltoolbox.report import mean_std
 from cltoolbox.strategies.model_zoo import forward_flops
+from cltoolbox.tables import mean_std
 
 MEMORY = 500
 STRATEGIES = [

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 import cltoolbox
-from cltoolbox.report import mean_std
+from cltoolbox.tables import mean_std
 
 MODEL = {"name": "mlp", "hidden": [100, 100]}
 TRAIN = {"epochs": 1, "batch_size": 10, "optimizer": "sgd", "lr": 0.1}
