@@ -283,7 +283,8 @@ def test_file_backed_stream_embeds_each_image_once(tmp_path) -> None:
     data = Dataset("files", pngs(tmp_path / "tr", ytr), pngs(tmp_path / "te", yte), 4)
     stream = SCENARIOS.get("class_incremental").factory(data, 0, n_experiences=2)
     assert stream.file_backed()
-    for name, params in (("ranpac", {"projection_dim": 64}), ("aper", {}), ("slca", {"ca_samples": 32})):
+    for name, params in (("ranpac", {"projection_dim": 64}), ("aper", {}), ("slca", {"ca_samples": 32}),
+                         ("ease", {"adapter_scale": 1.0})):
         torch.manual_seed(0)
         model = MODELS.get("vit").factory(stream.input_shape, 4, patch_size=4, embed_dim=16, depth=1,
                                           num_heads=2, frozen=True)
