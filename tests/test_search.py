@@ -148,3 +148,19 @@ def test_search_on_ray_proposes_the_same_trials(tmp_path: Path) -> None:
     sweep(copy.deepcopy(cfg), out=str(tmp_path / "local"), workers=1, quiet=True)
     sweep(copy.deepcopy(cfg), out=str(tmp_path / "ray"), backend="ray", workers=2, quiet=True)
     assert trials(tmp_path / "ray") == trials(tmp_path / "local")
+
+
+def test_a_repeated_proposal_reuses_its_trials_runs(tmp_path: Path, one_thread) -> None:
+    # two choices, five trials: proposals repeat, and a repeat runs nothing new
+    cfg = {**copy.deepcopy(BASE), "grid": {"strategy.memory_size": [10, 30]},
+           "search": {"method": "random", "trials": 5, "seed": 1}}
+    sweep(copy.deepcopy(cfg), out=str(tmp_path), workers=1, quiet=True)
+    rows = trials(tmp_path)
+    assert len(rows) == 5
+    firsts = {r["value:strategy.memory_size"]: r["point"] for r in rows if not r["same_as"]}
+    assert len(firsts) == len({r["value:strategy.memory_size"] for r in rows}) <= 2
+    for r in rows:
+        if r["same_as"]:
+            assert r["same_as"] == firsts[r["value:strategy.memory_size"]] and r["acc_mean"] == next(
+                x["acc_mean"] for x in rows if x["point"] == r["same_as"])
+    assert sorted(p.name for p in (tmp_path / "srch").glob("er-t*")) == sorted(firsts.values())
