@@ -209,3 +209,37 @@ def test_tracker_time_is_left_out_of_the_run_cost(tiny_config: dict, tmp_path: P
     (slow,) = run({**tiny_config, "loggers": ["tensorboard"]}, out=str(tmp_path / "b"), quiet=True)
     # the tracker slept 0.5 + 5 x 0.4 = 2.5 s; the run's own clock leaves that out
     assert slow["cost"]["wall_s"] - plain["cost"]["wall_s"] < 1.2
+
+
+@pytest.mark.slow  # W&B's service start: ~5-10 s on 2 busy cores
+def test_a_resumed_run_continues_its_tracker_runs(tiny_config: dict, tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cltoolbox.errors import CLToolboxError
+    from cltoolbox.runner import run
+    from cltoolbox.session import RunSession
+
+    cfg = {**tiny_config, "loggers": ["wandb", "mlflow"]}
+    original = RunSession.after_experience
+
+    def crash_at_3(self, learner, exp):
+        if exp.index == 3:
+            raise KeyboardInterrupt  # killed after 3 checkpointed experiences
+        original(self, learner, exp)
+
+    monkeypatch.setattr(RunSession, "after_experience", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, out=str(tmp_path), quiet=True)
+    monkeypatch.setattr(RunSession, "after_experience", original)
+    with pytest.raises(CLToolboxError, match="unfinished run"):
+        run(cfg, out=str(tmp_path), quiet=True)
+    (res,) = run(cfg, out=str(tmp_path), quiet=True, resume=True)
+    assert res["status"] == "done"
+    run_dir = Path(res["run_dir"])
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (found,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])  # one MLflow run
+    assert found.info.status == "FINISHED"
+    rows = client.get_metric_history(found.info.run_id, "accuracy/class_il/mean_trained")
+    assert sorted({m.step for m in rows}) == [1, 2, 3, 4, 5]
+    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # the same W&B run id
