@@ -230,11 +230,16 @@ def run_avalanche(cfg: dict, data: Dataset, device: torch.device, replay: bool) 
 
 
 # -- sections -------------------------------------------------------------------------------------------------
+ROWS: list[tuple[str, str]] = []  # (what, measurement) for the closing Markdown table
+
+
 def show(label: str, r: dict[str, float]) -> None:
+    ROWS.append((label, f"{r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, ACC {r['acc']:.3f}"))
     print(f"  {label:58} {r['wall']:8.2f} s wall {r['cpu']:8.2f} s CPU   ACC {r['acc']:.3f}", flush=True)
 
 
 def ratio(name: str, a: float, b: float, target: str = "") -> None:
+    ROWS.append((f"ratio {name}", f"{a / max(b, 1e-9):.2f}{f' (target {target})' if target else ''}"))
     print(f"ratio {name} = {a / max(b, 1e-9):.2f}{f'   (target {target})' if target else ''}", flush=True)
 
 
@@ -281,7 +286,8 @@ def section_vit(args: argparse.Namespace, device: torch.device) -> None:
             cfg = resolved(model, strategy, 32, device, prec, None, n_classes)
             for cached in (True, False):
                 res[(prec, cached)] = r = run_cltoolbox(cfg, data, device, cached=cached)
-                show(f"vit-b16 {strategy['name']} b32 {prec} {'cached' if cached else 'uncached'}", r)
+                arch = "vit-tiny" if args.tiny else "vit-b16"
+                show(f"{arch} {strategy['name']} b32 {prec} {'cached' if cached else 'uncached'}", r)
             ratio(f"uncached/cached vit {strategy['name']} {prec}", res[(prec, False)]["wall"],
                   res[(prec, True)]["wall"])
 
@@ -309,6 +315,8 @@ def section_ddp(args: argparse.Namespace, device: torch.device, n_classes: int) 
             times[n] = m["cost"]["train_s"]
             print(f"  ddp nproc={n}: train {m['cost']['train_s']:.2f} s, command {wall:.1f} s wall, "
                   f"ACC {m['class_il']['acc']:.3f}", flush=True)
+            ROWS.append((f"ddp nproc={n} resnet18 naive b128", f"train {m['cost']['train_s']:.2f} s, "
+                         f"ACC {m['class_il']['acc']:.3f}"))
     if nproc > 1:
         ratio(f"ddp train_s 1 process / {nproc} processes", times[1], times[nproc])
     else:
@@ -357,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{s}]", flush=True)
         sections[s]()
     print(f"total {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"\n| gpu_bench on {name} | |\n|---|---|")  # the same numbers as a table for the README
+    print("\n".join(f"| {what} | {value} |" for what, value in ROWS))
     return 0
 
 

@@ -26,6 +26,8 @@ def test_gpu_bench_tiny_on_cpu(capsys, monkeypatch):
                  "ratio avalanche/cltoolbox resnet18_reduced er b32 32", "ratio bf16/fp32 cltoolbox",
                  "ratio uncached/cached vit l2p 32", "ratio uncached/cached vit simplecil 32"):
         assert line in out, out
+    table = out[out.index("| gpu_bench on"):].splitlines()
+    assert table[1] == "|---|---|" and any(r.startswith("| ratio cltoolbox/hand") for r in table)
 
 
 @pytest.mark.slow
