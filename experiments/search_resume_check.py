@@ -56,14 +56,19 @@ def main() -> None:
     ap.add_argument("--kill-delay", type=float, default=0.0,
                     help="seconds to wait after --kill-after trials, so that the next round's runs are mid-way")
     ap.add_argument("--out", default="/tmp/cltoolbox_search_resume")
+    ap.add_argument("--reference", help="the out folder of an earlier uninterrupted run (same --seeds): reuse it")
     args = ap.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
     ref, killed = root / "reference", root / "killed"
 
-    wall, cpu, rc = timed(command(ref, args.seeds, args.workers))
-    assert rc == 0, "the reference search failed"
-    print(f"reference: uninterrupted search + evaluation: {wall:.0f} s wall, {cpu:.0f} s CPU (all processes)")
+    if args.reference:
+        ref = Path(args.reference) / "reference"
+        print(f"reference: reused from {ref}")
+    else:
+        wall, cpu, rc = timed(command(ref, args.seeds, args.workers))
+        assert rc == 0, "the reference search failed"
+        print(f"reference: uninterrupted search + evaluation: {wall:.0f} s wall, {cpu:.0f} s CPU (all processes)")
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(command(killed, args.seeds, args.workers), env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -91,8 +96,8 @@ def main() -> None:
               f"  {float(x['acc_mean']):>9.4f}{float(y['acc_mean']):>9.4f}")
     same = a == b
     print(f"\n{len(a)} trials; identical trial tables (values, objectives, states): {same}")
-    for name in ("reference", "killed"):
-        report = (root / name / "tuning_tpe_mnist5k" / "tuning_report.md").read_text().splitlines()
+    for name, folder in (("reference", ref), ("killed", killed)):
+        report = (folder / "tuning_tpe_mnist5k" / "tuning_report.md").read_text().splitlines()
         table = [ln for ln in report if ln.startswith("| ") and "Selected" not in ln][:3]
         print(f"{name}: selected and evaluated:\n  " + "\n  ".join(table))
     sys.exit(0 if same else 1)
