@@ -219,7 +219,7 @@ def plot_cost_curves(paths: list[Path] | list[str], out: Path) -> list[Path]:
             line, = ax.plot(x, y, marker="o", markersize=3, linewidth=1, label=f"{strategy} ({len(curves)} seeds)")
             ax.scatter(x[reached], y[reached], s=40, facecolors="none", edgecolors=line.get_color(), linewidths=0.8)
         ax.set_xlabel("cumulative training CPU time (s)")
-        ax.set_ylabel("ACC so far (%)")
+        ax.set_ylabel("ACC so far (%; mAP if multi-label)")
         ax.set_title(f"{scenario}: ACC vs training cost\n(ringed: target reached on that experience)", fontsize=7)
         ax.legend(frameon=False, fontsize=6)
         paths_out += save_figure(fig, Path(out), f"time_to_target_{scenario}")
