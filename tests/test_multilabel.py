@@ -302,8 +302,8 @@ class _Killer(Plugin):
             raise _Kill()
 
 
-@register_strategy("ml_test_killer")
-def ml_test_killer() -> list[Plugin]:
+@register_strategy("test_ml_killer")
+def make_ml_killer() -> list[Plugin]:
     """Test-only: a simulated kill."""
     return [_Killer()]
 
@@ -317,7 +317,7 @@ def test_killed_multi_label_run_resumes_exactly(tmp_path) -> None:
         return {"name": "ml", "scenario": {"name": "multi_label", "dataset": "ml_toy", "n_experiences": 3,
                                            "first_classes": 2},
                 "model": {"name": "mlp", "hidden": [8]},
-                "strategy": {"name": "er", "memory_size": 10, "plugins": [{"name": "ml_test_killer"}]},
+                "strategy": {"name": "er", "memory_size": 10, "plugins": [{"name": "test_ml_killer"}]},
                 "train": {"epochs": 2, "batch_size": 8, "lr": 0.1, "time_to_target": {"target": 0.9, "every": 2}},
                 "seeds": [0], "out": str(out)}
 
