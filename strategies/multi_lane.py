@@ -46,7 +46,7 @@ from cltoolbox.multilabel import bce_loss
 from cltoolbox.params import Min, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.prompting import TINY_VIT
+from cltoolbox.strategies.prompt_base import TINY_VIT
 
 _INIT_SEED = 104_729
 

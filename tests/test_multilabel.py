@@ -247,7 +247,7 @@ def test_er_memory_keeps_partial_labels() -> None:
 def test_multi_lane_keeps_finished_lanes_and_scores_all(tmp_path) -> None:
     from cltoolbox.loop import Learner, TrainConfig
     from cltoolbox.registry import MODELS, STRATEGIES
-    from cltoolbox.strategies.prompting import TINY_VIT
+    from cltoolbox.strategies.prompt_base import TINY_VIT
 
     data = digit_grids(load_dataset("digits"), n_train=120, n_test=40)
     stream = SCENARIOS.get("multi_label").factory(data, 0, n_experiences=2)
