@@ -28,6 +28,7 @@ implemented by Optuna (Akiba et al., KDD 2019); random search is Bergstra & Beng
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -40,7 +41,7 @@ from typing import Any
 
 from cltoolbox import config as cfgmod
 from cltoolbox.errors import CLToolboxError, ConfigError
-from cltoolbox.sweep import GRID_SECTIONS, Point, available_cores, check_points, execute, plan_jobs
+from cltoolbox.sweep import GRID_SECTIONS, Point, available_cores, check_points, execute, plan_jobs, shared_pool
 
 METHODS = ("random", "tpe")
 SEARCH_KEYS = ("method", "trials", "seed", "batch", "metric", "setting")
@@ -289,8 +290,10 @@ def run_search(raw: dict[str, Any], spec: Spec, backend: str = "local", workers:
         ray = require_ray()
         ray_started = ray_connect(workers or available_cores())
     try:
-        return _rounds(raw, spec, search, studies, stop, metric, setting, backend, workers, threads, resume,
-                       overwrite, quiet, debug)
+        # local workers: one pool for every round (a pool per round restarted its processes 20 times)
+        with shared_pool(workers or available_cores()) if backend == "local" else contextlib.nullcontext():
+            return _rounds(raw, spec, search, studies, stop, metric, setting, backend, workers, threads, resume,
+                           overwrite, quiet, debug)
     finally:
         if ray_started:
             ray.shutdown()

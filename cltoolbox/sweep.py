@@ -363,33 +363,66 @@ def _init_worker(parent: int) -> None:
     threading.Thread(target=watch, name="cltoolbox-parent-watch", daemon=True).start()
 
 
+def _new_pool(workers: int) -> Any:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(os.getpid(),))
+
+
+_SHARED_POOLS: list[Any] = []  # opened by shared_pool(), used by every _run_local inside it
+
+
+class shared_pool:
+    """``with shared_pool(workers):`` one local worker pool for every ``execute`` inside: a search runs many small
+    rounds, and a pool per round would start ``workers`` processes (torch import, data load) every time."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = _new_pool(workers) if workers > 1 else None
+
+    def __enter__(self) -> shared_pool:
+        if self.pool is not None:
+            _SHARED_POOLS.append(self.pool)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None and self.pool in _SHARED_POOLS:  # (a failed round already stopped it)
+            _SHARED_POOLS.remove(self.pool)
+            self.pool.shutdown(wait=True)
+
+
 def _run_local(specs: list[dict], workers: int, on_result) -> None:
     if workers == 1 or len(specs) == 1:  # no pool: saves a process start (torch import) per worker
         for spec in specs:
             on_result(run_job(spec))
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(os.getpid(),))
+    shared = _SHARED_POOLS[-1] if _SHARED_POOLS else None
+    pool = shared or _new_pool(min(workers, len(specs)))
     try:
         futures = [pool.submit(run_job, spec) for spec in specs]
         for fut in as_completed(futures):
             on_result(fut.result())
     except BrokenProcessPool:
+        if shared is not None:
+            _SHARED_POOLS.remove(shared)
         raise CLToolboxError("sweep: a worker process died (killed, or out of memory); finished experiences are "
                              "checkpointed: rerun with --resume") from None
     except BaseException:
         # Ctrl-C or an error here: stop the workers now, as a kill would; every finished experience is
         # checkpointed and a stale lock (its writer gone) is taken over by the next --resume.
+        if shared is not None:
+            _SHARED_POOLS.remove(shared)
         procs = list((getattr(pool, "_processes", None) or {}).values())
         for proc in procs:
             proc.terminate()
         pool.shutdown(wait=True, cancel_futures=True)  # the pool sees its workers gone and closes its queues
         raise
-    pool.shutdown(wait=True)
+    if shared is None:
+        pool.shutdown(wait=True)
 
 
 def _run_ray(specs: list[dict], workers: int, limit: int | None, on_result, gpus_per_run: float = 0.0) -> None:

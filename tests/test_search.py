@@ -164,3 +164,17 @@ def test_a_repeated_proposal_reuses_its_trials_runs(tmp_path: Path, one_thread) 
             assert r["same_as"] == firsts[r["value:strategy.memory_size"]] and r["acc_mean"] == next(
                 x["acc_mean"] for x in rows if x["point"] == r["same_as"])
     assert sorted(p.name for p in (tmp_path / "srch").glob("er-t*")) == sorted(firsts.values())
+
+
+@pytest.mark.slow  # two worker processes start: ~10-20 s on 2 busy cores
+def test_local_workers_share_one_pool_and_propose_the_same_trials(tmp_path: Path, monkeypatch) -> None:
+    from cltoolbox import sweep as sweep_module
+
+    made = []
+    real = sweep_module._new_pool
+    monkeypatch.setattr(sweep_module, "_new_pool", lambda n: made.append(n) or real(n))
+    cfg = {**copy.deepcopy(BASE), "search": {"method": "tpe", "trials": 3}, "seeds": [0, 1]}
+    sweep(copy.deepcopy(cfg), out=str(tmp_path / "two"), workers=2, quiet=True)
+    assert made == [2]  # one pool for the 3 rounds
+    sweep(copy.deepcopy(cfg), out=str(tmp_path / "one"), workers=1, quiet=True)
+    assert trials(tmp_path / "two") == trials(tmp_path / "one")
