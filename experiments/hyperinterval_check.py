@@ -27,14 +27,21 @@ import torch
 
 import cltoolbox
 
+# The paper's perturbation 5.0 (per-dimension radius 5/24) made training collapse to chance on 784-pixel inputs
+# (the interval of the first layer's output grows with the input size: measured 0.10 accuracy on the first
+# experience of every seed); 1.0 learns (0.93 on a first experience). beta 0.05 instead of 0.005: the regulariser
+# was chosen before seeing the 3-seed results, from 2-experience trials (0.005 forgot 0.05 after one new task).
+TUNED = {"radius": 1.0, "beta": 0.05}
 SECTIONS = {
     "permuted": {
         "scenario": {"name": "permuted", "dataset": "mnist5k", "n_experiences": 5},
-        "rows": [("naive", {"name": "naive"}), ("hyperinterval", {"name": "hyperinterval", "inference": "task"})],
+        "rows": [("naive", {"name": "naive"}),
+                 ("hyperinterval", {"name": "hyperinterval", "inference": "task", **TUNED})],
     },
     "split": {
         "scenario": {"name": "task_incremental", "dataset": "mnist5k", "n_experiences": 5},
-        "rows": [("naive", {"name": "naive"}), ("hyperinterval", {"name": "hyperinterval", "inference": "task"})],
+        "rows": [("naive", {"name": "naive"}),
+                 ("hyperinterval", {"name": "hyperinterval", "inference": "task", **TUNED})],
     },
 }
 
