@@ -52,7 +52,7 @@ classes, which that lane never saw in training (MLCIL trains experience t only o
 classes). At a matched, lower training budget (9 lane epochs, 73 vs 84 CPU s) multi_lane is ahead by 1.1 points on
 the mean (2 of 3 seeds), within about one standard deviation. multi_lane's defaults (16 selectors drawn N(0, 1))
 were fixed after trying selector init, count, summarise_at and lr on seed 0's first two experiences of this test
-protocol; the variants tried were within the spread shown here.
+protocol; at lr 0.01 those variants reached 0.61-0.72 seen mAP after two experiences, l2p 0.785.
 
     python experiments/multilabel_check.py [--seeds 0 1 2] [--out runs/multilabel_check] [--part mlp|vit|both]
 """
