@@ -103,10 +103,14 @@ def _has_limits(annotation: Any) -> bool:
     return any(_has_limits(a) for a in typing.get_args(annotation))
 
 
+def _is_choice(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is typing.Literal or any(_is_choice(a) for a in typing.get_args(annotation))
+
+
 def with_limits(factory: Callable, params: dict[str, Param], section: str) -> Callable:
-    """``factory`` checking its declared limits on every call, direct Python calls included (the config path
-    checks them in :func:`resolve` first); ``factory`` itself when it declares none."""
-    limited = {n: p for n, p in params.items() if p.limits or _has_limits(p.annotation)}
+    """``factory`` checking its declared limits and choices (``Literal``) on every call, direct Python calls
+    included (the config path checks them in :func:`resolve` first); ``factory`` itself when it declares none."""
+    limited = {n: p for n, p in params.items() if p.limits or _has_limits(p.annotation) or _is_choice(p.annotation)}
     if not limited or inspect.isclass(factory):
         return factory
     signature = inspect.signature(factory)
@@ -120,8 +124,9 @@ def with_limits(factory: Callable, params: dict[str, Param], section: str) -> Ca
                 check_limits(coerce(given[name], p.annotation, field), p.limits, field)
             except LimitError:
                 raise
-            except ConfigError:  # a type question: a Python caller's own business, as before limits
-                pass
+            except ConfigError:  # a type question is a Python caller's own business; a choice is not
+                if _is_choice(p.annotation):
+                    raise
         return factory(*args, **kwargs)
 
     return checked
