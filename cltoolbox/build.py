@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cltoolbox import config as cfgmod
+from cltoolbox import multilabel
 from cltoolbox.augment import check_augment
 from cltoolbox.errors import CLToolboxError, ConfigError, one_line
 from cltoolbox.plugin import Plugin, check_composition
@@ -96,8 +97,11 @@ def check_buildable(resolved: dict, data: Any) -> Stream:
         given = strategy.get("train", {})
         where = f"strategy[{i}].train" if any(k.startswith("augment_") for k in given) else "train"
         check_augment({**resolved["train"], **given}, stream.input_shape, where)
-    plugins = [check_plugins(strategy, f"strategy[{i}]" if len(resolved["strategy"]) > 1 else "strategy")
-               for i, strategy in enumerate(resolved["strategy"])]
+    n = len(resolved["strategy"])
+    fields = [f"strategy[{i}]" if n > 1 else "strategy" for i in range(n)]
+    plugins = [check_plugins(strategy, field) for strategy, field in zip(resolved["strategy"], fields, strict=True)]
+    for group, field in zip(plugins, fields, strict=True):
+        multilabel.check_plugins(group, stream, field)
     model = check_model(resolved, stream)
     for plugin in (p for group in plugins for p in group):
         plugin.check(model, stream)  # strategy x model x stream constraints (e.g. a prompt layer past the depth)

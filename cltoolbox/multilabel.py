@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cltoolbox.errors import ConfigError
+
 if TYPE_CHECKING:
     from cltoolbox.evaluate import History
     from cltoolbox.loop import Learner
@@ -49,6 +51,16 @@ METRICS = ("map", "cf1", "of1", "macro_f1")
 
 
 # -- loss ------------------------------------------------------------------------------------------------
+def check_plugins(plugins: list[Any], stream: Stream, field: str) -> None:
+    """One line when a strategy's plugin has not been checked on multi-label streams (``supports_multi_label``)."""
+    if not stream.multi_label:
+        return
+    bad = [type(p).__name__ for p in plugins if not vars(type(p)).get("supports_multi_label", False)]
+    if bad:
+        raise ConfigError(f"{field}: {bad[0]} does not support multi-label streams (it assumes one label per "
+                          "sample); use naive, er (reservoir), l2p or multi_lane on this scenario")
+
+
 def bce_loss(logits: torch.Tensor, y: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """BCE on the sigmoid of ``logits[:, classes]`` against the multi-hot ``y``: summed over those classes,
     averaged over the batch."""

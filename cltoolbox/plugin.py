@@ -114,6 +114,10 @@ class Plugin:
     # Strategies with a plugin that does not declare it refuse --nproc > 1. Read from the class's own body, not
     # inherited: a subclass that changes hooks declares it again once it has checked them.
     supports_ddp: ClassVar[bool] = False
+    # True when the plugin has been checked on multi-label streams (multi-hot targets, partial labels, the BCE
+    # loss): every other plugin is refused there in one line rather than failing on a shape mid-run. Read from
+    # the class's own body, like supports_ddp.
+    supports_multi_label: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -69,6 +69,8 @@ class Lane(nn.Module):
 
 
 class MultiLanePlugin(Plugin):
+    supports_multi_label = True
+
     def __init__(self, n_selectors: int, prompt_length: int, layers: list[int] | None, summarise_at: int = 0) -> None:
         self.n_selectors, self.prompt_length, self.layers = n_selectors, prompt_length, layers
         self.summarise_at = summarise_at

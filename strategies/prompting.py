@@ -67,6 +67,7 @@ class L2PPlugin(PromptPlugin):
     # DDP: prompt, key and head gradients all-reduced by the loop; allotments per experience and selection
     # counts summed over ranks
     supports_ddp = True
+    supports_multi_label = True  # its head is the loop's: BCE over the seen classes on multi-label streams
 
     def __init__(self, pool_size: int, prompt_length: int, top_k: int, pull: float, diversify: bool,
                  train_mask: bool) -> None:

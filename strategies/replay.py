@@ -19,6 +19,7 @@ from cltoolbox.strategies.memory import ClassBalancedMemory, MemoryPlugin, Reser
 
 class ReplayPlugin(MemoryPlugin):
     supports_ddp = True  # per-batch state from the global batch only (cltoolbox.distributed)
+    supports_multi_label = True  # the reservoir keeps each image with the labels it had when stored
     def __init__(self, memory_size: int, policy: str, mem_batch_size: int | None) -> None:
         self.policy = policy
         self.mem_batch_size = mem_batch_size

@@ -234,6 +234,13 @@ def test_class_balanced_memory_refused_on_multi_label(tmp_path, toy_registered) 
         _run(tmp_path, {"name": "er", "memory_size": 20, "policy": "class_balanced"})
 
 
+@pytest.mark.parametrize("strategy", [{"name": "er_ace", "memory_size": 20}, {"name": "ewc"}, {"name": "icarl"}])
+def test_unchecked_strategies_refused_on_multi_label(tmp_path, toy_registered, strategy) -> None:
+    with pytest.raises(CLToolboxError, match=r"strategy: \w+ does not support multi-label streams") as err:
+        _run(tmp_path, strategy)
+    assert "\n" not in str(err.value) and not list(tmp_path.rglob("metrics.json"))
+
+
 def test_er_memory_keeps_partial_labels() -> None:
     from cltoolbox.strategies.memory import ReservoirMemory
 
@@ -295,6 +302,7 @@ class _Kill(Exception):
 class _Killer(Plugin):
     """Dies after experience ``at`` when armed (set on the class: the resumed run keeps the same config)."""
 
+    supports_multi_label = True
     at = -1
 
     def after_experience(self, learner, exp) -> None:
