@@ -241,5 +241,5 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_config: dict, tmp_path: P
     assert found.info.status == "FINISHED"
     rows = client.get_metric_history(found.info.run_id, "accuracy/class_il/mean_trained")
     assert sorted({m.step for m in rows}) == [1, 2, 3, 4, 5]
-    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # the same W&B run id
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # run-<id>.wandb in each offline run
+    assert len(files) == 2 and len({f.stem for f in files}) == 1  # the same W&B run id
