@@ -148,5 +148,5 @@ for _name, _doc in {
 }.items():
     _torchvision(_name, _doc)
 
-from cltoolbox.data import catalogue  # noqa: E402,F401  (registers the file-backed benchmarks)
-from cltoolbox.data import multilabel  # noqa: E402,F401  (registers the multi-label sets)
+# registers the file-backed benchmarks and the multi-label sets
+from cltoolbox.data import catalogue, multilabel  # noqa: E402,F401
