@@ -71,7 +71,7 @@ def main() -> None:
                     "train": {"epochs": args.epochs, "batch_size": 128, "optimizer": "adam", "lr": 0.001},
                     "seeds": args.seeds,
                 }
-                summaries = cltoolbox.run(config, out=out, overwrite=not args.reuse, quiet=True)
+                summaries = cltoolbox.run(config, out=out, overwrite=not args.reuse, resume=args.reuse, quiet=True)
                 # each run's own clocks (metrics.json cost), averaged over seeds: comparable when seeds ran apart
                 wall = sum(s["cost"]["wall_s"] for s in summaries) / len(summaries)
                 cpu = sum(s["cost"]["cpu_s"] for s in summaries) / len(summaries)
