@@ -56,7 +56,6 @@ def _config(strategy: dict) -> dict:
     }
 
 
-@pytest.mark.slow
 def test_hyperinterval_forgets_far_less_than_naive_on_permuted_digits(tmp_path: Path) -> None:
     naive = cltoolbox.run(_config({"name": "naive"}), out=str(tmp_path), quiet=True)[0]["class_il"]
     task = cltoolbox.run(_config({"name": "hyperinterval", "inference": "task", "hnet_hidden": [50],
