@@ -56,6 +56,18 @@ def class_splits(
     return ([first] if first else []) + [per] * count
 
 
+def class_order_list(n_classes: int, class_order: str | list[int], seed: int) -> list[int]:
+    """The class order a scenario's ``class_order`` names: ``fixed`` (0..C-1), ``seeded`` (a permutation drawn
+    from the run's seed) or an explicit permutation."""
+    if isinstance(class_order, list):
+        if sorted(class_order) != list(range(n_classes)):
+            raise ConfigError(f"scenario.class_order: must be a permutation of 0..{n_classes - 1}, got {class_order}")
+        return list(class_order)
+    if class_order == "seeded":
+        return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    return list(range(n_classes))
+
+
 def split_by_class(
     data: Dataset,
     seed: int,
@@ -66,14 +78,7 @@ def split_by_class(
     task_labels: bool,
 ) -> Stream:
     C = data.n_classes
-    if isinstance(class_order, list):
-        if sorted(class_order) != list(range(C)):
-            raise ConfigError(f"scenario.class_order: must be a permutation of 0..{C - 1}, got {class_order}")
-        order = list(class_order)
-    elif class_order == "seeded":
-        order = torch.randperm(C, generator=torch.Generator().manual_seed(seed)).tolist()
-    else:
-        order = list(range(C))
+    order = class_order_list(C, class_order, seed)
     sizes = class_splits(C, n_experiences, first_classes, classes_per_exp)
     experiences, start = [], 0
     for i, size in enumerate(sizes):

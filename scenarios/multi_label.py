@@ -21,7 +21,7 @@ import torch
 from cltoolbox.data.base import Dataset
 from cltoolbox.errors import ConfigError
 from cltoolbox.registry import register_scenario
-from cltoolbox.scenarios.incremental import class_splits
+from cltoolbox.scenarios.incremental import class_order_list, class_splits
 from cltoolbox.stream import Experience, Samples, Stream
 
 
@@ -43,14 +43,7 @@ def multi_label(
                           f"{data.name!r} has one label per sample; use mnist5k_grid, digits_grid, voc_multilabel "
                           "or coco_multilabel")
     C = data.n_classes
-    if isinstance(class_order, list):
-        if sorted(class_order) != list(range(C)):
-            raise ConfigError(f"scenario.class_order: must be a permutation of 0..{C - 1}, got {class_order}")
-        order = list(class_order)
-    elif class_order == "seeded":
-        order = torch.randperm(C, generator=torch.Generator().manual_seed(seed)).tolist()
-    else:
-        order = list(range(C))
+    order = class_order_list(C, class_order, seed)
     sizes = class_splits(C, n_experiences, first_classes, classes_per_exp)
     y_train, y_test = data.y_train.cpu(), data.y_test.cpu()
     experiences, start = [], 0
