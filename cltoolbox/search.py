@@ -41,7 +41,16 @@ from typing import Any
 
 from cltoolbox import config as cfgmod
 from cltoolbox.errors import CLToolboxError, ConfigError
-from cltoolbox.sweep import GRID_SECTIONS, Point, available_cores, check_points, execute, plan_jobs, shared_pool
+from cltoolbox.sweep import (
+    GRID_SECTIONS,
+    Point,
+    available_cores,
+    check_points,
+    execute,
+    make_point,
+    plan_jobs,
+    shared_pool,
+)
 
 METHODS = ("random", "tpe")
 SEARCH_KEYS = ("method", "trials", "seed", "batch", "metric", "setting")
@@ -177,37 +186,6 @@ def _base_entries(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": e} if isinstance(e, str) else copy.deepcopy(e) for e in entries]
 
 
-def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
-    """``config[a][b][c] = value`` for ``a.b.c``, creating missing sections."""
-    node = config
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            if node.get(part) is not None:
-                raise ConfigError(f"grid.{dotted}: '{part}' is a value, not a section; search a key inside a mapping")
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def make_point(raw: dict[str, Any], entry: dict[str, Any], base_label: str, label: str,
-               values: dict[str, Any]) -> Point:
-    """A validated one-strategy config with ``values`` applied (the sweep's way, under its own label)."""
-    point_raw = copy.deepcopy(raw)
-    point_raw["strategy"] = dict(copy.deepcopy(entry), label=label)
-    for k, v in values.items():
-        if k.startswith("strategy."):
-            point_raw["strategy"][k.split(".", 1)[1]] = copy.deepcopy(v)
-        else:
-            set_dotted(point_raw, k, v)
-    try:
-        resolved = cfgmod.validate(point_raw)
-    except ConfigError as e:
-        shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        raise ConfigError(f"search point '{label}' ({shown}): {e}") from None
-    return Point(label, base_label, dict(values), resolved)
-
-
 class Search:
     """The studies of one search (one per strategy) over a validated sweep config (``grid`` and ``search``
     popped). ``corner_points`` are the configs checked before anything runs."""
@@ -251,7 +229,7 @@ class Search:
                     if key in seen:
                         continue
                     seen.add(key)
-                    points.append(make_point(self.raw, entry, base, f"{base}-check", values))
+                    points.append(make_point(self.raw, entry, base, f"{base}-check", values, kind="search"))
         return points
 
     def studies(self) -> dict[str, Any]:
@@ -324,7 +302,7 @@ def _rounds(raw: dict[str, Any], spec: Spec, search: Search, studies: dict[str, 
                 if key in seen[base]:
                     asked.append((base, trial, *seen[base][key]))
                     continue
-                pt = make_point(raw, entries[base], base, search.label(base, trial.number), values)
+                pt = make_point(raw, entries[base], base, search.label(base, trial.number), values, kind="search")
                 asked.append((base, trial, pt, None))
         new = [pt for _, _, pt, reuse in asked if reuse is None]
         jobs = plan_jobs(new, resume, overwrite)

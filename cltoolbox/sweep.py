@@ -120,7 +120,8 @@ def _short_names(keys: list[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k.replace(".", "_")) for k, s in zip(keys, last, strict=True)}
 
 
-def _set(config: dict, dotted: str, value: Any) -> None:
+def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """``config[a][b][c] = value`` for ``a.b.c``, creating missing sections."""
     node = config
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -128,9 +129,28 @@ def _set(config: dict, dotted: str, value: Any) -> None:
         if nxt is None:
             nxt = node[part] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"grid.{dotted}: '{part}' is a value, not a section; sweep a key inside a mapping")
+            raise ConfigError(f"grid.{dotted}: '{part}' is a value, not a section; vary a key inside a mapping")
         node = nxt
     node[parts[-1]] = copy.deepcopy(value)
+
+
+def make_point(raw: dict[str, Any], entry: dict[str, Any], base_label: str, label: str,
+               values: dict[str, Any], kind: str = "grid") -> Point:
+    """A validated one-strategy config: ``raw`` with its strategy ``entry`` under ``label`` and ``values``
+    (dotted keys; ``strategy.*`` go to the entry) applied; a bad value names the ``kind`` point."""
+    point_raw = copy.deepcopy(raw)
+    point_raw["strategy"] = dict(copy.deepcopy(entry), label=label)
+    for k, v in values.items():
+        if k.startswith("strategy."):
+            point_raw["strategy"][k.split(".", 1)[1]] = copy.deepcopy(v)
+        else:
+            set_dotted(point_raw, k, v)
+    try:
+        resolved = cfgmod.validate(point_raw)
+    except ConfigError as e:
+        shown = "" if kind == "grid" else " (" + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
+        raise ConfigError(f"{kind} point '{label}'{shown}: {e}") from None
+    return Point(label, base_label, dict(values), resolved)
 
 
 def expand(raw: dict[str, Any]) -> list[Point]:
@@ -153,18 +173,7 @@ def expand(raw: dict[str, Any]) -> list[Point]:
         for combo in itertools.product(*(grid[k] for k in keys)):
             values = dict(zip(keys, combo, strict=True))
             label = strat["label"] + "".join(f"-{short[k]}{_fmt(v)}" for k, v in values.items())
-            point_raw = copy.deepcopy(raw)
-            point_raw["strategy"] = dict(copy.deepcopy(entry), label=label)
-            for k, v in values.items():
-                if k.startswith("strategy."):
-                    point_raw["strategy"][k.split(".", 1)[1]] = copy.deepcopy(v)
-                else:
-                    _set(point_raw, k, v)
-            try:
-                resolved = cfgmod.validate(point_raw)
-            except ConfigError as e:
-                raise ConfigError(f"grid point '{label}': {e}") from None
-            points.append(Point(label, strat["label"], values, resolved))
+            points.append(make_point(raw, entry, strat["label"], label, values))
     unused = [k for k in grid if k.startswith("strategy.") and k not in used]
     if unused:
         names = ", ".join(s["name"] for s in base["strategy"])

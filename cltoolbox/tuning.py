@@ -212,7 +212,8 @@ def tune(
         require_ray()
     raw = prepare(config, overrides, out)
     tuning_raw, eval_raw, sel = _parse(raw)
-    from cltoolbox.search import Search, make_point, run_search, split_raw
+    from cltoolbox.search import Search, run_search, split_raw
+    from cltoolbox.sweep import make_point
 
     tuning_raw, search = split_raw(tuning_raw)  # `search:` (Optuna) instead of the full grid
     eval_raw, _ = split_raw(eval_raw)
@@ -252,7 +253,8 @@ def tune(
                                             quiet, debug, metric=sel["metric"], setting=sel["setting"])
         e_search = Search(eval_raw, search)
         e_entries = dict(zip(e_search.bases, e_search.entries, strict=True))
-        e_points = {pt.label: make_point(eval_raw, e_entries[pt.base_label], pt.base_label, pt.label, pt.values)
+        e_points = {pt.label: make_point(eval_raw, e_entries[pt.base_label], pt.base_label, pt.label, pt.values,
+                                           kind="search")
                     for pt in t_points}
         e_jobs = plan_jobs(list(e_points.values()), resume, overwrite)
     _raise_broken(t_records, "tuning")
