@@ -29,23 +29,11 @@ from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.memory import MemoryPlugin, ReservoirMemory
 
 
-class LogitMemory(ReservoirMemory):
-    """A reservoir memory of (key, y, t) entries with the logits each sample got when it was stored.
+class WithLogits:
+    """Memory mixin: each entry carries a row of logits (sampled with it, counted in its bytes, saved in its
+    state); put it before the memory class it extends (DER's reservoir, X-DER's class-balanced memory)."""
 
-    The logits go to the slots the reservoir chose for their samples (``ReservoirMemory.add`` returns them), so
-    they stay aligned without a second copy of its sampling logic.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self.logits: torch.Tensor | None = None
-
-    def add_with_logits(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor, logits: torch.Tensor,
-                        generator: torch.Generator) -> None:
-        rows, slots = self.add(key, y, t, generator)
-        if self.logits is None:
-            self.logits = logits.new_zeros((self.capacity, logits.shape[1]))
-        self.logits[slots.to(self.logits.device)] = logits[rows.to(logits.device)]
+    logits: torch.Tensor | None = None
 
     def sample_with_logits(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """(keys, y, t, logits) of ``n`` entries drawn uniformly with replacement (one randint + gathers);
@@ -65,6 +53,24 @@ class LogitMemory(ReservoirMemory):
         super().load_state_dict(state)
         self.logits = state["logits"]
 
+
+class LogitMemory(WithLogits, ReservoirMemory):
+    """A reservoir memory of (key, y, t) entries with the logits each sample got when it was stored.
+
+    The logits go to the slots the reservoir chose for their samples (``ReservoirMemory.add`` returns them), so
+    they stay aligned without a second copy of its sampling logic.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.logits: torch.Tensor | None = None
+
+    def add_with_logits(self, key: torch.Tensor, y: torch.Tensor, t: torch.Tensor, logits: torch.Tensor,
+                        generator: torch.Generator) -> None:
+        rows, slots = self.add(key, y, t, generator)
+        if self.logits is None:
+            self.logits = logits.new_zeros((self.capacity, logits.shape[1]))
+        self.logits[slots.to(self.logits.device)] = logits[rows.to(logits.device)]
 
 class DERPlugin(MemoryPlugin):
     """Logit (and, with beta > 0, label) replay from a reservoir memory; see the module docstring."""

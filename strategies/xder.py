@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from cltoolbox.params import Interval, NonNegative, Positive, PositiveInt
-from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin, tensor_bytes
+from cltoolbox.plugin import MASKED_LOGIT, Batch, Plugin
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.der import LogitMemory
+from cltoolbox.strategies.der import WithLogits
 from cltoolbox.strategies.memory import ClassBalancedMemory, MemoryPlugin
 
 
@@ -75,11 +75,9 @@ def rescale_update(new: torch.Tensor, gt_logit: torch.Tensor, gamma: float) -> t
     return new * scale.unsqueeze(1)
 
 
-class XDERMemory(ClassBalancedMemory):
-    """A class-balanced memory whose entries carry logits (aligned by stream key after each refill). Sampling is
-    DER's (``LogitMemory.sample_with_logits``: one randint and gathers); DER's reservoir insertion is not used."""
-
-    sample_with_logits = LogitMemory.sample_with_logits
+class XDERMemory(WithLogits, ClassBalancedMemory):
+    """A class-balanced memory whose entries carry logits (aligned by stream key after each refill); sampling,
+    bytes and state are DER's (``WithLogits``), DER's reservoir insertion is not used."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
@@ -98,17 +96,6 @@ class XDERMemory(ClassBalancedMemory):
         if self.logits is None:
             self.logits = logits.new_zeros((self.capacity, logits.shape[1]))
         self.logits[: self.size] = z
-
-    def usage(self) -> tuple[int, int]:
-        items, nbytes = super().usage()
-        return items, nbytes + (0 if self.logits is None else tensor_bytes(self.logits[:1]) * items)
-
-    def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "logits": self.logits}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.logits = state["logits"]
 
 
 class XDERPlugin(MemoryPlugin):
