@@ -30,7 +30,7 @@ Defaults from the authors' Permuted-MNIST configuration: embedding size 24, hype
 perturbation 5.0, beta 0.005, Adam lr 0.001 and batch 128 (set in ``train:``); their target MLP is
 [1000, 1000] on 32x32 padded inputs (the example YAMLs use smaller ones for a CPU). On Permuted-MNIST-5k with a
 784-100-100-10 target, perturbation 5.0 made training collapse to chance (the first layer's output interval
-grows with the number of inputs); ``radius: 1.0`` learns (experiments/hyperinterval_check.py).
+grows with the number of inputs); ``radius: 0.25`` learns (experiments/hyperinterval_check.py).
 """
 
 from __future__ import annotations
