@@ -58,6 +58,7 @@ from cltoolbox.strategies.extractor import (
     adapt_first_experience,
     freeze,
     require_features_and_head,
+    train_on,
 )
 
 
@@ -176,8 +177,7 @@ class APERPlugin(FixedExtractorPlugin):
             freeze(model)  # the backbone stays as it is (cached if it can); only the adapter/prompts and head train
             self._adapting = True
             try:
-                task = torch.full_like(exp.y_train, exp.task_id)
-                learner.train_data(learner.stream.keys(exp.train), exp.y_train, task)
+                train_on(learner, exp)
             finally:
                 self._adapting = False
             self.adapt_head.requires_grad_(False)

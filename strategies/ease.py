@@ -44,7 +44,7 @@ from cltoolbox.params import Interval, NonNegative, Positive
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.aper import CosineHead, FeatureAdapter
-from cltoolbox.strategies.extractor import freeze, require_features_and_head
+from cltoolbox.strategies.extractor import class_mask, freeze, require_features_and_head, train_on
 
 
 def complement(protos: torch.Tensor, real: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -145,12 +145,9 @@ class EASEPlugin(Plugin):
     def train_experience(self, learner, exp) -> bool:
         freeze(learner.model)  # the backbone never trains (a frozen one is cached); idempotent after a resume
         self._new_adapter(learner, len(self.adapters))
-        mask = torch.zeros(self.n_classes, dtype=torch.bool, device=learner.device)
-        mask[list(exp.classes)] = True
-        self._current = mask
+        self._current = class_mask(self.n_classes, exp.classes, learner.device)
         try:
-            task = torch.full_like(exp.y_train, exp.task_id)
-            learner.train_data(learner.stream.keys(exp.train), exp.y_train, task)
+            train_on(learner, exp)
         finally:
             self._current = None
             self._head = None

@@ -60,6 +60,18 @@ def _normalise_in_eval_mode(module: nn.Module, _inputs) -> None:
     module.train(False)
 
 
+def train_on(learner, exp) -> None:
+    """One pass of the standard training loop over ``exp``'s training data, with its task id."""
+    learner.train_data(learner.stream.keys(exp.train), exp.y_train, torch.full_like(exp.y_train, exp.task_id))
+
+
+def class_mask(n_classes: int, classes, device) -> torch.Tensor:
+    """Bool over ``n_classes``: True at ``classes``."""
+    mask = torch.zeros(n_classes, dtype=torch.bool, device=device)
+    mask[list(classes)] = True
+    return mask
+
+
 def adapt_first_experience(learner, exp, adapt: str) -> None:
     """Train on the first experience with the standard loop: the whole model ("body"), or FiLM adapters plus
     the head ("film", see ``fsa``); "none" trains nothing."""

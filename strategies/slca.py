@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from cltoolbox.params import Interval, Min, NonNegative, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.extractor import require_features_and_head, stream_features
+from cltoolbox.strategies.extractor import class_mask, require_features_and_head, stream_features, train_on
 
 
 class ClassGaussians:
@@ -130,12 +130,9 @@ class SLCAPlugin(Plugin):
                 {"params": [p for p in params if id(p) not in head], "lr": lr * self.slow_factor}]
 
     def train_experience(self, learner, exp) -> bool:
-        mask = torch.zeros(self.n_classes, dtype=torch.bool, device=learner.device)
-        mask[list(exp.classes)] = True
-        self._current = mask
+        self._current = class_mask(self.n_classes, exp.classes, learner.device)
         try:
-            task = torch.full_like(exp.y_train, exp.task_id)
-            learner.train_data(learner.stream.keys(exp.train), exp.y_train, task)
+            train_on(learner, exp)
         finally:
             self._current = None
         return True
