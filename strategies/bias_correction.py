@@ -102,11 +102,7 @@ class WAPlugin(ExemplarPlugin):
 
     def before_experience(self, learner, exp) -> None:
         super().before_experience(learner, exp)
-        unseen = torch.ones(learner.stream.n_classes, dtype=torch.bool, device=learner.device)
-        unseen[self.current_classes] = False
-        if self.old_classes is not None:
-            unseen[self.old_classes] = False
-        self._unseen = unseen
+        self._unseen = ~self.seen_mask(learner.stream.n_classes, learner.device)
 
     def criterion(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         if self.mask_unseen and self._unseen is not None:

@@ -102,6 +102,14 @@ class ExemplarPlugin(Plugin):
         self.old_classes = torch.tensor(old, dtype=torch.long, device=dev) if old else None
         self._teacher = None
 
+    def seen_mask(self, n_classes: int, device) -> torch.Tensor:
+        """Bool over ``n_classes``: the current experience's classes and the old ones (after before_experience)."""
+        seen = torch.zeros(n_classes, dtype=torch.bool, device=device)
+        seen[self.current_classes] = True
+        if self.old_classes is not None:
+            seen[self.old_classes] = True
+        return seen
+
     def kd_weight(self) -> float:
         """lambda = n_old / (n_old + n_current) classes (Wu et al. 2019, Eq. 3; used by WA too)."""
         if self.old_classes is None:

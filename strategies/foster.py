@@ -93,11 +93,7 @@ class FOSTERPlugin(ExemplarPlugin):
 
     def before_experience(self, learner, exp) -> None:
         super().before_experience(learner, exp)
-        seen = torch.zeros(learner.stream.n_classes, dtype=torch.bool, device=learner.device)
-        seen[self.current_classes] = True
-        if self.old_classes is not None:
-            seen[self.old_classes] = True
-        self._seen = seen
+        self._seen = self.seen_mask(learner.stream.n_classes, learner.device)
 
     def _mask(self, learner, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = logits.masked_fill(~self._seen, MASKED_LOGIT)
