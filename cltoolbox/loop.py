@@ -157,11 +157,19 @@ class Learner:
         self._train_model = self._training_module()
         # gradients DDP does not average: plugin-owned tensors always, everything when a plugin's forward
         # bypasses the wrapper
-        model_params = {id(p) for p in model.parameters()}
-        plugin_params = [p for g in opt.param_groups for p in g["params"] if id(p) not in model_params]
-        all_params = [p for g in opt.param_groups for p in g["params"]]
-        # multi-label streams: sigmoid/BCE over the classes seen so far instead of softmax CE (cltoolbox.multilabel)
-        ml_classes = multilabel.seen_classes(self) if self.stream is not None and self.stream.multi_label else None
+        if d is not None:
+            model_params = {id(p) for p in model.parameters()}
+            plugin_params = [p for g in opt.param_groups for p in g["params"] if id(p) not in model_params]
+            all_params = [p for g in opt.param_groups for p in g["params"]]
+        # the loss when no criterion hook answers: softmax CE, or on multi-label streams sigmoid/BCE over the
+        # classes seen so far (cltoolbox.multilabel)
+        if self.stream is not None and self.stream.multi_label:
+            ml_classes = multilabel.seen_classes(self)
+
+            def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return multilabel.bce_loss(logits, y, ml_classes)
+        else:
+            default_loss = F.cross_entropy
         model.train()
         for epoch in range(epochs):
             self.epoch = epoch
@@ -196,8 +204,7 @@ class Learner:
                         if loss is not None:
                             break
                     if loss is None:
-                        loss = logits.sum() * 0.0 if not len(batch) else F.cross_entropy(logits, batch.y) \
-                            if ml_classes is None else multilabel.bce_loss(logits, batch.y, ml_classes)
+                        loss = default_loss(logits, batch.y) if len(batch) else logits.sum() * 0.0
                     if share != 1.0:
                         loss = loss * share
                     for p in extra_loss:
