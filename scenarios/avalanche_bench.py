@@ -51,6 +51,9 @@ def load_function(spec: str, field: str = "scenario.benchmark") -> Callable[...,
         except ImportError as e:
             raise ConfigError(f"{field}: cannot import module '{where}' ({e}); check the name or give a .py path") \
                 from None
+        except Exception as e:  # noqa: BLE001 - the user's module raised on import
+            raise ConfigError(f"{field}: module '{where}' raised {type(e).__name__}: {' '.join(str(e).split())} on "
+                              "import; fix it") from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"{field}: '{where}' has no function '{name}'")
@@ -80,6 +83,9 @@ def avalanche(data: Any, seed: int, benchmark: str, args: dict | None = None) ->
         bm = fn(**kwargs)
     except TypeError as e:
         raise ConfigError(f"scenario.args: {benchmark} cannot be called with {sorted(kwargs)} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's function failed (missing data, a bug ...)
+        raise ConfigError(f"scenario.benchmark: {benchmark} raised {type(e).__name__}: {' '.join(str(e).split())}; "
+                          "fix the function or its args") from e
     if not hasattr(bm, "train_stream") or not hasattr(bm, "test_stream"):
         raise ConfigError(f"scenario.benchmark: {benchmark} returned a {type(bm).__name__}, not an Avalanche "
                           "benchmark (an object with train_stream and test_stream)")
