@@ -107,7 +107,6 @@ class XDERPlugin(MemoryPlugin):
         self.memory = XDERMemory(memory_size)
         self.seen: torch.Tensor | None = None  # bool over classes: seen in earlier experiences
         self._current: torch.Tensor | None = None  # bool: classes of this experience
-        self._mem: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's memory batch
 
     def before_fit(self, learner, stream) -> None:
         super().before_fit(learner, stream)
