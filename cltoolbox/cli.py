@@ -230,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             from pathlib import Path
 
             from cltoolbox.report import report
+            from cltoolbox.runfolder import check_writable
 
             out = args.out or str(Path(args.runs[0]) / "report")
+            check_writable(out)  # an unwritable --out is one line, not a traceback
             written = report(args.runs, out)
             print(f"wrote {len(written['figures'])} figures and {len(written['tables'])} tables to {out}")
             if args.html:
