@@ -221,7 +221,7 @@ class Learner:
                 for p in after_backward:
                     p.after_backward(self, batch)
                 if scaled:
-                    prec.step(opt, step)
+                    prec.step(opt)
                 else:
                     step()
                 self.step += 1

@@ -114,24 +114,23 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    # backward / unscale / step: the loop's step with a scaler (16-mixed); without one it calls
+    # loss.backward() and its own optimizer step directly
+
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.scaler.scale(loss).backward()
 
     def unscale(self, opt: torch.optim.Optimizer) -> None:
         """True gradients before after_backward hooks (GEM, SI, clipping) look at them."""
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)
+        self.scaler.unscale_(opt)
 
-    def step(self, opt: torch.optim.Optimizer, step) -> None:
-        """``step()`` (the loop's optimizer step), or the scaler's: skipped when a gradient overflowed."""
-        if self.scaler is None:
-            step()
-        else:
-            self.scaler.step(opt)
-            self.scaler.update()
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        """The scaler's optimizer step: skipped when a gradient overflowed."""
+        self.scaler.step(opt)
+        self.scaler.update()
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.scaler is None else {k: v for k, v in self.scaler.state_dict().items()}
+        return {} if self.scaler is None else self.scaler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state:
