@@ -107,6 +107,8 @@ class XDERPlugin(MemoryPlugin):
         self.memory = XDERMemory(memory_size)
         self.seen: torch.Tensor | None = None  # bool over classes: seen in earlier experiences
         self._current: torch.Tensor | None = None  # bool: classes of this experience
+        self._seen_now: torch.Tensor | None = None  # bool: seen | current
+        self._n_future, self._any_seen = 0, False  # classes neither seen nor current; any class seen before
 
     def before_fit(self, learner, stream) -> None:
         super().before_fit(learner, stream)
@@ -118,6 +120,9 @@ class XDERPlugin(MemoryPlugin):
         cur = torch.zeros_like(self.seen)
         cur[exp.y_train.unique().to(cur.device)] = True
         self._current = cur
+        # fixed over the experience (seen changes after it): no per-batch host syncs in loss
+        self._seen_now = self.seen | cur
+        self._n_future, self._any_seen = int((~self._seen_now).sum()), bool(self.seen.any())
 
     def criterion(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         # stream CE over the current task's classes only
@@ -125,14 +130,14 @@ class XDERPlugin(MemoryPlugin):
 
     def loss(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor | float:
         mem = self.memory
-        seen_now = self.seen | self._current
+        seen_now = self._seen_now
         future = ~seen_now
         extra = logits.new_zeros(())
         feats, labels = [], []
-        if int(future.sum()) >= 2 and self.lambd > 0 and not learner.multi_head:  # multi-head: other tasks'
+        if self._n_future >= 2 and self.lambd > 0 and not learner.multi_head:  # multi-head: other tasks'
             feats.append(logits[:, future])
             labels.append(batch.y)
-        if self.eta > 0 and bool(self.seen.any()) and not learner.multi_head:
+        if self.eta > 0 and self._any_seen and not learner.multi_head:
             # past constraint: on stream samples, the current task's best head beats every past head by m
             prob = F.softmax(logits.masked_fill(~seen_now, MASKED_LOGIT), dim=1)
             good = prob.masked_fill(~self._current, 0).max(1).values
@@ -149,7 +154,7 @@ class XDERPlugin(MemoryPlugin):
             if feats:
                 feats.append(out[:, future])
                 labels.append(y)
-            if self.eta > 0 and int(future.sum()) > 0 and not learner.multi_head:
+            if self.eta > 0 and self._n_future > 0 and not learner.multi_head:
                 # future constraint: on memory samples, no future head comes within m of the ground truth
                 prob = F.softmax(out, dim=1)
                 gt = prob.gather(1, y.unsqueeze(1)).squeeze(1)
