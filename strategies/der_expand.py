@@ -93,11 +93,7 @@ class DERExpandPlugin(ExemplarPlugin):
     def before_experience(self, learner, exp) -> None:
         super().before_experience(learner, exp)
         dev = learner.device
-        seen = torch.zeros(learner.stream.n_classes, dtype=torch.bool, device=dev)
-        seen[self.current_classes] = True
-        if self.old_classes is not None:
-            seen[self.old_classes] = True
-        self._seen_mask = seen
+        self._seen_mask = self.seen_mask(learner.stream.n_classes, dev)
         self.aux = None
         if self.seen:  # an incremental step: a new extractor
             self._after_first(learner)
