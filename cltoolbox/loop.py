@@ -113,13 +113,11 @@ class Learner:
             logits = p.forward(self, x, t)
             if logits is not None:
                 return logits
-        if self._train_model is not self.model and (self._main_forward or self.dist is None):
-            self._ddp_forward = self.dist is not None
-            if self.config.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self._train_model(x)
         if self.config.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._train_model is not self.model and (self._main_forward or self.dist is None):
+            self._ddp_forward = self.dist is not None
+            return self._train_model(x)
         return self.model(x)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
