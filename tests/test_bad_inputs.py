@@ -60,7 +60,8 @@ def merged(**sections) -> dict:
     """TINY with sections updated (a section naming another plugin replaces the section)."""
     cfg = json.loads(json.dumps(TINY))
     for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and v.get("name", cfg[k]["name"]) == cfg[k]["name"]:
+        same = isinstance(v, dict) and isinstance(cfg.get(k), dict) and v.get("name") in (None, cfg[k].get("name"))
+        if same:
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v
@@ -158,7 +159,103 @@ CONFIG_CASES: dict[str, tuple[str, dict | str, list[str], tuple[str, ...]]] = {
     "sweep imports syntax error": ("sweep", {**SWEEP, "imports": ["{tmp}/broken.py"]}, [], ("broken.py",
                                                                                           "SyntaxError")),
     "tune imports raises": ("tune", {**TUNE, "imports": ["{tmp}/raises.py"]}, [], ("raises.py", "ValueError")),
+    # experiment trackers (loggers:)
+    "loggers unknown tracker": ("run", merged(loggers=["tensorbord"]), [], ("loggers[0]", "tensorboard")),
+    "loggers a number": ("run", merged(loggers=5), [], ("loggers", "list")),
+    "loggers entry a number": ("run", merged(loggers=[5]), [], ("loggers[0]",)),
+    "loggers unknown option": ("run", merged(loggers=[{"name": "wandb", "projct": "p"}]), [],
+                               ("loggers[0].projct", "project")),
+    "loggers option a number": ("run", merged(loggers=[{"name": "mlflow", "experiment": 3}]), [],
+                                ("loggers[0].experiment",)),
+    "loggers listed twice": ("run", merged(loggers=["tensorboard", "tensorboard"]), [], ("loggers[1]", "twice")),
+    "loggers wandb mode": ("run", merged(loggers=[{"name": "wandb", "mode": "x"}]), [], ("loggers[0].mode",)),
+    # search: (sweep)
+    "search a number": ("sweep", {**SWEEP, "search": 5}, [], ("search", "method")),
+    "search unknown method": ("sweep", {**SWEEP, "search": {"method": "tpx", "trials": 2}}, [],
+                              ("search.method", "tpe")),
+    "search trials 0": ("sweep", {**SWEEP, "search": {"method": "tpe", "trials": 0}}, [], ("search.trials", ">= 1")),
+    "search unknown key": ("sweep", {**SWEEP, "search": {"method": "tpe", "trials": 2, "foo": 1}}, [],
+                           ("search.foo", "method")),
+    "search range low above high": ("sweep", {**SWEEP, "search": {"method": "tpe", "trials": 2},
+                                              "grid": {"train.lr": {"low": 1.0, "high": 0.1}}}, [],
+                                    ("train.lr", "below high")),
+    # train: devices and numerics
+    "train.precision fp8": ("run", merged(train={"precision": "fp8"}), [], ("train.precision", "bf16")),
+    "train.device tpu": ("run", merged(train={"device": "tpu"}), [], ("train.device", "cuda:N")),
+    "train.compile a string": ("run", merged(train={"compile": "yes"}), [], ("train.compile", "bool")),
+    "train.channels_last a number": ("run", merged(train={"channels_last": 3}), [], ("train.channels_last", "bool")),
+    "train.deterministic a string": ("run", merged(train={"deterministic": "x"}), [], ("train.deterministic", "bool")),
+    "--nproc 0": ("run", TINY, ["--nproc", "0"], ("--nproc", ">= 1")),
+    "--gpus-per-run negative": ("sweep", SWEEP, ["--gpus-per-run", "-1"], ("--gpus-per-run", ">= 0")),
+    "--gpus-per-run nan": ("sweep", SWEEP, ["--gpus-per-run", "nan"], ("--gpus-per-run",)),
+    # scenario: avalanche (the user's benchmark function)
+    "avalanche benchmark without colon": ("run", merged(scenario={"name": "avalanche", "benchmark": "bench"}), [],
+                                          ("scenario.benchmark", "module:function")),
+    "avalanche file missing": ("run", merged(scenario={"name": "avalanche", "benchmark": "nofile.py:f"}), [],
+                               ("scenario.benchmark", "nofile.py")),
+    "avalanche module missing": ("run", merged(scenario={"name": "avalanche", "benchmark": "nomod_xyz:f"}), [],
+                                 ("scenario.benchmark", "nomod_xyz")),
+    "avalanche file raises on import": ("run", merged(scenario={"name": "avalanche", "benchmark": "raises.py:f"}),
+                                        [], ("scenario.benchmark", "ValueError", "boom")),
+    "avalanche module raises on import": ("run", merged(scenario={"name": "avalanche",
+                                                                  "benchmark": "raises_mod_for_test:f"}), [],
+                                          ("scenario.benchmark", "RuntimeError", "module boom")),
+    "avalanche no such function": ("run", merged(scenario={"name": "avalanche", "benchmark": "bench.py:nope"}), [],
+                                   ("scenario.benchmark", "'nope'")),
+    "avalanche returns an int": ("run", merged(scenario={"name": "avalanche", "benchmark": "bench.py:wrong"}), [],
+                                 ("scenario.benchmark", "train_stream")),
+    "avalanche function raises": ("run", merged(scenario={"name": "avalanche", "benchmark": "bench.py:boom"}), [],
+                                  ("scenario.benchmark", "ValueError", "inside")),
+    "avalanche bad args": ("run", merged(scenario={"name": "avalanche", "benchmark": "bench.py:wrong",
+                                                   "args": {"a": 1}}), [], ("scenario.args", "'a'")),
+    "avalanche with a dataset": ("run", merged(scenario={"name": "avalanche", "benchmark": "bench.py:wrong",
+                                                         "dataset": "digits"}), [], ("scenario.dataset",)),
+    # scenario: multi_label and its VOC / COCO readers
+    "multi_label single-label dataset": ("run", merged(scenario={"name": "multi_label", "dataset": "digits",
+                                                                 "n_experiences": 2}), [],
+                                         ("scenario.dataset", "digits_grid")),
+    "voc root missing": ("run", merged(scenario={"name": "multi_label", "dataset": "voc_multilabel",
+                                                 "root": "{tmp}/nothing", "n_experiences": 2}), [],
+                         ("voc_multilabel", "scenario.root")),
+    "voc annotation corrupt": ("run", merged(scenario={"name": "multi_label", "dataset": "voc_multilabel",
+                                                       "root": "{tmp}/voc_bad_xml", "n_experiences": 2}), [],
+                               ("voc_multilabel", "a.xml", "ParseError")),
+    "voc image missing": ("run", merged(scenario={"name": "multi_label", "dataset": "voc_multilabel",
+                                                  "root": "{tmp}/voc_no_jpg", "n_experiences": 2}), [],
+                          ("voc_multilabel", "a.jpg", "not found")),
+    "coco root missing": ("run", merged(scenario={"name": "multi_label", "dataset": "coco_multilabel",
+                                                  "root": "{tmp}/nothing", "n_experiences": 2}), [],
+                          ("coco_multilabel", "scenario.root")),
+    "coco json corrupt": ("run", merged(scenario={"name": "multi_label", "dataset": "coco_multilabel",
+                                                  "root": "{tmp}/coco_bad_json", "n_experiences": 2}), [],
+                          ("coco_multilabel", "instances_train2017.json", "JSONDecodeError")),
+    "coco image missing": ("run", merged(scenario={"name": "multi_label", "dataset": "coco_multilabel",
+                                                   "root": "{tmp}/coco_no_jpg", "n_experiences": 2}), [],
+                           ("coco_multilabel", "a.jpg", "not found")),
 }
+
+COCO_JSON = json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1}],
+                        "annotations": [{"image_id": 1, "category_id": 1}]})
+
+
+def _voc(base: Path, xml: str, jpg: bool) -> None:
+    year = base / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (year / sub).mkdir(parents=True)
+    for split in ("trainval", "test"):
+        (year / "ImageSets/Main" / f"{split}.txt").write_text("a\n")
+    (year / "Annotations/a.xml").write_text(xml)
+    if jpg:
+        (year / "JPEGImages/a.jpg").write_bytes(b"x")
+
+
+def _coco(base: Path, text: str, jpg: bool) -> None:
+    (base / "annotations").mkdir(parents=True)
+    for part in ("train2017", "val2017"):
+        (base / "annotations" / f"instances_{part}.json").write_text(text)
+        (base / part).mkdir()
+        if jpg:
+            (base / part / "a.jpg").write_bytes(b"x")
 
 
 def _fill(obj, tmp: Path):
@@ -173,11 +270,17 @@ def _fill(obj, tmp: Path):
 
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch) -> Path:
-    """tmp_path holding the files the cases refer to: a plain file, two bad plugin files, a bad module."""
+    """tmp_path holding the files the cases refer to: a plain file, two bad plugin files, a bad module, a
+    benchmark file (avalanche) and small damaged VOC / COCO folders."""
     (tmp_path / "afile").write_text("not a folder\n")
     (tmp_path / "broken.py").write_text("x = 1\ndef f(:\n")
     (tmp_path / "raises.py").write_text("raise ValueError('boom')\n")
     (tmp_path / "raises_mod_for_test.py").write_text("raise RuntimeError('module boom')\n")
+    (tmp_path / "bench.py").write_text("def wrong():\n    return 5\n\n\ndef boom():\n    raise ValueError('inside')\n")
+    _voc(tmp_path / "voc_bad_xml", "<annotation><obj", jpg=True)
+    _voc(tmp_path / "voc_no_jpg", "<annotation><object><name>dog</name></object></annotation>", jpg=False)
+    _coco(tmp_path / "coco_bad_json", "{not json", jpg=True)
+    _coco(tmp_path / "coco_no_jpg", COCO_JSON, jpg=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -292,6 +395,24 @@ def test_resume_case(case: str, finished: Path, tmp_path: Path, capsys) -> None:
     assert tree(tmp_path) == before
 
 
+REPORT_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "report --html --out a file": (["--html", "--out", "{tmp}/cfg.yaml"], ("cfg.yaml", "--out")),
+    "report --html --out below a file": (["--html", "--out", "{tmp}/cfg.yaml/sub"], ("cfg.yaml", "--out")),
+    "report --html --out under /proc": (["--html", "--out", "/proc/cltoolbox_out"], ("/proc/cltoolbox_out", "--out")),
+    "report --out under /sys": (["--out", "/sys/cltoolbox_out"], ("/sys/cltoolbox_out", "--out")),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORT_CASES))
+def test_report_case(case: str, finished: Path, tmp_path: Path, capsys) -> None:
+    extra, fragments = REPORT_CASES[case]
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    before = tree(tmp_path)
+    rc = main(["report", str(tmp_path / "out"), *_fill(extra, tmp_path)])
+    assert_one_line(rc, capsys.readouterr().err, fragments)
+    assert tree(tmp_path) == before
+
+
 # -- a full disk, in-process: every write of the run folder fails with ENOSPC ---------------------------
 
 
@@ -354,4 +475,4 @@ def test_subprocess_cases(tmp_path: Path) -> None:
 
 
 def test_corpus_size() -> None:
-    assert len(CONFIG_CASES) + len(RESUME_CASES) + 2 >= 60
+    assert len(CONFIG_CASES) + len(RESUME_CASES) + len(REPORT_CASES) + 2 >= 60
