@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="conformance checks (cltoolbox.testing) of every plugin a file or module registers")
     ck.add_argument("plugins", metavar="FILE_OR_MODULE", help="a plugin .py file or an importable module or package")
 
-    rp = sub.add_parser("report", parents=[debug], help="figures (PNG+PDF) and tables (CSV/Markdown/LaTeX) from runs")
+    rp = sub.add_parser("report", parents=[debug],
+                        help="figures (PNG+PDF), tables (CSV/Markdown/LaTeX) and, with --html, one HTML page from runs")
     rp.add_argument("runs", nargs="+", help="run folders, or folders above them (every run with DONE is used)")
     rp.add_argument("--out", help="folder for the figures and tables (default: <first RUNS folder>/report)")
     rp.add_argument("--html", action="store_true",
