@@ -80,11 +80,9 @@ def adapt_first_experience(learner, exp, adapt: str) -> None:
     model = learner.model
     if hasattr(model, "set_frozen"):
         model.set_frozen(False)
-    task = torch.full_like(exp.y_train, exp.task_id)
-    keys = learner.stream.keys(exp.train)
     if adapt == "body":
         model.requires_grad_(True)
-        learner.train_data(keys, exp.y_train, task)
+        train_on(learner, exp)
         return
     # FiLM (Perez et al. 2018) as FiT/FSA apply it to a pre-trained network: a per-channel scale and shift after
     # every normalisation layer, i.e. the layers' affine parameters, with the normalisation statistics kept.
@@ -97,7 +95,7 @@ def adapt_first_experience(learner, exp, adapt: str) -> None:
     hooks = [m.register_forward_pre_hook(_normalise_in_eval_mode)
              for m in norms if isinstance(m, nn.modules.batchnorm._NormBase)]
     try:
-        learner.train_data(keys, exp.y_train, task)
+        train_on(learner, exp)
     finally:
         for h in hooks:
             h.remove()
