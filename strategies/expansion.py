@@ -41,7 +41,6 @@ class Split:
         from cltoolbox.models.mlp import MLP
         from cltoolbox.models.resnet import ReducedResNet18
 
-        self.shared = shared
         if isinstance(model, MLP):
             layers = list(model.body)
             last = max(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
