@@ -65,7 +65,7 @@ def _needs_no_dataset(fn: Callable) -> Callable:
     return fn
 
 
-@register_scenario("avalanche", test_dataset=None)  # needs a user's benchmark function: tests/test_ecosystem.py
+@register_scenario("avalanche", test_dataset=None)  # needs a benchmark function: tests/test_avalanche_scenario.py
 @_needs_no_dataset
 def avalanche(data: Any, seed: int, benchmark: str, args: dict | None = None) -> Stream:
     """An Avalanche benchmark built by the user's function ('module:function' or 'file.py:function')."""
