@@ -157,6 +157,7 @@ class SLCAPlugin(Plugin):
         head.requires_grad_(True)
         opt = torch.optim.SGD(params, lr=self.ca_lr, momentum=0.9)
         seen = self.stats.seen
+        column = torch.cumsum(seen.long(), 0) - 1  # class -> its column among the seen
         gen = learner.generator
         factors = self.stats.factors(self.cov_ridge) if self.ca_epochs else {}
         with torch.enable_grad():
@@ -166,8 +167,7 @@ class SLCAPlugin(Plugin):
                 for s in range(0, y.shape[0], self.ca_batch_size):
                     idx = order[s : s + self.ca_batch_size]
                     logits = head(x[idx])[:, seen]  # only the seen classes compete
-                    labels = torch.cumsum(seen.long(), 0)[y[idx]] - 1  # class -> its column among the seen
-                    loss = logit_norm_loss(logits, labels, self.logit_tau)
+                    loss = logit_norm_loss(logits, column[y[idx]], self.logit_tau)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
