@@ -7,7 +7,7 @@ Top-level keys::
     model: {name: mlp, <model params>}
     strategy: {name: er, <strategy params>, label: null, plugins: [{name: lwf, ...}], train: {lr: ...}}
                                                      # or a list of these; train: overrides the shared train
-    train: {epochs, batch_size, optimizer, lr, ...}   # see cltoolbox.loop.TrainConfig
+    train: {epochs, batch_size, optimizer, lr, ...}   # see cltoolbox.train_config.TrainConfig
     seeds: [0, 1, 2]                      # a run's own config.yaml has `seed: 0` instead (seeds wins if both)
     out: runs
 
