@@ -59,7 +59,7 @@ from cltoolbox.models.cache import sample_keys
 from cltoolbox.params import Interval, Min, Positive, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin, tensor_bytes
 from cltoolbox.registry import register_strategy
-from cltoolbox.strategies.extractor import require_features_and_head
+from cltoolbox.strategies.extractor import class_mask, require_features_and_head
 
 if TYPE_CHECKING:
     from cltoolbox.stream import Experience, Stream
@@ -195,16 +195,14 @@ class MergingPlugin(Plugin):
         val, train = order[:n_val], order[n_val:]
         self.val_keys.append(keys[val].clone())
         self.val_y.append(y[val].clone())
-        self._others = torch.ones(learner.stream.n_classes, dtype=torch.bool, device=learner.device)
-        self._others[torch.as_tensor(list(exp.classes), device=learner.device)] = False
+        rows = class_mask(learner.stream.n_classes, exp.classes, learner.device)  # the experience's head rows
+        self._others = ~rows
         self._set(self.start_weights())
         self._init_rows(learner, keys[train], y[train], exp.classes)
         task = torch.full_like(y[train], exp.task_id)
         learner.train_data(keys[train], y[train], task)
         theta = self._current()
         tau = {k: theta[k] - self.theta0[k] for k in theta}
-        rows = torch.zeros_like(self._others)
-        rows[torch.as_tensor(list(exp.classes), device=learner.device)] = True
         for k in ("model.head.weight", "model.head.bias"):
             if k in tau:  # only this experience's classes' rows belong to its task vector
                 tau[k] = tau[k] * (rows.view(-1, *([1] * (tau[k].dim() - 1))))
