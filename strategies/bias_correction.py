@@ -254,8 +254,7 @@ class BiCPlugin(ExemplarPlugin):
     def after_experience(self, learner, exp) -> None:
         if self._val is not None:
             key, y, t = self._val
-            allowed = torch.zeros(learner.stream.n_classes, dtype=torch.bool, device=learner.device)
-            allowed[torch.cat((self.old_classes, self.current_classes))] = True  # the classes seen so far
+            allowed = self.seen_mask(learner.stream.n_classes, learner.device)  # the classes seen so far
             logits = validation_logits(learner, key, self.correct)
             t = t.to(logits.device)
             allowed = allowed & learner.task_mask[t] if learner.multi_head else allowed.expand_as(logits)

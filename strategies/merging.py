@@ -376,11 +376,10 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
         pools = []
         for j, e in enumerate(exps):
             keys = self.val_keys[j] if self.unlabeled == "validation" else stream.keys(e.test)
-            mask = torch.zeros(stream.n_classes, dtype=torch.bool, device=learner.device)
             if self.entropy_over == "task":
-                mask[torch.as_tensor(list(e.classes), device=learner.device)] = True
+                mask = class_mask(stream.n_classes, e.classes, learner.device)
             else:
-                mask |= self.seen.to(learner.device)
+                mask = self.seen.to(learner.device, copy=True)
             if len(keys):
                 pools.append((keys, mask))
         return pools

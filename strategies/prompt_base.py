@@ -12,6 +12,7 @@ from cltoolbox.errors import ConfigError
 from cltoolbox.models.cache import sample_keys
 from cltoolbox.models.vit import ViTClassifier
 from cltoolbox.plugin import MASKED_LOGIT, Plugin
+from cltoolbox.strategies.extractor import class_mask
 
 # the small ViT that `cltoolbox.testing` checks the prompt strategies with
 TINY_VIT = {"name": "vit", "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
@@ -70,8 +71,7 @@ class PromptPlugin(Plugin):
                 self._restore(self._pending)
 
     def before_experience(self, learner, exp) -> None:
-        self.current = torch.zeros_like(self.seen)
-        self.current[list(exp.classes)] = True
+        self.current = class_mask(self.seen.shape[0], exp.classes, self.seen.device)
         self.prepare(learner, exp)
         self._snapshot = {k: v.detach().clone() for k, v in self.module.named_parameters()}
         if self.train_mask:  # the head's rows of the other classes: masked out of the loss, so frozen too
