@@ -1,8 +1,9 @@
 """The machinery of strategies on a fixed (pre-trained or first-experience-adapted) feature extractor: batched
 feature passes over in-memory inputs or stream samples, freezing, first-experience adaptation (whole body, or
 FiLM: the normalisation layers' affine parameters), the ``FixedExtractorPlugin`` base class (adapt, embed each
-experience once, classify from features) and exact running class means. Used by pretrained.py (simplecil, fsa,
-fetril), ranpac, aper, ease, icarl, lucir, slca."""
+experience once, classify from features), exact running class means, and two small helpers (``train_on``: the
+standard loop over one experience; ``class_mask``). Used by pretrained.py (simplecil, fsa, fetril), ranpac, aper,
+ease, icarl, lucir, slca, merging, prompt_base."""
 
 from __future__ import annotations
 
