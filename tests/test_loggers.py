@@ -22,6 +22,14 @@ SMALL = ["scenario.dataset=digits", "model.hidden=[32]", "train.epochs=2", "trai
          "strategy=[{name: er, memory_size: 50}]"]
 
 
+@pytest.fixture(autouse=True)
+def _trackers_stay_local(monkeypatch) -> None:
+    """A developer's exported WANDB_MODE=online or MLFLOW_TRACKING_URI must not send these tests to a server (and
+    the defaults, W&B offline and a local MLflow store, are what the tests check)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def wandb_records(path: Path) -> list:
     """The protobuf records of a W&B ``.wandb`` file (LevelDB log format: a 7-byte ':W&B' header, then 32 KiB
     blocks of records, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle / 4 last)."""
