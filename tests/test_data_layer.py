@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,13 @@ def test_dataset_cache_removes_what_a_killed_writer_left(tmp_path, monkeypatch):
     data = sources._cached("toy", lambda: Dataset.from_tensors("toy", x, y, x, y, 6, MEAN, STD))
     assert not stale.exists() and live.exists()  # a live writer's file is its own
     assert (tmp_path / "toy-v1.pt").exists() and torch.equal(data.train.x, x)
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_a_one_line_error(tmp_path):
+    paths = write_pngs(tmp_path, 4)
+    Path(paths[2]).write_bytes(b"not a png")
+    src = ImageFiles(paths, torch.zeros(4, dtype=torch.long), "imgs", resize=8)
+    with pytest.raises(DataMissingError, match="2.png") as err:
+        list(src.batches([torch.tensor([0, 1]), torch.tensor([2, 3])], torch.device("cpu"), workers=1))
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert str(err.value).startswith("image ")

@@ -214,8 +214,19 @@ class ImageFiles(Source):
             _Decode(self), batch_sampler=[b.tolist() for b in index_batches], num_workers=workers,
             pin_memory=device.type == "cuda", prefetch_factor=4, persistent_workers=False,
         )
-        for x in loader:
-            yield self._stats.prepare(x.to(device, non_blocking=True))
+        try:
+            for x in loader:
+                yield self._stats.prepare(x.to(device, non_blocking=True))
+        except DataMissingError as err:  # a worker re-raises it with its whole traceback as the message
+            raise DataMissingError(_worker_message(str(err))) from None
+
+
+def _worker_message(text: str) -> str:
+    """The original one-line message of an error re-raised from a DataLoader worker (its traceback's last line,
+    without the ``module.ClassName: `` prefix)."""
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), text)
+    head, sep, rest = last.partition(": ")
+    return rest if sep and "Error" in head else last
 
 
 def check_files(paths: Sequence[str], dataset: str, expected: str) -> None:
