@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("config", help="tuning YAML: a sweep YAML plus `evaluation: {scenario: {...}}`")
     tu.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override values of the base config")
     _sweep_options(tu)
+    tu.add_argument("--seeds", type=int, nargs="+",
+                    help="seeds of both phases (replaces `seeds` and `evaluation.seeds`)")
+    tu.add_argument("--dry-run", action="store_true", help="validate both phases and list their runs; run nothing")
+    tu.add_argument("--gpus-per-run", type=float, default=0.0,
+                    help="with --backend ray: GPUs Ray reserves for each run (as for sweep)")
 
     ls = sub.add_parser("list", parents=[debug], help="list registered strategies, scenarios, datasets or models")
     ls.add_argument("kind", choices=["strategies", "scenarios", "datasets", "models"])
@@ -215,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
             result = tune(args.config, overrides=args.overrides, out=args.out, backend=args.backend,
                           workers=args.workers, threads=args.threads, resume=args.resume,
-                          overwrite=args.overwrite, quiet=args.quiet, debug=args.debug)
-            if not args.quiet:
+                          overwrite=args.overwrite, quiet=args.quiet, debug=args.debug, seeds=args.seeds,
+                          dry_run=args.dry_run, gpus_per_run=args.gpus_per_run)
+            if not args.quiet and result["report"]:
                 print(f"wrote {', '.join(map(str, result['report']))}")
         elif args.command == "transfer":
             from cltoolbox.transfer import transfer

@@ -38,7 +38,17 @@ from typing import Any
 
 from cltoolbox.config import check_folder_name
 from cltoolbox.errors import CLToolboxError, ConfigError
-from cltoolbox.sweep import Point, check_points, execute, expand, plan_jobs, prepare, require_ray
+from cltoolbox.sweep import (
+    Point,
+    check_gpus_per_run,
+    check_points,
+    execute,
+    expand,
+    format_plan,
+    plan_jobs,
+    prepare,
+    require_ray,
+)
 from cltoolbox.tables import METRICS, SETTING_NAMES, format_mean_std
 
 EVALUATION_KEYS = ("scenario", "seeds")
@@ -202,21 +212,32 @@ def tune(
     overwrite: bool = False,
     quiet: bool = False,
     debug: bool = False,
+    seeds: list[int] | None = None,
+    dry_run: bool = False,
+    gpus_per_run: float = 0.0,
 ) -> dict[str, Any]:
     """Run both phases; returns {'selected': {strategy: point label}, 'tuning': records, 'evaluation': records,
     'report': [csv, md]}. Everything, the evaluation phase of every grid point included, is validated before
-    the first run starts."""
+    the first run starts. ``seeds`` replaces the seeds of both phases (``evaluation.seeds`` included);
+    ``dry_run`` validates and prints both phases' runs, running nothing (empty records); ``gpus_per_run`` as
+    for ``sweep`` (Ray backend)."""
     from cltoolbox.runfolder import check_writable, scenario_label
 
+    check_gpus_per_run(gpus_per_run, backend)
     if backend == "ray":
         require_ray()
-    raw = prepare(config, overrides, out)
+    raw = prepare(config, overrides, out, seeds)
+    if seeds is not None and isinstance(raw.get("evaluation"), dict) and "seeds" in raw["evaluation"]:
+        raw["evaluation"]["seeds"] = list(seeds)  # the command line wins over the file, in both phases
     tuning_raw, eval_raw, sel = _parse(raw)
     from cltoolbox.search import Search, run_search, split_raw
     from cltoolbox.sweep import make_point
 
     tuning_raw, search = split_raw(tuning_raw)  # `search:` (Optuna) instead of the full grid
     eval_raw, _ = split_raw(eval_raw)
+    if search is not None and gpus_per_run:
+        raise ConfigError("--gpus-per-run: not supported with `search:` yet; use a grid, or set train.device per "
+                          "run and use 0")
     # a search's trials are proposed as it goes: both phases are checked at the space's corners
     t_points = expand(tuning_raw) if search is None else Search(tuning_raw, search).corner_points()
     try:
@@ -235,6 +256,10 @@ def tune(
         e_points = {t.label: e for t, e in zip(t_points, e_list, strict=True)}  # same grid, same order
         t_jobs = plan_jobs(t_points, resume, overwrite)
         e_jobs = plan_jobs(e_list, resume, overwrite)  # refuse existing runs now, not after the tuning phase
+    if dry_run:
+        _print_plan(t_points if search is None else None, t_jobs if search is None else None,
+                    e_jobs if search is None else None, search, tuning_raw)
+        return {"selected": {}, "tuning": [], "evaluation": [], "report": []}
     stop = check_writable(str(sel["root"].parent))
 
     t_scen, e_scen = t_points[0].resolved["scenario"], e_list[0].resolved["scenario"]
@@ -247,7 +272,7 @@ def tune(
         print(f"tuning phase: {what} on {phases['tuning']['scenario']}", file=sys.stderr, flush=True)
     if search is None:
         t_records = execute(t_jobs, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet,
-                            debug=debug, stop=stop)
+                            debug=debug, stop=stop, gpus_per_run=gpus_per_run)
     else:
         t_points, t_records, _ = run_search(tuning_raw, search, backend, workers, threads, resume, overwrite,
                                             quiet, debug, metric=sel["metric"], setting=sel["setting"])
@@ -273,7 +298,7 @@ def tune(
               flush=True)
     e_run = [j for j in e_jobs if j.point.label in selected_labels]
     e_records = execute(e_run, backend, workers, overwrite=overwrite, threads=threads, quiet=quiet, debug=debug,
-                        stop=stop)
+                        stop=stop, gpus_per_run=gpus_per_run)
     e_scores = _scores([e_points[c.label] for c in chosen.values()], e_records, sel)
     paths = write_report(sel["root"], t_points, e_points, t_scores, e_scores, chosen, sel, phases)
     _raise_broken(e_records, "evaluation")
@@ -283,6 +308,21 @@ def tune(
                              f"({bad[0]['message']}); the report shows it")
     return {"selected": {b: p.label for b, p in chosen.items()}, "tuning": t_records, "evaluation": e_records,
             "report": paths}
+
+
+def _print_plan(t_points: list[Point] | None, t_jobs: list | None, e_jobs: list | None, search: Any,
+                tuning_raw: dict[str, Any]) -> None:
+    """--dry-run: the tuning phase's runs, then the evaluation runs of which one point per strategy (the one
+    selected) will run."""
+    if search is not None:
+        n_seeds = len(tuning_raw.get("seeds") or [0])
+        print(f"tuning phase: {search.method} search, {search.trials} trials x {n_seeds} seed(s) per strategy; "
+              "evaluation phase: the selected trial of each strategy")
+        return
+    n_bases = len({p.base_label for p in t_points})
+    print(f"tuning phase: {len(t_points)} grid points\n{format_plan(t_jobs)}")
+    print(f"evaluation phase: the selected grid point of each of the {n_bases} strategies, among\n"
+          f"{format_plan(e_jobs)}")
 
 
 def _scores(points: list[Point], records: list[dict], sel: dict) -> dict[str, dict]:

@@ -138,3 +138,23 @@ def test_validation_protocol_selects_on_held_out_training_data(tmp_path: Path) -
     test = json.loads(eval_streams[0].read_text())["eval_experiences"][0]
     # tuning evaluated on 20% of the training data; evaluation on the real test set
     assert val["n_test"] + val["n_train"] == test["n_train"] and test["n_test"] != val["n_test"]
+
+
+def test_tune_dry_run_lists_both_phases_with_cli_seeds_and_runs_nothing(tmp_path: Path, capsys) -> None:
+    rc = main(["tune", str(write(tmp_path, TUNING)), "--out", str(tmp_path / "out"), "--seeds", "7",
+               "--dry-run", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    tuning, evaluation = out.split("evaluation phase")
+    # --seeds replaces both phases' seeds (the YAML's evaluation.seeds [3] too): 6 tuning + 6 evaluation runs
+    assert tuning.count("seed_7") == 6 and evaluation.count("seed_7") == 6
+    assert "seed_0" not in out and "seed_3" not in out
+    assert "the selected grid point of each of the 2 strategies" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_gpus_per_run_needs_ray(tmp_path: Path, capsys) -> None:
+    rc = main(["tune", str(write(tmp_path, TUNING)), "--out", str(tmp_path / "out"), "--gpus-per-run", "1", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--gpus-per-run" in err and "--backend ray" in err
+    assert not (tmp_path / "out").exists()
