@@ -276,6 +276,93 @@ def test_multi_lane_keeps_finished_lanes_and_scores_all(tmp_path) -> None:
     assert plugin.cost()["lane_params"] > 0
 
 
+def _lane_setup(**params):
+    """A tiny ViT and a multi_lane plugin on a 2-experience digit-grid stream, lanes built, nothing trained."""
+    from cltoolbox.loop import Learner, TrainConfig
+    from cltoolbox.registry import MODELS, STRATEGIES
+    from cltoolbox.strategies.prompt_base import TINY_VIT
+
+    data = digit_grids(load_dataset("digits"), n_train=60, n_test=20)
+    stream = SCENARIOS.get("multi_label").factory(data, 0, n_experiences=2)
+    torch.manual_seed(0)
+    model = MODELS.get("vit").factory(stream.input_shape, stream.n_classes,
+                                      **{k: v for k, v in TINY_VIT.items() if k != "name"})
+    plugin = STRATEGIES.get("multi_lane").factory(n_selectors=3, prompt_length=2, **params)[0]
+    learner = Learner(model, [plugin], TrainConfig(batch_size=32, optimizer="adam", lr=0.01), seed=0)
+    learner.begin(stream)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random lanes: a zero classifier would make every comparison 0 == 0
+        for p in plugin.lanes.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return learner, plugin, stream
+
+
+def test_multi_lane_drop_and_replace_matches_a_hand_written_lane() -> None:
+    """Each block: the normalised selectors summarise that block's normalised frozen input, the class tokens
+    attend over [tokens; summaries] + the lane's key/value prefixes, summaries are replaced by the selectors."""
+    learner, plugin, stream = _lane_setup()
+    model = learner.model.eval()
+    x = stream[0].test.fetch()[:5]
+    lane = plugin.lanes[0]
+    b = model.backbone
+    with torch.no_grad():
+        h = b.norm_pre(model.tokens(x))
+        m, k = lane.tokens.shape[0], lane.selectors.shape[0]
+        seq = torch.cat((lane.tokens, lane.selectors))[None].repeat(len(x), 1, 1)
+        for i, blk in enumerate(b.blocks):
+            xn, sn = blk.norm1(h), blk.norm1(seq)
+            d = xn.shape[-1]
+            w = (sn[:, m:] @ xn.transpose(1, 2) / d ** 0.5).softmax(-1)
+            inp = torch.cat((sn[:, :m], w @ xn), 1)
+            heads = blk.attn.num_heads
+            q, kk, v = blk.attn.qkv(inp).chunk(3, dim=-1)
+            kk = torch.cat((lane.prefixes[i, 0].expand(len(x), -1, -1), kk), 1)
+            v = torch.cat((lane.prefixes[i, 1].expand(len(x), -1, -1), v), 1)
+            q, kk, v = (t.reshape(len(x), t.shape[1], heads, d // heads).transpose(1, 2) for t in (q, kk, v))
+            att = (q @ kk.transpose(-1, -2) / (d // heads) ** 0.5).softmax(-1) @ v
+            out = blk.attn.proj(att.transpose(1, 2).reshape(len(x), m + k, d))
+            seq = seq + torch.cat((out[:, :m], sn[:, m:]), 1)
+            seq = seq + blk.mlp(blk.norm2(seq))
+            h = blk(h)
+        feats = torch.nn.functional.normalize(b.norm(seq[:, :m]), dim=-1)
+        expect = (feats * lane.weight).sum(-1) + lane.bias
+        got = plugin._run(model, x, [0])[0]
+    assert torch.allclose(got, expect, atol=1e-4)
+
+
+@pytest.mark.parametrize("params", [{"token": "task"}, {"drop_and_replace": False, "init": "normal"}])
+def test_multi_lane_variants_run_lanes_in_parallel(params) -> None:
+    learner, plugin, stream = _lane_setup(**params)
+    plugin.trained = 2
+    x = stream[0].test.fetch()[:6]
+    out = learner.logits(x, torch.zeros(len(x), dtype=torch.long))
+    for lane in (0, 1):
+        alone = plugin._run(learner.model.eval(), x, [lane])[0]
+        assert alone.shape == (len(x), 5) and torch.allclose(out[:, plugin.classes[lane]], alone, atol=1e-5)
+    assert plugin.lanes[0].tokens.shape[0] == (1 if params.get("token") == "task" else 5)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_multi_lane_new_lane_starts_from_the_previous_one(warm) -> None:
+    learner, plugin, stream = _lane_setup(warm_start=warm)
+    plugin.trained = 1
+    before = {k: v.clone() for k, v in plugin.lanes[1].state_dict().items()}
+    plugin.before_experience(learner, stream[1])
+    new, old = plugin.lanes[1], plugin.lanes[0]
+    for name in ("selectors", "prefixes", "tokens"):
+        assert torch.equal(getattr(new, name), getattr(old, name)) == warm
+    assert torch.equal(new.weight, before["weight"])  # the classifier is the lane's own classes': never copied
+
+
+def test_multi_lane_orthogonal_init() -> None:
+    from cltoolbox.strategies.multi_lane import _orthogonal
+
+    gen = torch.Generator().manual_seed(0)
+    few, many = _orthogonal(5, 16, gen), _orthogonal(40, 16, gen)
+    assert torch.allclose(few @ few.T, torch.eye(5), atol=1e-5)
+    assert torch.allclose(many.T @ many, torch.eye(16), atol=1e-5)
+
+
 def test_multi_label_history_survives_a_checkpoint() -> None:
     import io
 
