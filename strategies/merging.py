@@ -15,8 +15,15 @@
   **unlabeled test inputs** (test-time adaptation, as the paper does; ``unlabeled: validation`` uses the
   held-out training split without its labels instead), each experience's inputs scored over its own classes as
   the paper scores each task with its own head (``entropy_over: seen``: over all classes seen), with Adam
-  (lr 1e-3, 500 steps, 16 inputs per task a step). The learned coefficients are written to metrics.json
-  (``strategy.adamerging_coefficients``: one row per merge, task and layer).
+  (lr 1e-3, 500 steps, 16 inputs per task a step): the paper's settings and the defaults here. The learned
+  coefficients are written to metrics.json (``strategy.adamerging_coefficients``: one row per merge, task and
+  layer). Class-IL options (not in the paper, which evaluates each task with its own head): ``init:
+  task_arithmetic`` starts every coefficient at the lambda task arithmetic picks on the held-out split (the
+  paper's 0.3 is task arithmetic's usual pick on its benchmarks; here that pick is often 0.05), and ``select:
+  validation`` keeps, of the coefficients after 0, 50, 100, ... entropy steps, those with the best class-IL
+  accuracy on the held-out split (early stopping on the data task arithmetic already uses; earliest on ties).
+  Neither uses test labels; with both, the entropy steps are kept only where the held-out accuracy says they
+  help (``strategy.adamerging_steps_kept``: how many, per merge).
 * ``magmax`` - Marczak, Twardowski, Trzcinski and Cygert, ECCV 2024, "MagMax: Leveraging Model Merging for
   Seamless Continual Learning": sequential fine-tuning (each experience starts from the previous
   *fine-tuned* weights), and after each experience the merged vector keeps, per parameter, the task vector
@@ -25,19 +32,21 @@
   (the paper's lambda).
 
 What is fine-tuned and merged: every trainable parameter of the model except its head (for ``mlp``: the hidden
-layers) plus, with ``adapter: N``, a residual bottleneck adapter on ``model.features`` (f + up(relu(down(f))),
-``up`` initialised at zero so theta_0 is the pre-trained model). On a frozen pre-trained backbone
-(``efficientnet_lite0``, ``vit``) the adapter is the only fine-tuned part: full fine-tuning of the image
-encoder, what the papers merge, is out of reach on a CPU; the adapter is the affordable stand-in.
+layers; for ``efficientnet_lite0_tail``: its last MBConv block(s) and 1x1 conv head, the encoder layers the papers
+fine-tune, with the earlier blocks frozen and cached) plus, with ``adapter: N``, a residual bottleneck adapter on
+``model.features`` (f + up(relu(down(f))), ``up`` initialised at zero so theta_0 is the pre-trained model). On a
+wholly frozen backbone (``efficientnet_lite0``, ``vit``) the adapter is the only fine-tuned part.
 
 Class-incremental heads. The papers merge CLIP image encoders and classify with fixed zero-shot heads (text
 embeddings compared by cosine similarity, never fine-tuned); MagMax's class-incremental setting compares the
 heads of all classes seen so far. Here the model's linear layer plays that role, frozen: at the start of an
 experience its classes' rows are set to their mean feature under the starting weights (a data-derived head; no
 text encoder here), logits are ``head_scale`` * cos(feature, row) (bias unused), and fine-tuning trains the
-body/adapter with the cross-entropy over that experience's classes only. Rows fine-tuned per task separately
-(tried first) lose cross-task calibration: every class-IL prediction fell on the first task's classes (ACC 0.22
-on Split-MNIST-5k). Only the body/adapter is merged; prediction compares all seen classes' cosines (no task ids).
+body/adapter with the cross-entropy over that experience's classes only (``finetune_over: seen``: also over the
+fixed rows of the classes seen before, so the task vector learns to keep its classes away from theirs).
+Rows fine-tuned per task separately (tried first) lose cross-task calibration: every class-IL prediction fell
+on the first task's classes (ACC 0.22 on Split-MNIST-5k). Only the body/adapter is merged; prediction compares
+all seen classes' cosines (no task ids).
 
 Held-out data. ``val_fraction`` of each experience's training set is held out (a seeded random subset)
 and kept as stream keys: lambda is picked on the class-IL accuracy over the held-out sets of all experiences so
@@ -134,8 +143,9 @@ class MergingPlugin(Plugin):
     method = "merging"
     sequential = False  # MagMax: each experience starts from the previous fine-tuned weights
 
-    def __init__(self, adapter: int, head_scale: float, val_fraction: float) -> None:
+    def __init__(self, adapter: int, head_scale: float, val_fraction: float, finetune_over: str = "task") -> None:
         self.adapter_dim = adapter
+        self.finetune_over = finetune_over
         self.head_scale = head_scale
         self.val_fraction = val_fraction
         self.adapter: Adapter | None = None
@@ -196,7 +206,8 @@ class MergingPlugin(Plugin):
         self.val_keys.append(keys[val].clone())
         self.val_y.append(y[val].clone())
         rows = class_mask(learner.stream.n_classes, exp.classes, learner.device)  # the experience's head rows
-        self._others = ~rows
+        # the cross-entropy's classes: the experience's own, or also the (fixed) rows of the classes seen before
+        self._others = ~(rows | self.seen.to(learner.device)) if self.finetune_over == "seen" else ~rows
         self._set(self.start_weights())
         self._init_rows(learner, keys[train], y[train], exp.classes)
         task = torch.full_like(y[train], exp.task_id)
@@ -308,8 +319,8 @@ class TaskArithmeticPlugin(MergingPlugin):
     method = "task_arithmetic"
 
     def __init__(self, adapter: int, head_scale: float, val_fraction: float, lam: float | None,
-                 grid: list[float]) -> None:
-        super().__init__(adapter, head_scale, val_fraction)
+                 grid: list[float], finetune_over: str = "task") -> None:
+        super().__init__(adapter, head_scale, val_fraction, finetune_over)
         self.lam, self.grid = lam, grid
         self.taus: list[Params] = []
         self.lams: list[float] = []
@@ -345,8 +356,8 @@ class TiesPlugin(TaskArithmeticPlugin):
     method = "ties_merging"
 
     def __init__(self, adapter: int, head_scale: float, val_fraction: float, lam: float | None,
-                 grid: list[float], keep: float) -> None:
-        super().__init__(adapter, head_scale, val_fraction, lam, grid)
+                 grid: list[float], keep: float, finetune_over: str = "task") -> None:
+        super().__init__(adapter, head_scale, val_fraction, lam, grid, finetune_over)
         self.keep = keep
         self._merged_body: Params = {}
 
@@ -363,11 +374,14 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
     method = "adamerging"
 
     def __init__(self, adapter: int, head_scale: float, val_fraction: float, granularity: str, unlabeled: str,
-                 entropy_over: str, init: float, steps: int, lr: float, batch_per_task: int) -> None:
-        super().__init__(adapter, head_scale, val_fraction, None, [])
+                 entropy_over: str, init: float | str, steps: int, lr: float, batch_per_task: int,
+                 finetune_over: str = "task", grid: list[float] = TA_GRID, select: str = "none") -> None:  # noqa: B006
+        super().__init__(adapter, head_scale, val_fraction, None, list(grid), finetune_over)
         self.granularity, self.unlabeled, self.entropy_over = granularity, unlabeled, entropy_over
         self.init, self.steps, self.lr, self.batch_per_task = init, steps, lr, batch_per_task
+        self.select = select
         self.coef_rows: list[dict[str, Any]] = []
+        self.selected_steps: list[int] = []  # per merge: after how many entropy steps the kept coefficients were
 
     def _unlabeled_pools(self, learner) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(unlabeled keys, mask of the classes their entropy is taken over) per experience so far."""
@@ -384,24 +398,40 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
                 pools.append((keys, mask))
         return pools
 
+    def _combine_coefs(self, c: torch.Tensor, names: list[str], heads: Params) -> Params:
+        """theta_0 + sum_j c[j, layer] * tau_j per body tensor (one column: the same coefficient for every layer)."""
+        out = dict(heads)
+        for i, k in enumerate(names):
+            coef = c[:, i if c.shape[1] > 1 else 0]
+            out[k] = self.theta0[k] + sum(coef[j] * t[k] for j, t in enumerate(self.taus))
+        return out
+
     def merged(self, learner) -> Params:
         names = self._body_names()
         n_coef = len(names) if self.granularity == "layer" else 1
-        lam = torch.full((len(self.taus), n_coef), self.init, device=learner.device, requires_grad=True)
+        if self.init == "task_arithmetic":  # start where task arithmetic's held-out pick is
+            self.lams.append(self.pick_lambda(learner, self.grid, self.combine))
+        start = self.lams[-1] if self.init == "task_arithmetic" else float(self.init)
+        lam = torch.full((len(self.taus), n_coef), start, device=learner.device, requires_grad=True)
         opt = torch.optim.Adam([lam], lr=self.lr)
         pools = self._unlabeled_pools(learner)
         heads = self._heads(self.taus)
         gen = torch.Generator().manual_seed(learner.seed * 1_000_003 + self.n_merged)
-        self.net.eval()  # dropout off, as at test time
-        for _ in range(self.steps):
+        every = max(1, self.steps // 10)
+        best, best_step, best_acc = lam.detach().clamp(0.0, 1.0), 0, -1.0
+        for step in range(self.steps + 1):
+            if self.select == "validation" and (step % every == 0 or step == self.steps):
+                c = lam.detach().clamp(0.0, 1.0)
+                acc = self.val_accuracy(learner, self._combine_coefs(c, names, heads))
+                if acc > best_acc:  # the earliest of equals: the fewest entropy steps
+                    best, best_step, best_acc = c.clone(), step, acc
+            if step == self.steps:
+                break
+            self.net.eval()  # dropout off, as at test time
             picks = [p[torch.randint(len(p), (min(self.batch_per_task, len(p)),), generator=gen)] for p, _ in pools]
             keys = torch.cat(picks)
             x = learner.fetch(keys)
-            c = lam.clamp(0.0, 1.0)
-            params = {**heads}
-            for i, k in enumerate(names):
-                coef = c[:, i if n_coef > 1 else 0]
-                params[k] = self.theta0[k] + sum(coef[j] * t[k] for j, t in enumerate(self.taus))
+            params = self._combine_coefs(lam.clamp(0.0, 1.0), names, heads)
             with sample_keys(keys, learner.stream):
                 logits = functional_call(self.net, params, (x,))
             # per task: the entropy of its inputs' predictions over its own classes (the paper's per-task heads),
@@ -415,35 +445,36 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
             entropy.backward()
             opt.step()
         self.net.train()
-        c = lam.detach().clamp(0.0, 1.0).cpu()
+        c = (best if self.select == "validation" else lam.detach().clamp(0.0, 1.0)).cpu()
+        self.selected_steps.append(best_step if self.select == "validation" else self.steps)
         layers = names if n_coef > 1 else ["all"]
         for j in range(len(self.taus)):
             for i, layer in enumerate(layers):
                 self.coef_rows.append({"merged_after": self.n_merged, "task": j, "layer": layer,
                                        "coefficient": float(c[j, i])})
-        out = dict(heads)
-        for i, k in enumerate(names):
-            coef = c[:, i if n_coef > 1 else 0].to(learner.device)
-            out[k] = self.theta0[k] + sum(coef[j] * t[k] for j, t in enumerate(self.taus))
-        return out
+        return self._combine_coefs(c.to(learner.device), names, heads)
 
     def report(self, learner, stream) -> dict[str, Any]:
-        return {"adamerging_unlabeled": self.unlabeled, "adamerging_coefficients": self.coef_rows}
+        init = {"adamerging_init_lambda": self.lams} if self.init == "task_arithmetic" else {}
+        return {"adamerging_unlabeled": self.unlabeled, "adamerging_coefficients": self.coef_rows,
+                "adamerging_steps_kept": self.selected_steps, **init}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "coef_rows": self.coef_rows}
+        return {**super().state_dict(), "coef_rows": self.coef_rows, "selected_steps": self.selected_steps}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.coef_rows = list(state["coef_rows"])
+        self.selected_steps = list(state.get("selected_steps", []))
 
 
 class MagMaxPlugin(MergingPlugin):
     method = "magmax"
     sequential = True
 
-    def __init__(self, adapter: int, head_scale: float, val_fraction: float, lam: float) -> None:
-        super().__init__(adapter, head_scale, val_fraction)
+    def __init__(self, adapter: int, head_scale: float, val_fraction: float, lam: float,
+                 finetune_over: str = "task") -> None:
+        super().__init__(adapter, head_scale, val_fraction, finetune_over)
         self.lam = lam
         self.running: Params = {}  # max-magnitude merge of the body task vectors so far
         self.finetuned: Params = {}  # the weights the next experience starts from
@@ -480,6 +511,8 @@ class MagMaxPlugin(MergingPlugin):
 # the parameters every merging strategy shares
 AdapterWidth = Annotated[int, Min(0, why="0: no adapter; e.g. 64")]  # bottleneck width of the residual adapter
 ValFraction = Annotated[float, Interval(0, 1, high_open=True)]  # held-out share of each experience
+# classes of the fine-tuning cross-entropy: the experience's own, or also every class seen before (fixed rows)
+FinetuneOver = Literal["task", "seen"]
 
 
 def _check_lam(lam: float | None, val_fraction: float, grid: list[float]) -> None:
@@ -492,30 +525,32 @@ def _check_lam(lam: float | None, val_fraction: float, grid: list[float]) -> Non
 
 @register_strategy("task_arithmetic", test_params=TEST_SETTINGS)
 def task_arithmetic(lam: float | None = None, grid: list[float] = TA_GRID,  # noqa: B006
-                    adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1
-                    ) -> list[Plugin]:
+                    adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1,
+                    finetune_over: FinetuneOver = "task") -> list[Plugin]:
     """Task arithmetic (Ilharco et al. 2023): theta_0 + lam * sum of task vectors, lam picked on held-out data
     from ``grid`` (null) or fixed. ``adapter``: bottleneck width of a residual adapter on the features (0: none)."""
     _check_lam(lam, val_fraction, grid)
-    return [TaskArithmeticPlugin(adapter, head_scale, val_fraction, lam, list(grid))]
+    return [TaskArithmeticPlugin(adapter, head_scale, val_fraction, lam, list(grid), finetune_over)]
 
 
 @register_strategy("ties_merging", test_params=TEST_SETTINGS)
 def ties_merging(keep: Annotated[float, Interval(0, 1, low_open=True)] = 0.2, lam: float | None = 1.0,
                  grid: list[float] = TIES_GRID,  # noqa: B006
-                 adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1
-                 ) -> list[Plugin]:
+                 adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1,
+                 finetune_over: FinetuneOver = "task") -> list[Plugin]:
     """TIES-Merging (Yadav et al. 2023): trim to the top ``keep`` fraction of magnitudes, elect signs, disjoint
     mean, scaled by ``lam`` (null: picked on held-out data from ``grid``)."""
     _check_lam(lam, val_fraction, grid)
-    return [TiesPlugin(adapter, head_scale, val_fraction, lam, list(grid), keep)]
+    return [TiesPlugin(adapter, head_scale, val_fraction, lam, list(grid), keep, finetune_over)]
 
 
 @register_strategy("adamerging", test_params={**TEST_SETTINGS, "steps": 20})
 def adamerging(granularity: Literal["layer", "task"] = "layer", unlabeled: Literal["test", "validation"] = "test",
-               entropy_over: Literal["task", "seen"] = "task", init: float = 0.3, steps: PositiveInt = 500,
-               lr: Positive = 0.001, batch_per_task: PositiveInt = 16,
-               adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1) -> list[Plugin]:
+               entropy_over: Literal["task", "seen"] = "task", init: float | Literal["task_arithmetic"] = 0.3,
+               steps: PositiveInt = 500, lr: Positive = 0.001, batch_per_task: PositiveInt = 16,
+               adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1,
+               finetune_over: FinetuneOver = "task", grid: list[float] = TA_GRID,  # noqa: B006
+               select: Literal["none", "validation"] = "none") -> list[Plugin]:
     """AdaMerging (Yang et al. 2024): per-task (and per-layer) merging coefficients learned by entropy
     minimisation. ``unlabeled: test`` adapts on the unlabeled test inputs of the experiences seen so far
     (test-time adaptation, as the paper does); ``validation`` on the held-out training split, labels unused.
@@ -524,13 +559,16 @@ def adamerging(granularity: Literal["layer", "task"] = "layer", unlabeled: Liter
     ``seen``: over every class seen so far."""
     if unlabeled == "validation" and val_fraction == 0:
         raise ConfigError("strategy.unlabeled: validation needs held-out data; set val_fraction > 0 or use test")
+    if (init == "task_arithmetic" or select == "validation") and val_fraction == 0:
+        raise ConfigError("strategy.val_fraction: init task_arithmetic and select validation need held-out data; "
+                          "set val_fraction: 0.1 (or init: 0.3 and select: none)")
     return [AdaMergingPlugin(adapter, head_scale, val_fraction, granularity, unlabeled, entropy_over, init, steps,
-                             lr, batch_per_task)]
+                             lr, batch_per_task, finetune_over, list(grid), select)]
 
 
 @register_strategy("magmax", test_params=TEST_SETTINGS)
-def magmax(lam: float = 0.5, adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.0
-           ) -> list[Plugin]:
+def magmax(lam: float = 0.5, adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.0,
+           finetune_over: FinetuneOver = "task") -> list[Plugin]:
     """MagMax (Marczak et al. 2024): sequential fine-tuning, max-magnitude merge of the task vectors kept as one
     running vector; the evaluated model is theta_0 + ``lam`` * merged vector."""
-    return [MagMaxPlugin(adapter, head_scale, val_fraction, lam)]
+    return [MagMaxPlugin(adapter, head_scale, val_fraction, lam, finetune_over)]

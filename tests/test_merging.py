@@ -100,3 +100,25 @@ def test_bad_settings_are_one_line_config_errors(tmp_path: Path) -> None:
     frozen["model"] = {"name": "mlp", "hidden": []}  # only the (fixed) head: nothing to merge
     with pytest.raises(CLToolboxError, match="adapter"):
         cltoolbox.run(frozen, out=str(tmp_path / "f"), quiet=True)
+
+
+def test_adamerging_from_task_arithmetic_keeps_the_validation_best_step(tmp_path: Path) -> None:
+    s = _run(tmp_path, {"name": "adamerging", "steps": 20, "init": "task_arithmetic", "select": "validation",
+                        "granularity": "task"}, n_exp=5)
+    m = json.loads((Path(s["run_dir"]) / "metrics.json").read_text())["strategy"]
+    init, kept, rows = m["adamerging_init_lambda"], m["adamerging_steps_kept"], m["adamerging_coefficients"]
+    assert len(init) == len(kept) == 5 and all(0 <= k <= 20 for k in kept)
+    for merge, (lam, k) in enumerate(zip(init, kept, strict=True)):
+        coefs = [r["coefficient"] for r in rows if r["merged_after"] == merge]
+        assert len(coefs) == merge + 1
+        if k == 0:  # no entropy step kept: task arithmetic's coefficient, for every task
+            assert coefs == pytest.approx([lam] * len(coefs))
+    with pytest.raises(ConfigError, match="val_fraction"):
+        _run(tmp_path / "bad", {"name": "adamerging", "select": "validation", "val_fraction": 0.0})
+
+
+def test_finetuning_over_seen_classes_changes_the_task_vectors(tmp_path: Path) -> None:
+    accs = {over: _run(tmp_path / over, {"name": "task_arithmetic", "lam": 1.0, "finetune_over": over},
+                       epochs=1, n_exp=5)["class_il"]["acc"] for over in ("task", "seen")}
+    assert accs["task"] != accs["seen"]  # the old classes' rows enter the later fine-tunings
+    assert min(accs.values()) > 0.4  # both well above the last experience's share of the test set (0.2)
