@@ -382,6 +382,7 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
         self.select = select
         self.coef_rows: list[dict[str, Any]] = []
         self.selected_steps: list[int] = []  # per merge: after how many entropy steps the kept coefficients were
+        self.val_accs: list[dict[str, float]] = []  # select: validation: held-out accuracy at step 0 and kept
 
     def _unlabeled_pools(self, learner) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(unlabeled keys, mask of the classes their entropy is taken over) per experience so far."""
@@ -418,11 +419,12 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
         heads = self._heads(self.taus)
         gen = torch.Generator().manual_seed(learner.seed * 1_000_003 + self.n_merged)
         every = max(1, self.steps // 10)
-        best, best_step, best_acc = lam.detach().clamp(0.0, 1.0), 0, -1.0
+        best, best_step, best_acc, first_acc = lam.detach().clamp(0.0, 1.0), 0, -1.0, -1.0
         for step in range(self.steps + 1):
             if self.select == "validation" and (step % every == 0 or step == self.steps):
                 c = lam.detach().clamp(0.0, 1.0)
                 acc = self.val_accuracy(learner, self._combine_coefs(c, names, heads))
+                first_acc = acc if step == 0 else first_acc
                 if acc > best_acc:  # the earliest of equals: the fewest entropy steps
                     best, best_step, best_acc = c.clone(), step, acc
             if step == self.steps:
@@ -447,6 +449,8 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
         self.net.train()
         c = (best if self.select == "validation" else lam.detach().clamp(0.0, 1.0)).cpu()
         self.selected_steps.append(best_step if self.select == "validation" else self.steps)
+        if self.select == "validation":
+            self.val_accs.append({"merged_after": self.n_merged, "initial": first_acc, "kept": best_acc})
         layers = names if n_coef > 1 else ["all"]
         for j in range(len(self.taus)):
             for i, layer in enumerate(layers):
@@ -457,15 +461,17 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
     def report(self, learner, stream) -> dict[str, Any]:
         init = {"adamerging_init_lambda": self.lams} if self.init == "task_arithmetic" else {}
         return {"adamerging_unlabeled": self.unlabeled, "adamerging_coefficients": self.coef_rows,
-                "adamerging_steps_kept": self.selected_steps, **init}
+                "adamerging_steps_kept": self.selected_steps, "adamerging_held_out_accuracy": self.val_accs, **init}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "coef_rows": self.coef_rows, "selected_steps": self.selected_steps}
+        return {**super().state_dict(), "coef_rows": self.coef_rows, "selected_steps": self.selected_steps,
+                "val_accs": self.val_accs}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.coef_rows = list(state["coef_rows"])
         self.selected_steps = list(state.get("selected_steps", []))
+        self.val_accs = list(state.get("val_accs", []))
 
 
 class MagMaxPlugin(MergingPlugin):

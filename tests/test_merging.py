@@ -108,11 +108,22 @@ def test_adamerging_from_task_arithmetic_keeps_the_validation_best_step(tmp_path
     m = json.loads((Path(s["run_dir"]) / "metrics.json").read_text())["strategy"]
     init, kept, rows = m["adamerging_init_lambda"], m["adamerging_steps_kept"], m["adamerging_coefficients"]
     assert len(init) == len(kept) == 5 and all(0 <= k <= 20 for k in kept)
+    accs = m["adamerging_held_out_accuracy"]
+    assert [a["merged_after"] for a in accs] == list(range(5))
+    assert all(a["kept"] >= a["initial"] for a in accs)  # never worse on held-out data than task arithmetic
+    assert all(a["kept"] > a["initial"] for a, k in zip(accs, kept, strict=True) if k > 0)  # strictly, or step 0
     for merge, (lam, k) in enumerate(zip(init, kept, strict=True)):
         coefs = [r["coefficient"] for r in rows if r["merged_after"] == merge]
         assert len(coefs) == merge + 1
         if k == 0:  # no entropy step kept: task arithmetic's coefficient, for every task
             assert coefs == pytest.approx([lam] * len(coefs))
+    # steps too small to change a prediction: the earliest checkpoint (task arithmetic's lambda) is kept
+    s = _run(tmp_path / "still", {"name": "adamerging", "steps": 10, "lr": 1e-9, "init": "task_arithmetic",
+                                  "select": "validation"}, n_exp=2)
+    m = json.loads((Path(s["run_dir"]) / "metrics.json").read_text())["strategy"]
+    assert m["adamerging_steps_kept"] == [0, 0]
+    lam = m["adamerging_init_lambda"][1]
+    assert all(r["coefficient"] == pytest.approx(lam) for r in m["adamerging_coefficients"] if r["merged_after"] == 1)
     with pytest.raises(ConfigError, match="val_fraction"):
         _run(tmp_path / "bad", {"name": "adamerging", "select": "validation", "val_fraction": 0.0})
 
