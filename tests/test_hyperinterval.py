@@ -56,14 +56,29 @@ def _config(strategy: dict) -> dict:
     }
 
 
-def test_hyperinterval_forgets_far_less_than_naive_on_permuted_digits(tmp_path: Path) -> None:
+def test_schedule_grows_the_radius_over_the_first_half_then_holds_kappa_min() -> None:
+    plugin = HyperIntervalPlugin(8, [16], radius=2.0, beta=0.0, kappa_min=0.5, inference="task")
+    plugin._n_steps = 100
+    seen = []
+    for step in (0, 25, 49, 50, 99):
+        plugin._step = step
+        seen.append(plugin._schedule())
+    assert seen[0] == (1.0, 0.0) and seen[1][1] == pytest.approx(25 / 49) and seen[2][1] == 1.0
+    assert 0.99 < seen[2][0] < 1.0 and seen[3] == seen[4] == (0.5, 1.0)
+
+
+def test_hyperinterval_forgets_far_less_than_naive_and_the_embeddings_matter(tmp_path: Path) -> None:
     naive = cltoolbox.run(_config({"name": "naive"}), out=str(tmp_path), quiet=True)[0]["class_il"]
-    task = cltoolbox.run(_config({"name": "hyperinterval", "inference": "task", "hnet_hidden": [50],
-                                          "beta": 0.05}),
-                         out=str(tmp_path), quiet=True)[0]["class_il"]
+    # the settings of experiments/hyperinterval_check.py: spread centres, a small radius
+    summary = cltoolbox.run(_config({"name": "hyperinterval", "inference": "task", "hnet_hidden": [50],
+                                     "radius": 0.025, "embedding_scale": 0.3, "beta": 0.5}),
+                            out=str(tmp_path), quiet=True)[0]
+    task = summary["class_il"]
     assert naive["forgetting"] > 0.1, naive
     assert task["forgetting"] <= naive["forgetting"] / 5, (task, naive)
     assert task["acc"] >= naive["acc"] + 0.1, (task, naive)
+    # each task's own embedding beats the universal one: the generated weights depend on the embedding
+    assert task["acc"] >= summary["strategy"]["hyperinterval_universal_acc"] + 0.02, summary["strategy"]
 
 
 def test_task_inference_needs_task_ids_and_the_model_must_be_a_relu_mlp(tmp_path: Path) -> None:
