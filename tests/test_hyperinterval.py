@@ -11,7 +11,13 @@ import torch
 
 import cltoolbox
 from cltoolbox.errors import ConfigError
-from cltoolbox.strategies.hyperinterval import HyperIntervalPlugin, HyperNet, interval_linear, interval_relu
+from cltoolbox.strategies.hyperinterval import (
+    HyperIntervalPlugin,
+    HyperNet,
+    _IntervalOutput,
+    interval_linear,
+    interval_relu,
+)
 
 
 def test_interval_linear_and_relu_bound_every_point_inside_the_intervals() -> None:
@@ -28,6 +34,18 @@ def test_interval_linear_and_relu_bound_every_point_inside_the_intervals() -> No
     pc, pr = interval_linear(c, torch.zeros_like(r), wc, torch.zeros_like(wr), bc, torch.zeros_like(br))
     torch.testing.assert_close(pc, c @ wc.T + bc)
     assert pr.abs().max() == 0
+
+
+def test_output_layer_gradient_matches_autograd_through_abs() -> None:
+    g = torch.Generator().manual_seed(2)
+    c = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.rand(7, dtype=torch.float64, generator=g).requires_grad_()  # radii are non-negative
+    w = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_IntervalOutput.apply, (c, r, w, b))
+    oc, orad = _IntervalOutput.apply(c, r, w, b)
+    torch.testing.assert_close(oc, c @ w.T + b)
+    torch.testing.assert_close(orad, r @ w.abs().T)
 
 
 def test_universal_embedding_weights_lie_inside_every_task_weight_interval() -> None:
