@@ -34,8 +34,8 @@ classes (the paper shows MULTI-LANE in class-IL too).
 [tokens; summaries] through the blocks from there (the paper's ablation without drop and replace).
 ``summarise_at`` (default 0) lets lanes start at a later block: blocks before it run once, frozen and shared.
 
-Facts from the authors' code (github.com/tdemin16/multi-lane, VOC config): plain BCE (``BCEWithLogitsLoss``; no asymmetric
-loss), a frozen [CLS] per lane, 10 selectors, 10 prefixes in the first 5 of 12 blocks, Adam with lr 0.05 at
+Facts from the authors' code (github.com/tdemin16/multi-lane, VOC config): plain BCE (``BCEWithLogitsLoss``, no
+asymmetric loss), a frozen [CLS] per lane, 10 selectors, 10 prefixes in the first 5 of 12 blocks, Adam with lr 0.05 at
 batch 256 and a cosine schedule, 30 epochs on VOC. Different here: the lane tokens are trainable, one per class
 by default (on mnist5k_grid validation, 2 seeds, mean final mAP 0.322 vs 0.315 for one task token: within
 seed noise), and the defaults (16 selectors, prefixes of 4 in every block) are ours for a 4-block ViT on 56 px
