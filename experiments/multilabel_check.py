@@ -12,47 +12,46 @@ on the test grids holding one of them (``cltoolbox.multilabel``). 3 seeds, one t
    pre-trained on single MNIST-5k digits (experiments/vit_pretrain_mnist5k.yaml, run first if missing: the
    train split only). The grid is 2x2 cells of 28 px and the ViT's 4x4 patch grid per 28 px digit, so its
    position embeddings are tiled once per cell (each cell sees the positions it was pre-trained with) rather
-   than interpolated to 8x8; both methods get this same backbone. Adam lr 0.01, batch 32, 3 epochs (the
-   prompting recipe's settings, experiments/prompting_digits.yaml).
-   The claim checked: multi_lane's final mAP > l2p's (printed as PASS/FAIL, not asserted: see the results).
-   ``multi_lane_9ep`` trains the lanes 9 epochs instead of 3: a lane pass is several times cheaper than L2P's
-   (a few summary tokens instead of every patch token plus 25 prompt tokens), so this is still less CPU than
-   l2p's 3 epochs; it compares the two at a matched (lower) training budget.
+   than interpolated to 8x8; both methods get this same backbone. Adam, batch 32, 3 epochs for both (the
+   prompting recipe's settings, experiments/prompting_digits.yaml), at the shared lr 0.01 and at each method's
+   lr chosen from {0.01, 0.03} on held-out training data (below). The claim checked: multi_lane's final mAP >
+   l2p's (printed as PASS/FAIL, not asserted: see the margin below). ``multi_lane_once`` is the ablation that
+   summarises the patch embeddings once (no drop and replace, N(0, 1) selectors, no warm start, no
+   normalisation: multi_lane as first built here).
 Every run records time to target (``train.time_to_target: {target: 0.8, every: 20}``, mAP on the experience's
 own test grids); the table prints how many experiences reached it and their total training CPU seconds.
 
-Results (3 seeds, one thread, 2-core machine shared with other jobs (load ~10): ~4 min for the MLP part, ~28 min
+Results (3 seeds, one thread, 2-core machine shared with other jobs (load ~4): ~4 min for the MLP part, ~27 min
 for the ViT part; CPU s per run are the runs' own process CPU seconds):
 
-strategy       final mAP      avg mAP          CF1          OF1  forgetting   CPU s  reached  CPU s to target
-naive          48.8 ± 1.5   66.2 ± 0.2   10.6 ± 0.6   23.0 ± 1.0  31.2 ± 1.9     4.6    5.0/5        0.7 ± 0.0
-er             65.4 ± 1.5   79.2 ± 1.0   24.6 ± 1.3   21.9 ± 2.9  19.3 ± 1.0     7.1    5.0/5        1.3 ± 0.2
-l2p            65.5 ± 1.1   74.5 ± 0.5   56.7 ± 0.2   55.2 ± 0.5   9.8 ± 1.8    84.3    5.0/5       52.3 ± 2.9
-multi_lane     55.4 ± 2.5   67.3 ± 2.1   52.2 ± 0.3   51.3 ± 0.3  10.2 ± 0.5    27.4    4.3/5       13.2 ± 2.1
-multi_lane_9ep 66.6 ± 0.7   76.0 ± 1.1   56.0 ± 0.7   55.0 ± 1.2   8.4 ± 0.9    72.7    5.0/5       45.4 ± 0.6
-multi_lane_lr0.03 63.0 ± 2.6 73.4 ± 2.7 55.4 ± 1.0  53.4 ± 0.2   8.6 ± 1.0    25.9    5.0/5       13.6 ± 0.7
-lr selection, validation final mAP (seed 0): l2p_lr0.01 0.309, l2p_lr0.03 0.304, multi_lane_lr0.01 0.243,
-multi_lane_lr0.03 0.285
+strategy          final mAP     avg mAP        CF1        OF1  forgetting  CPU s  reached  CPU s to target
+naive            48.8 ± 1.5  66.2 ± 0.2  10.6 ± 0.6  23.0 ± 1.0  31.2 ± 1.9    4.6    5.0/5        0.7 ± 0.0
+er               65.4 ± 1.5  79.2 ± 1.0  24.6 ± 1.3  21.9 ± 2.9  19.3 ± 1.0    7.1    5.0/5        1.3 ± 0.2
+l2p              65.5 ± 1.1  74.5 ± 0.5  56.7 ± 0.2  55.2 ± 0.5   9.8 ± 1.8   81.4    5.0/5       50.6 ± 4.1
+multi_lane       68.1 ± 2.5  77.0 ± 1.2  57.4 ± 1.9  56.1 ± 1.7   8.4 ± 0.3   61.7    5.0/5       33.5 ± 0.9
+multi_lane_lr0.03 69.1 ± 5.4 78.0 ± 3.8  58.3 ± 2.1  56.8 ± 1.7   7.7 ± 1.3   62.9    5.0/5       34.6 ± 2.8
+multi_lane_once  55.1 ± 2.2  66.9 ± 1.6  52.2 ± 0.9  51.2 ± 0.3  10.6 ± 0.6   28.1    4.3/5       13.9 ± 2.0
+lr selection, validation final mAP (seed 0): l2p_lr0.01 0.309, l2p_lr0.03 0.304, multi_lane_lr0.01 0.305,
+multi_lane_lr0.03 0.325
 er - naive final mAP: +16.6 points (claim >= +10): PASS
-multi_lane - l2p final mAP: -10.1 points (claim > 0): FAIL
-each at its validation-selected lr (multi_lane_lr0.03 vs l2p): -2.5 points (claim > 0): FAIL
-multi_lane with 9 epochs (73 CPU s per run, l2p with 3: 84) - l2p final mAP: +1.1 points
+multi_lane - l2p final mAP: +2.6 points (claim > 0): PASS
+each at its validation-selected lr (multi_lane_lr0.03 vs l2p): +3.5 points (claim > 0): PASS
+ablation multi_lane_once (summarise once, as first built) - l2p final mAP: -10.4 points
 
-Final mAP per seed: l2p 0.666 0.644 0.656; multi_lane 0.553 0.580 0.530; multi_lane_9ep 0.660 0.674 0.665;
-multi_lane_lr0.03 0.659 0.619 0.611.
-The Adam lr of each ViT method is also chosen from {0.01, 0.03} on held-out training data (scenario.validation: 0.2,
-partial labels, seed 0; the test sets are not looked at; a grid held out in one experience may train in another
-under that one's labels): l2p keeps 0.01, multi_lane takes 0.03, and runs again on the test protocol. At equal
-epochs the claim "multi_lane beats l2p" does not hold here (-10.1 points at the shared lr, -2.5 at each method's
-selected lr, where multi_lane uses a third of l2p's CPU): a lane sees 16 summary tokens (convex combinations of the
-64 patch embeddings) where L2P's prompts attend to every patch in every block, and a lane is a weaker learner per
-epoch (first-experience mAP 0.92 vs 0.95; the last lane 0.41 vs 0.62). Lanes never change once trained, so their
-"forgetting" (~10%) is entirely the growing test pool: each later step adds test grids that hold none of a lane's
-classes, which that lane never saw in training (MLCIL trains experience t only on images holding one of its
-classes). At a matched, lower training budget (9 lane epochs, 73 vs 84 CPU s) multi_lane is ahead by 1.1 points on
-the mean (2 of 3 seeds), within about one standard deviation. multi_lane's defaults (16 selectors drawn N(0, 1))
-were fixed after trying selector init, count, summarise_at and lr on seed 0's first two experiences of this test
-protocol; at lr 0.01 those variants reached 0.61-0.72 seen mAP after two experiences, l2p 0.785.
+Final mAP per seed (``--seeds 0 1 2 3 4``): l2p 0.666 0.644 0.656 0.633 0.649 (64.9 ± 1.2); multi_lane 0.652
+0.693 0.698 0.658 0.667 (67.4 ± 2.1); multi_lane_lr0.03 0.630 0.707 0.734 0.698 0.704 (69.5 ± 3.9). multi_lane
+wins 4 of 5 paired seeds at either lr (seed 0 loses: -1.4 and -3.6 points); the mean margin is about one standard
+deviation of multi_lane's seeds, so it is ahead but not clearly beyond the seed noise. Its CPU per run is 3/4 of
+l2p's (~60 vs ~81 s) and it reaches the 0.8 target with 2/3 of l2p's CPU. What closed the gap (multi_lane_once
+-10.4 -> +2.6): following the authors' code (github.com/tdemin16/multi-lane): "drop and replace" (the selectors
+re-summarise every block's frozen input, so a lane reads every depth of the ViT instead of the patch embeddings
+only), orthogonal selector/prefix init, warm start of a new lane from the previous one, L2-normalised features
+before the classifier. Chosen on validation (scenario.validation 0.2, partial labels; test sets not looked at):
+per-class lane tokens (lr 0.03, seeds 0-1: 0.322) over one task token (0.315, the paper's). Tried there and not
+kept, none better beyond noise: no warm start (lr 0.01, seeds 0-2: 0.301 vs 0.304), gradient clipping at 1.0
+(0.298 vs 0.304), 10 selectors + 10 prefixes (the paper's counts), prefixes in blocks 0-1 only, N(0, 1) init.
+Seed 0's weak lanes (1 and 4) reach a higher training loss with warm start (lane 4: 1.00 vs 0.76 without it), but
+validation does not prefer turning it off, so the default stays the paper's.
 
     python experiments/multilabel_check.py [--seeds 0 1 2] [--out runs/multilabel_check] [--part mlp|vit|both]
 """
@@ -93,6 +92,10 @@ def tiled_backbone(out: Path) -> Path:
 
 
 LRS = (0.01, 0.03)
+# ablation: multi_lane as first built here (summarise the patch embeddings once; no drop and replace, N(0, 1)
+# selectors, no warm start from the previous lane, no normalisation before the classifier)
+ONCE = {"name": "multi_lane", "label": "multi_lane_once", "drop_and_replace": False, "init": "normal",
+        "warm_start": False, "normalize": False}
 
 
 def vit_model(out: Path) -> dict:
@@ -127,8 +130,7 @@ def configs(out: Path, seeds: list[int], part: str) -> list[dict]:
                  if lr[n] != 0.01]  # 0.01 is the shared setting, run above under the plain name
         runs.append({
             "name": "multilabel_vit", "scenario": SCENARIO, "model": vit_model(out),
-            "strategy": [{"name": "l2p"}, {"name": "multi_lane"},
-                         {"name": "multi_lane", "label": "multi_lane_9ep", "train": {"epochs": 9}}, *tuned],
+            "strategy": [{"name": "l2p"}, {"name": "multi_lane"}, *tuned, ONCE],
             "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.01, "time_to_target": TTT},
             "seeds": seeds, "out": str(out),
         })
@@ -184,11 +186,9 @@ def main() -> None:
         gap = final[sel["multi_lane"]] - final[sel["l2p"]]
         print(f"each at its validation-selected lr ({sel['multi_lane']} vs {sel['l2p']}): {gap * 100:+.1f} points "
               f"(claim > 0): {'PASS' if gap > 0 else 'FAIL'}")
-    if "l2p" in final and "multi_lane_9ep" in final:
-        gap = final["multi_lane_9ep"] - final["l2p"]
-        cpu = {k: statistics.mean(r["cost"]["cpu_s"] for r in results[k]) for k in ("l2p", "multi_lane_9ep")}
-        print(f"multi_lane with 9 epochs ({cpu['multi_lane_9ep']:.0f} CPU s per run, l2p with 3: {cpu['l2p']:.0f}) "
-              f"- l2p final mAP: {gap * 100:+.1f} points")
+    if "l2p" in final and "multi_lane_once" in final:
+        gap = final["multi_lane_once"] - final["l2p"]
+        print(f"ablation multi_lane_once (summarise once, as first built) - l2p final mAP: {gap * 100:+.1f} points")
     print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 
