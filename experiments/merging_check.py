@@ -47,10 +47,14 @@ STRATEGIES = {
     "adamerging_ta": {"name": "adamerging", "init": "task_arithmetic", "label": "adamerging_ta"},
     "adamerging_ta_seen": {"name": "adamerging", "init": "task_arithmetic", "entropy_over": "seen",
                            "label": "adamerging_ta_seen"},
+    "adamerging_taskwise": {"name": "adamerging", "granularity": "task", "label": "adamerging_taskwise"},
     "adamerging_ta_select": {"name": "adamerging", "init": "task_arithmetic", "select": "validation",
                              "label": "adamerging_ta_select"},
     "adamerging_ta_seen_select": {"name": "adamerging", "init": "task_arithmetic", "select": "validation",
                                   "entropy_over": "seen", "label": "adamerging_ta_seen_select"},
+    # lambda picked on the held-out split from task arithmetic's grid instead of the paper's 1.0
+    "ties_merging_val": {"name": "ties_merging", "lam": None, "grid": [round(0.05 * i, 2) for i in range(21)],
+                         "label": "ties_merging_val"},
     "magmax": {"name": "magmax"},
     # lambda 0: the class-mean cosine heads on the pre-trained features alone (no task vector added)
     "no_task_vectors": {"name": "task_arithmetic", "lam": 0.0, "label": "no_task_vectors"},
@@ -155,8 +159,8 @@ def main() -> None:
                 print(f"{name}: entropy steps kept per merge and seed: "
                       f"{[m['adamerging_steps_kept'] for m in metrics]}; init lambda: "
                       f"{[m.get('adamerging_init_lambda') for m in metrics]}")
-            if "task_arithmetic_lambda" in metrics[0]:
-                print(f"{name}: lambda per merge and seed: {[m['task_arithmetic_lambda'] for m in metrics]}")
+            for key in (k for k in metrics[0] if k in ("task_arithmetic_lambda", "ties_merging_lambda")):
+                print(f"{name}: lambda per merge and seed: {[m[key] for m in metrics]}")
             print(f"{name}: ACC {' '.join(f'{a:.3f}' for a in accs)} ({wall:.0f} s)", flush=True)
     what = f"last {args.tail_blocks} MBConv block(s) + conv head" if args.tail_blocks else f"adapter {args.adapter}"
     print(f"\nSplit-MNIST-5k class-IL, EfficientNet-Lite0 ({args.resize} px), fine-tuned/merged: {what}, "
