@@ -19,8 +19,8 @@
   coefficients are written to metrics.json (``strategy.adamerging_coefficients``: one row per merge, task and
   layer). Class-IL options (not in the paper, which evaluates each task with its own head): ``init:
   task_arithmetic`` starts every coefficient at the lambda task arithmetic picks on the held-out split (the
-  paper's 0.3 is task arithmetic's usual pick on its benchmarks; here that pick is often 0.05), and ``select:
-  validation`` keeps, of the coefficients after 0, 50, 100, ... entropy steps, those with the best class-IL
+  paper's 0.3 is a typical task arithmetic pick on its CLIP benchmarks; here that pick is 0.05-0.25), and ``select:
+  validation`` keeps, of the coefficients after 0, steps/10, 2 steps/10, ... steps, those with the best class-IL
   accuracy on the held-out split (early stopping on the data task arithmetic already uses; earliest on ties).
   Neither uses test labels; with both, the entropy steps are kept only where the held-out accuracy says they
   help (``strategy.adamerging_steps_kept``: how many, per merge).
