@@ -92,8 +92,11 @@ class _IntervalOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gc: torch.Tensor, gr: torch.Tensor):
         c, r, w, abs_w = ctx.saved_tensors
-        grad_w = torch.outer(gc, c).addcmul_(gr.unsqueeze(1), torch.copysign(r.expand_as(w), w))
-        return gc @ w, gr @ abs_w, grad_w, gc
+        # under autocast (bf16/fp16) the incoming gradients and saved inputs may be in the low precision: the
+        # weight gradient is formed in the weight's dtype, the input gradients go back in the inputs' dtypes
+        gc, gr = gc.to(w.dtype), gr.to(w.dtype)
+        grad_w = torch.outer(gc, c.to(w.dtype)).addcmul_(gr.unsqueeze(1), torch.copysign(r.to(w.dtype).expand_as(w), w))
+        return (gc @ w).to(c.dtype), (gr @ abs_w).to(r.dtype), grad_w, gc
 
 
 class HyperNet(nn.Module):
