@@ -48,7 +48,8 @@ With lr and epochs chosen the same way for both (both pick 5 epochs; l2p lr 0.01
 beats l2p by +6.7 points, on every seed (0.715 0.735 0.743 vs 0.673 0.660 0.658: +4.2, +7.5, +8.5), about five
 times either method's seed std, at 72% of l2p's CPU per run (88 vs 123 s). At 3 epochs it is ahead on the mean
 (+2.6 shared lr, +3.5 selected lr) but within about one std: seed 0 loses (-1.4 / -3.6 points; two of its lanes
-stop at a higher training loss after 3 epochs). 5 seeds at 3 epochs (``--seeds 0 1 2 3 4``): l2p 64.9 ± 1.2,
+stop at a higher training loss after 3 epochs). With 5 seeds (``--seeds 0 1 2 3 4``): at 5 epochs l2p 66.2 ± 0.8,
+multi_lane 72.7 ± 1.1 (+6.5, every seed: seeds 3-4 0.719 0.723 vs 0.653 0.666); at 3 epochs l2p 64.9 ± 1.2,
 multi_lane 67.4 ± 2.1, multi_lane_lr0.03 69.5 ± 3.9 (4 of 5 paired seeds won). What closed the gap from the
 first version (multi_lane_once, -10.4 points): following the authors' code (github.com/tdemin16/multi-lane):
 "drop and replace" (the selectors re-summarise every block's frozen input, so a lane reads every depth of the
