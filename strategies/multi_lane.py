@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltoolbox.errors import ConfigError
-from cltoolbox.models.vit import Prefix, ViTClassifier, _prefix_attention
+from cltoolbox.models.vit import Prefix, ViTClassifier, prefix_attention
 from cltoolbox.multilabel import bce_loss
 from cltoolbox.params import Min, PositiveInt
 from cltoolbox.plugin import MASKED_LOGIT, Plugin
@@ -278,7 +278,7 @@ def _lane_block(blk: nn.Module, seq: torch.Tensor, m: int, ctx: torch.Tensor, pr
     sel = n[:, m:]
     summary = MultiLanePlugin._summarise(sel.reshape(LB // B, B, -1, d), ctx).reshape(LB, -1, d)
     inp = torch.cat((n[:, :m], summary), dim=1)
-    out = blk.attn(inp) if prefix is None else _prefix_attention(blk.attn, inp, prefix)
+    out = blk.attn(inp) if prefix is None else prefix_attention(blk.attn, inp, prefix)
     seq = seq + blk.drop_path1(blk.ls1(torch.cat((out[:, :m], sel), dim=1)))
     return seq + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(seq))))
 

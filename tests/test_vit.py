@@ -30,13 +30,13 @@ def test_prefix_equals_attending_to_extra_tokens(model) -> None:
     attn = model.backbone.blocks[0].attn
     x, z = torch.randn(3, 6, 32), torch.randn(3, 2, 32)
     _, k, v = attn.qkv(z).chunk(3, dim=-1)
-    from cltoolbox.models.vit import _prefix_attention
+    from cltoolbox.models.vit import prefix_attention
 
-    with_prefix = _prefix_attention(attn, x, (k, v))
+    with_prefix = prefix_attention(attn, x, (k, v))
     full = attn(torch.cat((z, x), dim=1))[:, 2:]  # timm's own attention; z's queries are dropped
     assert torch.allclose(with_prefix, full, atol=1e-5)
     empty = torch.zeros(3, 0, 32)
-    assert torch.allclose(_prefix_attention(attn, x, (empty, empty)), attn(x), atol=1e-5)
+    assert torch.allclose(prefix_attention(attn, x, (empty, empty)), attn(x), atol=1e-5)
 
 
 def test_prompts_and_prefixes_change_the_output_and_get_gradients(model) -> None:

@@ -40,7 +40,7 @@ def _timm():
     return timm
 
 
-def _prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix) -> torch.Tensor:
+def prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix) -> torch.Tensor:
     """timm ``Attention`` with learned key/value prefixes (Li & Liang 2021) prepended per head."""
     b, n, c = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -60,7 +60,7 @@ def _prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix) -> torch
 def _block(blk: nn.Module, x: torch.Tensor, prefix: Prefix | None) -> torch.Tensor:
     if prefix is None:
         return blk(x)
-    x = x + blk.drop_path1(blk.ls1(_prefix_attention(blk.attn, blk.norm1(x), prefix)))
+    x = x + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, blk.norm1(x), prefix)))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
