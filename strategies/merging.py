@@ -142,6 +142,7 @@ class MergingPlugin(Plugin):
 
     method = "merging"
     sequential = False  # MagMax: each experience starts from the previous fine-tuned weights
+    lambda_on = "class_il"  # what held-out accuracy scores (task arithmetic and TIES may pick task_il)
 
     def __init__(self, adapter: int, head_scale: float, val_fraction: float, finetune_over: str = "task") -> None:
         self.adapter_dim = adapter
@@ -273,18 +274,25 @@ class MergingPlugin(Plugin):
 
     @torch.no_grad()
     def val_accuracy(self, learner, params: Params) -> float:
-        """Class-IL accuracy over the held-out sets of every experience so far, with ``params`` in the model."""
-        keys, y = torch.cat(self.val_keys), torch.cat(self.val_y).to(learner.device)
-        correct, start = 0, 0
+        """Accuracy over the held-out sets of every experience so far, with ``params`` in the model: class-IL (over
+        every class seen) or, with ``lambda_on: task_il``, task-aware (over the classes of the sample's own
+        experience: the per-task heads of the papers' multi-task evaluation)."""
+        stream = learner.stream
+        correct, total = 0, 0
         self.net.eval()
-        for k, x in learner.batches(keys):
-            with sample_keys(k, learner.stream):
-                logits = functional_call(self.net, params, (x,))
-            logits = logits.masked_fill(~self.seen.to(logits.device), MASKED_LOGIT)
-            correct += int((logits.argmax(1) == y[start : start + len(k)]).sum())
-            start += len(k)
+        for j, (keys, y) in enumerate(zip(self.val_keys, self.val_y, strict=True)):
+            allowed = self.seen if self.lambda_on == "class_il" else \
+                class_mask(stream.n_classes, stream.experiences[j].classes, "cpu")
+            allowed, y, start = allowed.to(learner.device), y.to(learner.device), 0
+            for k, x in learner.batches(keys):
+                with sample_keys(k, stream):
+                    logits = functional_call(self.net, params, (x,))
+                logits = logits.masked_fill(~allowed, MASKED_LOGIT)
+                correct += int((logits.argmax(1) == y[start : start + len(k)]).sum())
+                start += len(k)
+            total += len(y)
         self.net.train()
-        return correct / max(1, len(y))
+        return correct / max(1, total)
 
     def pick_lambda(self, learner, grid: list[float], build) -> float:
         """The grid value whose merged model (``build(lam)``) has the best held-out accuracy (first on ties)."""
@@ -319,9 +327,9 @@ class TaskArithmeticPlugin(MergingPlugin):
     method = "task_arithmetic"
 
     def __init__(self, adapter: int, head_scale: float, val_fraction: float, lam: float | None,
-                 grid: list[float], finetune_over: str = "task") -> None:
+                 grid: list[float], finetune_over: str = "task", lambda_on: str = "class_il") -> None:
         super().__init__(adapter, head_scale, val_fraction, finetune_over)
-        self.lam, self.grid = lam, grid
+        self.lam, self.grid, self.lambda_on = lam, grid, lambda_on
         self.taus: list[Params] = []
         self.lams: list[float] = []
 
@@ -356,8 +364,8 @@ class TiesPlugin(TaskArithmeticPlugin):
     method = "ties_merging"
 
     def __init__(self, adapter: int, head_scale: float, val_fraction: float, lam: float | None,
-                 grid: list[float], keep: float, finetune_over: str = "task") -> None:
-        super().__init__(adapter, head_scale, val_fraction, lam, grid, finetune_over)
+                 grid: list[float], keep: float, finetune_over: str = "task", lambda_on: str = "class_il") -> None:
+        super().__init__(adapter, head_scale, val_fraction, lam, grid, finetune_over, lambda_on)
         self.keep = keep
         self._merged_body: Params = {}
 
@@ -517,6 +525,7 @@ class MagMaxPlugin(MergingPlugin):
 # the parameters every merging strategy shares
 AdapterWidth = Annotated[int, Min(0, why="0: no adapter; e.g. 64")]  # bottleneck width of the residual adapter
 ValFraction = Annotated[float, Interval(0, 1, high_open=True)]  # held-out share of each experience
+LambdaOn = Literal["class_il", "task_il"]  # the held-out accuracy a picked lambda maximises
 # classes of the fine-tuning cross-entropy: the experience's own, or also every class seen before (fixed rows)
 FinetuneOver = Literal["task", "seen"]
 
@@ -532,22 +541,23 @@ def _check_lam(lam: float | None, val_fraction: float, grid: list[float]) -> Non
 @register_strategy("task_arithmetic", test_params=TEST_SETTINGS)
 def task_arithmetic(lam: float | None = None, grid: list[float] = TA_GRID,  # noqa: B006
                     adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1,
-                    finetune_over: FinetuneOver = "task") -> list[Plugin]:
+                    finetune_over: FinetuneOver = "task", lambda_on: LambdaOn = "class_il") -> list[Plugin]:
     """Task arithmetic (Ilharco et al. 2023): theta_0 + lam * sum of task vectors, lam picked on held-out data
-    from ``grid`` (null) or fixed. ``adapter``: bottleneck width of a residual adapter on the features (0: none)."""
+    from ``grid`` (null) or fixed. ``adapter``: bottleneck width of a residual adapter on the features (0: none).
+    ``lambda_on``: the held-out accuracy lam maximises, class-IL or task-aware (the papers' per-task heads)."""
     _check_lam(lam, val_fraction, grid)
-    return [TaskArithmeticPlugin(adapter, head_scale, val_fraction, lam, list(grid), finetune_over)]
+    return [TaskArithmeticPlugin(adapter, head_scale, val_fraction, lam, list(grid), finetune_over, lambda_on)]
 
 
 @register_strategy("ties_merging", test_params=TEST_SETTINGS)
 def ties_merging(keep: Annotated[float, Interval(0, 1, low_open=True)] = 0.2, lam: float | None = 1.0,
                  grid: list[float] = TIES_GRID,  # noqa: B006
                  adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1,
-                 finetune_over: FinetuneOver = "task") -> list[Plugin]:
+                 finetune_over: FinetuneOver = "task", lambda_on: LambdaOn = "class_il") -> list[Plugin]:
     """TIES-Merging (Yadav et al. 2023): trim to the top ``keep`` fraction of magnitudes, elect signs, disjoint
     mean, scaled by ``lam`` (null: picked on held-out data from ``grid``)."""
     _check_lam(lam, val_fraction, grid)
-    return [TiesPlugin(adapter, head_scale, val_fraction, lam, list(grid), keep, finetune_over)]
+    return [TiesPlugin(adapter, head_scale, val_fraction, lam, list(grid), keep, finetune_over, lambda_on)]
 
 
 @register_strategy("adamerging", test_params={**TEST_SETTINGS, "steps": 20})

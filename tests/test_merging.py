@@ -133,3 +133,28 @@ def test_finetuning_over_seen_classes_changes_the_task_vectors(tmp_path: Path) -
                        epochs=1, n_exp=5)["class_il"]["acc"] for over in ("task", "seen")}
     assert accs["task"] != accs["seen"]  # the old classes' rows enter the later fine-tunings
     assert min(accs.values()) > 0.4  # both well above the last experience's share of the test set (0.2)
+
+
+def test_lambda_on_task_il_scores_each_held_out_sample_over_its_own_experience_classes() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from cltoolbox.strategies.merging import TaskArithmeticPlugin
+
+    # two experiences (classes 0-1, 2-3); rows are the logits of four held-out samples (the net is the identity)
+    logits = torch.tensor([[3.0, 1.0, 5.0, 0.0],  # y 0: class-IL says 2 (wrong), its task's classes say 0
+                           [0.0, 2.0, 0.0, 1.0],  # y 1: right either way
+                           [4.0, 0.0, 3.0, 1.0],  # y 2: class-IL says 0 (wrong), task-aware says 2
+                           [0.0, 0.0, 0.0, 1.0]])  # y 3: right either way
+    exps = [SimpleNamespace(classes=[0, 1]), SimpleNamespace(classes=[2, 3])]
+    stream = SimpleNamespace(n_classes=4, experiences=exps)
+    learner = SimpleNamespace(stream=stream, device=torch.device("cpu"), batches=lambda keys: [(keys, logits[keys])])
+    scores = {}
+    for on in ("class_il", "task_il"):
+        plugin = TaskArithmeticPlugin(0, 16.0, 0.5, None, [0.0], lambda_on=on)
+        plugin.net, plugin.seen = nn.Identity(), torch.ones(4, dtype=torch.bool)
+        plugin.val_keys, plugin.val_y = [torch.tensor([0, 1]), torch.tensor([2, 3])], [torch.tensor([0, 1]),
+                                                                                      torch.tensor([2, 3])]
+        scores[on] = plugin.val_accuracy(learner, {})
+    assert scores == {"class_il": 0.5, "task_il": 1.0}
