@@ -257,8 +257,12 @@ def tune(
         t_jobs = plan_jobs(t_points, resume, overwrite)
         e_jobs = plan_jobs(e_list, resume, overwrite)  # refuse existing runs now, not after the tuning phase
     if dry_run:
-        _print_plan(t_points if search is None else None, t_jobs if search is None else None,
-                    e_jobs if search is None else None, search, tuning_raw)
+        if search is None:
+            _print_plan(t_points, t_jobs, e_jobs)
+        else:
+            n_seeds = len(tuning_raw.get("seeds") or [0])
+            print(f"tuning phase: {search.method} search, {search.trials} trials x {n_seeds} seed(s) per strategy; "
+                  "evaluation phase: the selected trial of each strategy")
         return {"selected": {}, "tuning": [], "evaluation": [], "report": []}
     stop = check_writable(str(sel["root"].parent))
 
@@ -310,15 +314,9 @@ def tune(
             "report": paths}
 
 
-def _print_plan(t_points: list[Point] | None, t_jobs: list | None, e_jobs: list | None, search: Any,
-                tuning_raw: dict[str, Any]) -> None:
-    """--dry-run: the tuning phase's runs, then the evaluation runs of which one point per strategy (the one
-    selected) will run."""
-    if search is not None:
-        n_seeds = len(tuning_raw.get("seeds") or [0])
-        print(f"tuning phase: {search.method} search, {search.trials} trials x {n_seeds} seed(s) per strategy; "
-              "evaluation phase: the selected trial of each strategy")
-        return
+def _print_plan(t_points: list[Point], t_jobs: list, e_jobs: list) -> None:
+    """--dry-run of a grid: the tuning phase's runs, then the evaluation runs of which one point per strategy (the
+    one selected) will run."""
     n_bases = len({p.base_label for p in t_points})
     print(f"tuning phase: {len(t_points)} grid points\n{format_plan(t_jobs)}")
     print(f"evaluation phase: the selected grid point of each of the {n_bases} strategies, among\n"

@@ -309,6 +309,7 @@ class HyperIntervalPlugin(Plugin):
             if i < n_layers - 1:
                 h = F.relu(h)
         return h
+
     def predict(self, learner, x, task_ids):
         if not self.angles:
             return None
@@ -375,5 +376,7 @@ def hyperinterval(embedding_dim: PositiveInt = 24, hnet_hidden: list[PositiveInt
                   embedding_scale: NonNegative | None = None) -> list[Plugin]:
     """HyperInterval (Krukowski et al. 2024): interval task embeddings -> hypernetwork -> interval weights of the
     mlp, worst-case loss plus the hypernetwork regulariser; ``inference: universal`` predicts without task ids
-    from the intersection of the task intervals. Use Adam, lr 0.001, batch 128 in ``train:`` as the paper."""
+    from the intersection of the task intervals. ``embedding_scale`` (null: the authors' radius / (2 embedding_dim))
+    sets the spread of the task centres apart from the radius. Use Adam, lr 0.001, batch 128 in ``train:`` as the
+    paper."""
     return [HyperIntervalPlugin(embedding_dim, list(hnet_hidden), radius, beta, kappa_min, inference, embedding_scale)]

@@ -572,7 +572,9 @@ def adamerging(granularity: Literal["layer", "task"] = "layer", unlabeled: Liter
     (test-time adaptation, as the paper does); ``validation`` on the held-out training split, labels unused.
     ``entropy_over: task``: each experience's inputs are scored over its own classes, as the paper scores each
     task with its own head (which experience an unlabeled input came from is used, never its label);
-    ``seen``: over every class seen so far."""
+    ``seen``: over every class seen so far. ``init: task_arithmetic`` starts from the lambda task arithmetic picks
+    on the held-out split; ``select: validation`` keeps, of the coefficients saved every steps/10, those with the
+    best held-out class-IL accuracy (a class-IL variant, not the paper's)."""
     if unlabeled == "validation" and val_fraction == 0:
         raise ConfigError("strategy.unlabeled: validation needs held-out data; set val_fraction > 0 or use test")
     if (init == "task_arithmetic" or select == "validation") and val_fraction == 0:

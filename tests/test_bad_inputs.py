@@ -68,6 +68,11 @@ def merged(**sections) -> dict:
     return cfg
 
 
+def _multi_label(dataset: str, root: str) -> dict:
+    """A multi_label run on ``dataset`` read from the case's folder ``root`` under the test's tmp dir."""
+    return merged(scenario={"name": "multi_label", "dataset": dataset, "root": "{tmp}/" + root, "n_experiences": 2})
+
+
 # -- config cases: (config or YAML text, extra argv, fragments) ------------------------------------------
 
 SWEEP = {**TINY, "strategy": [{"name": "naive"}, {"name": "er", "memory_size": 20}], "grid": {"train.lr": [0.01]}}
@@ -214,23 +219,16 @@ CONFIG_CASES: dict[str, tuple[str, dict | str, list[str], tuple[str, ...]]] = {
     "multi_label single-label dataset": ("run", merged(scenario={"name": "multi_label", "dataset": "digits",
                                                                  "n_experiences": 2}), [],
                                          ("scenario.dataset", "digits_grid")),
-    "voc root missing": ("run", merged(scenario={"name": "multi_label", "dataset": "voc_multilabel",
-                                                 "root": "{tmp}/nothing", "n_experiences": 2}), [],
-                         ("voc_multilabel", "scenario.root")),
-    "voc annotation corrupt": ("run", merged(scenario={"name": "multi_label", "dataset": "voc_multilabel",
-                                                       "root": "{tmp}/voc_bad_xml", "n_experiences": 2}), [],
+    "voc root missing": ("run", _multi_label("voc_multilabel", "nothing"), [], ("voc_multilabel", "scenario.root")),
+    "voc annotation corrupt": ("run", _multi_label("voc_multilabel", "voc_bad_xml"), [],
                                ("voc_multilabel", "a.xml", "ParseError")),
-    "voc image missing": ("run", merged(scenario={"name": "multi_label", "dataset": "voc_multilabel",
-                                                  "root": "{tmp}/voc_no_jpg", "n_experiences": 2}), [],
+    "voc image missing": ("run", _multi_label("voc_multilabel", "voc_no_jpg"), [],
                           ("voc_multilabel", "a.jpg", "not found")),
-    "coco root missing": ("run", merged(scenario={"name": "multi_label", "dataset": "coco_multilabel",
-                                                  "root": "{tmp}/nothing", "n_experiences": 2}), [],
+    "coco root missing": ("run", _multi_label("coco_multilabel", "nothing"), [],
                           ("coco_multilabel", "scenario.root")),
-    "coco json corrupt": ("run", merged(scenario={"name": "multi_label", "dataset": "coco_multilabel",
-                                                  "root": "{tmp}/coco_bad_json", "n_experiences": 2}), [],
+    "coco json corrupt": ("run", _multi_label("coco_multilabel", "coco_bad_json"), [],
                           ("coco_multilabel", "instances_train2017.json", "JSONDecodeError")),
-    "coco image missing": ("run", merged(scenario={"name": "multi_label", "dataset": "coco_multilabel",
-                                                   "root": "{tmp}/coco_no_jpg", "n_experiences": 2}), [],
+    "coco image missing": ("run", _multi_label("coco_multilabel", "coco_no_jpg"), [],
                            ("coco_multilabel", "a.jpg", "not found")),
 }
 
