@@ -383,8 +383,9 @@ class AdaMergingPlugin(TaskArithmeticPlugin):
 
     def __init__(self, adapter: int, head_scale: float, val_fraction: float, granularity: str, unlabeled: str,
                  entropy_over: str, init: float | str, steps: int, lr: float, batch_per_task: int,
-                 finetune_over: str = "task", grid: list[float] = TA_GRID, select: str = "none") -> None:  # noqa: B006
-        super().__init__(adapter, head_scale, val_fraction, None, list(grid), finetune_over)
+                 finetune_over: str = "task", grid: list[float] = TA_GRID, select: str = "none",  # noqa: B006
+                 lambda_on: str = "class_il") -> None:
+        super().__init__(adapter, head_scale, val_fraction, None, list(grid), finetune_over, lambda_on)
         self.granularity, self.unlabeled, self.entropy_over = granularity, unlabeled, entropy_over
         self.init, self.steps, self.lr, self.batch_per_task = init, steps, lr, batch_per_task
         self.select = select
@@ -530,7 +531,10 @@ LambdaOn = Literal["class_il", "task_il"]  # the held-out accuracy a picked lamb
 FinetuneOver = Literal["task", "seen"]
 
 
-def _check_lam(lam: float | None, val_fraction: float, grid: list[float]) -> None:
+def _check_lam(lam: float | None, val_fraction: float, grid: list[float], lambda_on: str) -> None:
+    if lam is not None and lambda_on != "class_il":
+        raise ConfigError(f"strategy.lambda_on: {lambda_on} only says how lambda is picked on held-out data, and lam "
+                          f"is fixed at {lam}; set lam: null to pick it, or drop lambda_on")
     if lam is None and val_fraction == 0:
         raise ConfigError("strategy.lam: null picks lambda on held-out data, but val_fraction is 0; "
                           "set val_fraction: 0.1 or a fixed lam")
@@ -545,7 +549,7 @@ def task_arithmetic(lam: float | None = None, grid: list[float] = TA_GRID,  # no
     """Task arithmetic (Ilharco et al. 2023): theta_0 + lam * sum of task vectors, lam picked on held-out data
     from ``grid`` (null) or fixed. ``adapter``: bottleneck width of a residual adapter on the features (0: none).
     ``lambda_on``: the held-out accuracy lam maximises, class-IL or task-aware (the papers' per-task heads)."""
-    _check_lam(lam, val_fraction, grid)
+    _check_lam(lam, val_fraction, grid, lambda_on)
     return [TaskArithmeticPlugin(adapter, head_scale, val_fraction, lam, list(grid), finetune_over, lambda_on)]
 
 
@@ -556,7 +560,7 @@ def ties_merging(keep: Annotated[float, Interval(0, 1, low_open=True)] = 0.2, la
                  finetune_over: FinetuneOver = "task", lambda_on: LambdaOn = "class_il") -> list[Plugin]:
     """TIES-Merging (Yadav et al. 2023): trim to the top ``keep`` fraction of magnitudes, elect signs, disjoint
     mean, scaled by ``lam`` (null: picked on held-out data from ``grid``)."""
-    _check_lam(lam, val_fraction, grid)
+    _check_lam(lam, val_fraction, grid, lambda_on)
     return [TiesPlugin(adapter, head_scale, val_fraction, lam, list(grid), keep, finetune_over, lambda_on)]
 
 
@@ -566,7 +570,7 @@ def adamerging(granularity: Literal["layer", "task"] = "layer", unlabeled: Liter
                steps: PositiveInt = 500, lr: Positive = 0.001, batch_per_task: PositiveInt = 16,
                adapter: AdapterWidth = 0, head_scale: Positive = 16.0, val_fraction: ValFraction = 0.1,
                finetune_over: FinetuneOver = "task", grid: list[float] = TA_GRID,  # noqa: B006
-               select: Literal["none", "validation"] = "none") -> list[Plugin]:
+               select: Literal["none", "validation"] = "none", lambda_on: LambdaOn = "class_il") -> list[Plugin]:
     """AdaMerging (Yang et al. 2024): per-task (and per-layer) merging coefficients learned by entropy
     minimisation. ``unlabeled: test`` adapts on the unlabeled test inputs of the experiences seen so far
     (test-time adaptation, as the paper does); ``validation`` on the held-out training split, labels unused.
@@ -574,14 +578,18 @@ def adamerging(granularity: Literal["layer", "task"] = "layer", unlabeled: Liter
     task with its own head (which experience an unlabeled input came from is used, never its label);
     ``seen``: over every class seen so far. ``init: task_arithmetic`` starts from the lambda task arithmetic picks
     on the held-out split; ``select: validation`` keeps, of the coefficients saved every steps/10, those with the
-    best held-out class-IL accuracy (a class-IL variant, not the paper's)."""
+    best held-out class-IL accuracy (a class-IL variant, not the paper's). ``lambda_on: task_il`` makes both score
+    the task-aware held-out accuracy instead (the papers' multi-task evaluation)."""
     if unlabeled == "validation" and val_fraction == 0:
         raise ConfigError("strategy.unlabeled: validation needs held-out data; set val_fraction > 0 or use test")
     if (init == "task_arithmetic" or select == "validation") and val_fraction == 0:
         raise ConfigError("strategy.val_fraction: init task_arithmetic and select validation need held-out data; "
                           "set val_fraction: 0.1 (or init: 0.3 and select: none)")
+    if lambda_on != "class_il" and init != "task_arithmetic" and select != "validation":
+        raise ConfigError(f"strategy.lambda_on: {lambda_on} scores the held-out data that init: task_arithmetic and "
+                          "select: validation use, and neither is set; set one of them, or drop lambda_on")
     return [AdaMergingPlugin(adapter, head_scale, val_fraction, granularity, unlabeled, entropy_over, init, steps,
-                             lr, batch_per_task, finetune_over, list(grid), select)]
+                             lr, batch_per_task, finetune_over, list(grid), select, lambda_on)]
 
 
 @register_strategy("magmax", test_params=TEST_SETTINGS)

@@ -96,6 +96,11 @@ def test_bad_settings_are_one_line_config_errors(tmp_path: Path) -> None:
         cltoolbox.run(_config({"name": "task_arithmetic", "val_fraction": 0.0}), out=str(tmp_path), quiet=True)
     with pytest.raises(ConfigError, match="keep"):
         cltoolbox.run(_config({"name": "ties_merging", "keep": 0.0}), out=str(tmp_path), quiet=True)
+    for strategy in ({"name": "ties_merging", "lambda_on": "task_il"},  # lam 1.0 fixed: nothing is picked
+                     {"name": "task_arithmetic", "lam": 0.3, "lambda_on": "task_il"},
+                     {"name": "adamerging", "lambda_on": "task_il"}):  # init 0.3, no selection: nothing scored
+        with pytest.raises(ConfigError, match="^strategy.lambda_on: task_il"):
+            cltoolbox.run(_config(strategy), out=str(tmp_path), quiet=True)
     frozen = _config({"name": "magmax"})
     frozen["model"] = {"name": "mlp", "hidden": []}  # only the (fixed) head: nothing to merge
     with pytest.raises(CLToolboxError, match="adapter"):
@@ -158,3 +163,13 @@ def test_lambda_on_task_il_scores_each_held_out_sample_over_its_own_experience_c
                                                                                       torch.tensor([2, 3])]
         scores[on] = plugin.val_accuracy(learner, {})
     assert scores == {"class_il": 0.5, "task_il": 1.0}
+
+
+def test_adamerging_starts_from_the_lambda_task_arithmetic_picks_on_the_same_held_out_score(tmp_path: Path) -> None:
+    for on in ("class_il", "task_il"):
+        runs = {name: _run(tmp_path / f"{name}_{on}", {"name": name, "lambda_on": on, **extra}, epochs=1, n_exp=5)
+                for name, extra in (("task_arithmetic", {}), ("adamerging", {"init": "task_arithmetic", "steps": 2}))}
+        m = {name: json.loads((Path(s["run_dir"]) / "metrics.json").read_text())["strategy"]
+             for name, s in runs.items()}
+        # same seed, same fine-tuning: adamerging's starting lambda is task arithmetic's pick on the same score
+        assert m["adamerging"]["adamerging_init_lambda"] == m["task_arithmetic"]["task_arithmetic_lambda"]
