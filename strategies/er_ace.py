@@ -31,13 +31,10 @@ from cltoolbox.registry import register_strategy
 from cltoolbox.strategies.replay import ReplayPlugin
 
 
-def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the classes ``allowed`` (bool, n_classes) only; the others get no gradient."""
-    return F.cross_entropy(logits.masked_fill(~allowed, MASKED_LOGIT), y)
-
-
 class ERACEPlugin(ReplayPlugin):
     """Reservoir replay (ER's) with the asymmetric loss of the module docstring as the step's criterion."""
+
+    supports_ddp = True  # memory from the global batch (ER's); the criterion weighs each shard row by its term
 
     def __init__(self, memory_size: int, mem_batch_size: int | None) -> None:
         super().__init__(memory_size, "reservoir", mem_batch_size)
@@ -50,15 +47,22 @@ class ERACEPlugin(ReplayPlugin):
         self.seen = self.seen.to(learner.device)
 
     def criterion(self, learner, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        n_in = len(self._current)  # transform_batch put the incoming samples first, the memory batch after
-        y_in = batch.y[:n_in]
+        # transform_batch put the incoming samples first and the memory batch after, in the GLOBAL batch; under DDP
+        # ``batch`` is this rank's contiguous rows of it (cltoolbox.distributed), so rows are told apart by their
+        # global position, and the classes present come from the whole incoming batch (alike on every rank)
+        whole = learner.global_batch
+        n, n_in, d = len(whole), len(self._current), learner.dist
+        lo = d.shard_rows(n)[0] if d is not None else 0
         present = torch.zeros_like(self.seen)
-        present[y_in] = True
+        present[whole.y[:n_in]] = True
         self.seen |= present
-        loss = masked_cross_entropy(logits[:n_in], y_in, present)
-        if len(batch) > n_in:
-            loss = loss + masked_cross_entropy(logits[n_in:], batch.y[n_in:], self.seen)
-        return loss
+        incoming = torch.arange(lo, lo + len(batch), device=logits.device) < n_in
+        allowed = torch.where(incoming.unsqueeze(1), present, self.seen)
+        per_row = F.cross_entropy(logits.masked_fill(~allowed, MASKED_LOGIT), batch.y, reduction="none")
+        # the two terms are means over the global batch's incoming and memory rows; this shard's part of their sum,
+        # scaled by n / rows because the loop weights a shard's criterion by its share rows * world / n
+        weight = torch.where(incoming, 1.0 / n_in, 1.0 / max(n - n_in, 1))
+        return (per_row * weight).sum() * (n / max(len(batch), 1))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "seen_classes": self.seen}  # "seen" is the reservoir's count

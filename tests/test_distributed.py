@@ -159,7 +159,7 @@ def test_strategies_under_ddp_match_one_process():
     end the same on both ranks (plugin state checksums equal) and as in one process (accuracies within 0.02,
     weights up to float rounding: DDP averages the shards' gradients in another summation order)."""
     names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt", "gdumb", "icarl", "simplecil",
-             "der", "derpp"]
+             "der", "derpp", "er_ace"]
     script = str(Path(__file__).with_name("ddp_equivalence.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, check=True)
@@ -193,7 +193,7 @@ def test_strategies_without_ddp_support_refuse_in_one_line(tmp_path, monkeypatch
     from cltoolbox.errors import ConfigError
     from cltoolbox.registry import STRATEGIES
 
-    for name in ("xder", "er_ace"):  # er_ace subclasses er's plugin: the declaration is not inherited
+    for name in ("xder", "rer"):  # rer subclasses er's plugin: the declaration is not inherited
         entry = {"name": name, "label": name, "plugins": [],
                  **{k: p.default for k, p in STRATEGIES.get(name).params.items()}}
         with pytest.raises(ConfigError) as e:
@@ -250,8 +250,8 @@ def test_nproc_refuses_once_before_starting_processes(tmp_path, capsys):
 
     cfg = tmp_path / "ace.yaml"
     cfg.write_text("name: ace\nscenario: {name: class_incremental, dataset: digits, n_experiences: 2}\n"
-                   "model: {name: mlp, hidden: [8]}\nstrategy: {name: er_ace, memory_size: 20}\n")
+                   "model: {name: mlp, hidden: [8]}\nstrategy: {name: xder, memory_size: 20}\n")
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--nproc", "2", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ERACEPlugin does not support multi-process training" in err[0]
+    assert len(err) == 1 and "does not support multi-process training" in err[0]
     assert not (tmp_path / "o").exists()

@@ -3,6 +3,8 @@ learning test each. Resume and determinism are covered for every registered stra
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,11 @@ def test_er_ace_incoming_loss_leaves_absent_classes_alone() -> None:
     plugin._current = Batch(torch.zeros(3, 1), y_in, torch.zeros(3, dtype=torch.long))
     batch = plugin._current.cat(torch.zeros(2, 1), y_mem, torch.zeros(2, dtype=torch.long))
     logits = torch.randn(5, 6, requires_grad=True)
-    plugin.criterion(None, batch, logits).backward()
+    loss = plugin.criterion(SimpleNamespace(global_batch=batch, dist=None), batch, logits)
+    # the paper's sum of two means: over the incoming rows (their own classes) and the replayed rows (seen ones)
+    expect = F.cross_entropy(logits[:3, 2:4], y_in - 2) + F.cross_entropy(logits[3:, :4], y_mem)
+    assert float(loss.detach()) == pytest.approx(float(expect.detach()), rel=1e-6)
+    loss.backward()
     g = logits.grad
     assert torch.all(g[:3, [0, 1, 4, 5]] == 0)  # incoming rows: nothing for classes absent from the batch
     assert torch.all(g[:3, [2, 3]] != 0)
@@ -55,6 +61,35 @@ def test_er_ace_incoming_loss_leaves_absent_classes_alone() -> None:
     plain = torch.randn(3, 6, requires_grad=True)  # plain CE would push the absent classes down
     F.cross_entropy(plain, y_in).backward()
     assert torch.all(plain.grad[:, [0, 1]] > 0)
+
+
+def test_er_ace_shards_sum_to_the_one_process_loss() -> None:
+    """Under DDP each rank holds contiguous rows of the global batch, here with a shard that straddles the incoming
+    and replayed rows; the ranks' criteria, weighted by the loop's share and averaged as DDP averages gradients,
+    give the one-process loss and gradient."""
+    from cltoolbox.distributed import Dist
+
+    y_in, y_mem = torch.tensor([2, 3, 2]), torch.tensor([0, 1])
+    whole = Batch(torch.zeros(3, 1), y_in, torch.zeros(3, dtype=torch.long)).cat(
+        torch.zeros(2, 1), y_mem, torch.zeros(2, dtype=torch.long))
+    logits = torch.randn(5, 6, requires_grad=True)
+
+    def criterion(rows: slice, dist) -> torch.Tensor:
+        plugin = ERACEPlugin(memory_size=10, mem_batch_size=None)
+        plugin.seen = torch.tensor([True, True, False, False, False, False])
+        plugin._current = Batch(torch.zeros(3, 1), y_in, torch.zeros(3, dtype=torch.long))
+        shard = Batch(whole.x[rows], whole.y[rows], whole.t[rows])
+        return plugin.criterion(SimpleNamespace(global_batch=whole, dist=dist), shard, logits[rows])
+
+    one = criterion(slice(0, 5), None)
+    (g_one,) = torch.autograd.grad(one, logits)
+    world, total = 3, 0.0
+    for r in range(world):
+        lo, hi = Dist(r, world, r).shard_rows(5)
+        total = total + criterion(slice(lo, hi), Dist(r, world, r)) * ((hi - lo) * world / 5) / world
+    (g_ddp,) = torch.autograd.grad(total, logits)
+    assert float(total.detach()) == pytest.approx(float(one.detach()), rel=1e-6)
+    assert torch.allclose(g_ddp, g_one, atol=1e-7)
 
 
 def test_er_ace_beats_naive_and_validates() -> None:
