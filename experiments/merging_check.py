@@ -18,12 +18,15 @@ held-out accuracy; see strategies/merging.py), ``magmax`` (lambda 0.5) and ``no_
 (task arithmetic with lambda 0: the fixed class-mean cosine heads on the pre-trained features, what every merge
 starts from), ``task_arithmetic_task_il`` (lambda picked on the task-aware held-out accuracy); with ``--only``:
 ``adamerging_ta_task_il`` (the paper's per-task entropy, started at task arithmetic's task-aware lambda). Why
-adamerging trails: experiments/merging_entropy_probe.py on the runs kept with ``--out``. Claim checked:
+adamerging trails with class-mean heads and leads with orthogonal ones: experiments/merging_entropy_probe.py on the
+runs kept with ``--out``. Claim checked:
 adamerging >= task_arithmetic >= naive, in class-IL ACC and in task-aware ACC (each sample scored over its own
 experience's classes: the papers' multi-task evaluation with per-task heads; task arithmetic's lambda then picked
-on the task-aware held-out accuracy too).
+on the task-aware held-out accuracy too). ``--head-init orthogonal``: every merging row's head is fixed, seeded
+orthonormal rows instead of class means (the papers' regime: the pre-trained model alone is at chance).
 
     python experiments/merging_check.py [--seeds 0 1 2] [--only task_arithmetic adamerging] [--tail-blocks 1]
+                                        [--head-init class_mean|orthogonal] [--cache maps.pt] [--out runs/merge]
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ def main() -> None:
                         help="naive's lr (0.01 diverges: its linear head's loss reaches ~100 on the unfrozen tail)")
     parser.add_argument("--head-scale", type=float, default=16.0)
     parser.add_argument("--finetune-over", choices=["task", "seen"], default="task")
+    parser.add_argument("--head-init", choices=["class_mean", "orthogonal"], default="class_mean",
+                        help="the fixed head's rows (orthogonal: data-independent, zero-shot at chance)")
     parser.add_argument("--adapter", type=int, default=64, help="adapter width with --tail-blocks 0")
     parser.add_argument("--steps", type=int, default=None, help="adamerging steps (default: the strategy's)")
     parser.add_argument("--resize", type=int, default=96)
@@ -134,7 +139,7 @@ def main() -> None:
         return TailClassifier(None, tail, n_classes, input_shape, args.resize)
 
     model = {"name": "lite0_tail_on_maps"} if args.tail_blocks else {"name": "mlp", "hidden": []}
-    extra = {"head_scale": args.head_scale, "finetune_over": args.finetune_over,
+    extra = {"head_scale": args.head_scale, "finetune_over": args.finetune_over, "head_init": args.head_init,
              **({} if args.tail_blocks else {"adapter": args.adapter})}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

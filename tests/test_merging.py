@@ -173,3 +173,19 @@ def test_adamerging_starts_from_the_lambda_task_arithmetic_picks_on_the_same_hel
              for name, s in runs.items()}
         # same seed, same fine-tuning: adamerging's starting lambda is task arithmetic's pick on the same score
         assert m["adamerging"]["adamerging_init_lambda"] == m["task_arithmetic"]["task_arithmetic_lambda"]
+
+
+def test_orthogonal_head_is_fixed_before_any_data_and_still_learns(tmp_path: Path) -> None:
+    from cltoolbox.runfolder import load_checkpoint
+
+    accs = {}
+    for name in ("task_arithmetic", "magmax"):
+        s = _run(tmp_path / name, {"name": name, "head_init": "orthogonal"})
+        head = load_checkpoint(Path(s["run_dir"]) / "checkpoint" / "state.pt")["learner"]["model"]["head.weight"]
+        assert torch.allclose(head @ head.T, torch.eye(10), atol=1e-5)  # orthonormal rows for all ten classes
+        accs[name] = s["class_il"]["acc"]
+    naive = _run(tmp_path / "naive", {"name": "naive"})["class_il"]["acc"]
+    assert min(accs.values()) > naive + 0.05, (accs, naive)  # weaker than class-mean rows, still above naive
+    with pytest.raises(ConfigError, match="^strategy.head_init: orthogonal needs no more classes"):
+        cltoolbox.run(_config({"name": "magmax", "head_init": "orthogonal", "adapter": 0}) | {
+            "model": {"name": "mlp", "hidden": [8]}}, out=str(tmp_path / "narrow"), quiet=True)
