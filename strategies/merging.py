@@ -571,7 +571,8 @@ def task_arithmetic(lam: float | None = None, grid: list[float] = TA_GRID,  # no
                     head_init: HeadInit = "class_mean") -> list[Plugin]:
     """Task arithmetic (Ilharco et al. 2023): theta_0 + lam * sum of task vectors, lam picked on held-out data
     from ``grid`` (null) or fixed. ``adapter``: bottleneck width of a residual adapter on the features (0: none).
-    ``lambda_on``: the held-out accuracy lam maximises, class-IL or task-aware (the papers' per-task heads)."""
+    ``lambda_on``: the held-out accuracy lam maximises, class-IL or task-aware (the papers' per-task heads).
+    ``head_init`` (every merging strategy): the fixed head's rows, class means or seeded orthonormal vectors."""
     _check_lam(lam, val_fraction, grid, lambda_on)
     return _with_head(TaskArithmeticPlugin(adapter, head_scale, val_fraction, lam, list(grid), finetune_over,
                                            lambda_on), head_init)
