@@ -1,5 +1,5 @@
-"""Why AdaMerging trails task arithmetic in class-IL here: is its objective (prediction entropy) a surrogate of
-class-IL accuracy on Split-MNIST-5k?
+"""Is AdaMerging's objective (prediction entropy) a surrogate of class-IL accuracy on Split-MNIST-5k? With class-mean
+heads it is not (AdaMerging trails task arithmetic); with ``--head-init orthogonal`` runs it is (AdaMerging leads).
 
 Reads finished ``adamerging`` runs of experiments/merging_check.py (their checkpoints hold theta_0, the five task
 vectors, the head rows and the learned coefficients) and, on the 1,000 test digits, scores merged models
@@ -13,7 +13,7 @@ theta_0 + lambda * sum of task vectors along task arithmetic's grid, and the mod
 If entropy were a surrogate of class-IL accuracy, the lambda of lowest entropy would be the lambda of highest
 class-IL accuracy. Test labels are used only to score, as in any evaluation.
 
-    python experiments/merging_check.py --only adamerging --cache /tmp/maps.pt --out runs/merge
+    python experiments/merging_check.py --only adamerging --cache /tmp/maps.pt --out runs/merge [--head-init orthogonal]
     python experiments/merging_entropy_probe.py --cache /tmp/maps.pt runs/merge/merging_check/adamerging/*/seed_*
 """
 
