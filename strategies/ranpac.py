@@ -49,6 +49,9 @@ _CHUNK = 4096  # rows projected at a time: the M-dimensional activations of a wh
 
 class RanPACPlugin(FixedExtractorPlugin):
     method = "ranpac"
+    # DDP: first-session adaptation trains through the loop (sharded like naive); the projection, the statistics
+    # and the held-out split come from full-experience passes and the shared generator, alike on every rank
+    supports_ddp = True
 
     def __init__(self, adapt: str, projection_dim: int, lambdas: list[float], val_fraction: float) -> None:
         super().__init__(adapt)

@@ -1,6 +1,7 @@
 """Helper of tests/test_distributed.py (run as a script, one process or several under torchrun's environment):
-trains each strategy named on the command line on a tiny digits stream and prints one JSON line per strategy
-with this rank's final class-IL accuracies, the sum of its weights and its plugin state's checksum."""
+trains each strategy named on the command line (``name`` or ``name@{json settings}``) on a tiny digits stream and
+prints one JSON line per strategy with this rank's final class-IL accuracies, the sum of its weights and its plugin
+state's checksum."""
 
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ def main() -> None:
     import_plugins([])
     d = distributed.init_from_env("cpu")
     data = load_dataset("digits")
-    for name in sys.argv[1:]:
+    for arg in sys.argv[1:]:  # a strategy name, or name@{"param": value, ...} for other settings than its tests'
+        name, _, extra = arg.partition("@")
         entry = STRATEGIES.get(name)
         cfg = cfgmod.validate({
             "name": "x", "scenario": {"name": "class_incremental", "dataset": "digits", "n_experiences": 3,
                                       "first_classes": 4},
             "model": entry.test_model or {"name": "mlp", "hidden": [32]},
-            "strategy": {"name": name, **entry.test_params},
+            "strategy": {"name": name, **entry.test_params, **json.loads(extra or "{}")},
             "train": {"epochs": 1, "batch_size": 16, "lr": 0.05}})
         run_cfg = cfgmod.run_config(cfg, cfg["strategy"][0], 0)
         stream = build_stream(run_cfg, data, 0)
@@ -51,7 +53,7 @@ def main() -> None:
         history = History(len(stream), stream.n_classes, len(stream.eval_experiences))
         learner.fit(stream, on_experience_end=lambda lrn, e, s=stream, h=history: evaluate_stream(lrn, s, e.index, h))
         weights = sum(float(p.detach().double().sum()) for p in learner.model.parameters())
-        print(json.dumps({"rank": d.rank if d else 0, "strategy": name,
+        print(json.dumps({"rank": d.rank if d else 0, "strategy": arg,
                           "acc": history.matrix("class_il")[-1].tolist(), "weights": weights,
                           "plugins": checksum([p.state_dict() for p in learner.plugins])}), flush=True)
     distributed.shutdown()
