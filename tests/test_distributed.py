@@ -159,7 +159,8 @@ def test_strategies_under_ddp_match_one_process():
     end the same on both ranks (plugin state checksums equal) and as in one process (accuracies within 0.02,
     weights up to float rounding: DDP averages the shards' gradients in another summation order)."""
     names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt", "gdumb", "icarl", "simplecil",
-             "der", "derpp", "er_ace", "ranpac", 'ranpac@{"adapt": "body"}']
+             "der", "derpp", "er_ace", "ranpac", 'ranpac@{"adapt": "body"}',
+             'ranpac@{"adapt": "film", "model": {"name": "resnet18_reduced"}}']
     script = str(Path(__file__).with_name("ddp_equivalence.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, check=True)
