@@ -7,9 +7,12 @@ unchanged. The backend is NCCL when the processes train on CUDA (each on ``cuda:
 What a batch means: ``train.batch_size`` is the GLOBAL batch. Every rank draws the same seeded batch (the
 learner's generator is seeded alike everywhere), runs the strategy's ``transform_batch`` on all of it (so
 replay memories are updated from the global batch's keys and stay identical on every rank), then trains on
-its contiguous shard of the rows. DDP averages the shards' gradients; each rank's criterion loss is weighted
-by its share of the rows, so the update is the one-process update of the same global batch (up to float
-summation order). Randomness drawn per row (augmentation) is drawn for the whole global batch on every rank.
+its contiguous shard of the rows. DDP averages the shards' gradients; each rank's loss (criterion plus the
+plugins' extra terms) is weighted by its share of the rows (rows x world / n), so that per-row means over the shard
+and terms every rank computes alike (a penalty, a memory batch) both average to the global batch's, and the update
+is the one-process update of the same global batch (up to float summation order). A term that is a mean over a
+subset of the rows (ER-ACE's two halves, LUCIR's exemplar rows) divides by the subset's size in the global batch.
+Randomness drawn per row (augmentation) is drawn for the whole global batch on every rank.
 
 After each experience rank 0's model buffers, plugin state (memories, Fisher/importance, prompt keys,
 prototypes) and generator are broadcast to all ranks, so evaluation and the checkpoint are the same

@@ -203,10 +203,10 @@ class Learner:
                             break
                     if loss is None:
                         loss = default_loss(logits, batch.y) if len(batch) else logits.sum() * 0.0
-                    if share != 1.0:
-                        loss = loss * share
                     for p in extra_loss:
                         loss = loss + p.loss(self, batch, logits)
+                    if share != 1.0:  # per-row means over the shard, and terms every rank computes alike (a
+                        loss = loss * share  # penalty, a memory batch), both average over ranks to the global batch's
                 zero_grad()
                 if scaled:
                     prec.backward(loss)

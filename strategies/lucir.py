@@ -45,20 +45,25 @@ from cltoolbox.strategies.exemplar import ExemplarPlugin
 
 
 def margin_ranking(cos: torch.Tensor, y: torch.Tensor, old: torch.Tensor, new: torch.Tensor, k: int,
-                   margin: float) -> torch.Tensor:
+                   margin: float, n_old: int | None = None) -> torch.Tensor:
     """LUCIR's Eq. 8: mean over the rows of old classes and their top-``k`` new classes of
-    max(0, margin - cos[gt] + cos[negative]); 0 when the batch holds no old-class sample."""
+    max(0, margin - cos[gt] + cos[negative]); 0 when the batch holds no old-class sample. ``n_old``: the number of
+    old-class rows the mean is over (default: those in ``y``; under DDP, those of the global batch)."""
     rows = torch.isin(y, old)
-    if not bool(rows.any()):
+    n_old = int(rows.sum()) if n_old is None else n_old
+    if not bool(rows.any()) or n_old == 0:
         return cos.new_zeros(())
     c = cos[rows]
     gt = c.gather(1, y[rows].unsqueeze(1))
     hard = c.index_select(1, new).topk(min(k, len(new)), dim=1).values
-    return F.relu(margin - gt + hard).mean()
+    return F.relu(margin - gt + hard).sum() / (n_old * hard.shape[1])
 
 
 class LUCIRPlugin(ExemplarPlugin):
     name = "lucir"
+    # DDP: less-forget term per row on the shard; the margin term a mean over the global batch's exemplar rows;
+    # sigma all-reduced by the loop; imprinting, herding and the balanced finetuning from full passes, alike
+    supports_ddp = True
 
     def __init__(self, memory_size: int, lambda_base: float, margin: float, k: int, imprint: bool,
                  fix_old: bool, selection: str = "herding", balanced_epochs: int = 0,
@@ -127,7 +132,12 @@ class LUCIRPlugin(ExemplarPlugin):
         lam = self.lambda_base * (len(self.old_classes) / len(self.current_classes)) ** 0.5
         out = lam * (1 - F.cosine_similarity(feats, old_feats, dim=1)).mean()
         if not learner.multi_head and self.margin > 0 and self.k > 0:
-            out = out + margin_ranking(cos, batch.y, self.old_classes, self.current_classes, self.k, self.margin)
+            # a mean over the global batch's exemplar rows; under DDP the loop weights this shard's loss by
+            # rows x world / n, which n / rows undoes (cltoolbox.distributed)
+            whole = learner.global_batch if learner.global_batch is not None else batch
+            n_old = int(torch.isin(whole.y, self.old_classes.to(whole.y.device)).sum())
+            out = out + margin_ranking(cos, batch.y, self.old_classes, self.current_classes, self.k, self.margin,
+                                       n_old) * (len(whole) / max(len(batch), 1))
         return out
 
     def after_step(self, learner, batch: Batch) -> None:

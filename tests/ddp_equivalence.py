@@ -39,13 +39,14 @@ def main() -> None:
         name, _, extra = arg.partition("@")
         settings = json.loads(extra or "{}")
         model = settings.pop("model", None)  # the backbone, when the settings need another than the test one
+        train = {"epochs": 1, "batch_size": 16, "lr": 0.05, **settings.pop("train", {})}
         entry = STRATEGIES.get(name)
         cfg = cfgmod.validate({
             "name": "x", "scenario": {"name": "class_incremental", "dataset": "digits", "n_experiences": 3,
                                       "first_classes": 4},
             "model": model or entry.test_model or {"name": "mlp", "hidden": [32]},
             "strategy": {"name": name, **entry.test_params, **settings},
-            "train": {"epochs": 1, "batch_size": 16, "lr": 0.05}})
+            "train": train})
         run_cfg = cfgmod.run_config(cfg, cfg["strategy"][0], 0)
         stream = build_stream(run_cfg, data, 0)
         torch.manual_seed(0)

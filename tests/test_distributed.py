@@ -160,7 +160,9 @@ def test_strategies_under_ddp_match_one_process():
     weights up to float rounding: DDP averages the shards' gradients in another summation order)."""
     names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt", "gdumb", "icarl", "simplecil",
              "der", "derpp", "er_ace", "ranpac", 'ranpac@{"adapt": "body"}',
-             'ranpac@{"adapt": "film", "model": {"name": "resnet18_reduced"}}']
+             'ranpac@{"adapt": "film", "model": {"name": "resnet18_reduced"}}', "lucir",
+             'lucir@{"balanced_epochs": 1}',
+             'lwf@{"train": {"batch_size": 7}}']  # every shard pair uneven (4 + 3): extra terms weighted too
     script = str(Path(__file__).with_name("ddp_equivalence.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, check=True)
