@@ -128,6 +128,9 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 10)
 
 class PODNetPlugin(ExemplarPlugin):
     name = "podnet"
+    # DDP: NCA and both POD terms are per-row means on the shard; proxies and eta all-reduced by the loop; k-means
+    # proxy init, herding and the balanced finetuning from full passes and the shared generator, alike on every rank
+    supports_ddp = True
 
     def __init__(self, memory_size: int, proxies: int, margin: float, lambda_spatial: float, lambda_flat: float,
                  selection: str = "herding", fix_old: bool = True, balanced_epochs: int = 20,
@@ -239,8 +242,9 @@ class PODNetPlugin(ExemplarPlugin):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.proxies = state["proxies"].detach().clone()
-        self.log_eta = state["log_eta"].detach().clone()
+        # trainable again (a resume's before_fit also sets this; a DDP broadcast between experiences does not)
+        self.proxies = state["proxies"].detach().clone().requires_grad_(True)
+        self.log_eta = state["log_eta"].detach().clone().requires_grad_(True)
 
 
 @register_strategy("podnet")

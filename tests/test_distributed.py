@@ -155,13 +155,13 @@ def test_two_processes_write_only_rank0_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_strategies_under_ddp_match_one_process():
-    """~40 s: replay memories, Fisher/importance, GEM/A-GEM reference gradients and L2P's prompt selection counts
+    """~60 s: replay memories, Fisher/importance, GEM/A-GEM reference gradients and L2P's prompt selection counts
     end the same on both ranks (plugin state checksums equal) and as in one process (accuracies within 0.02,
     weights up to float rounding: DDP averages the shards' gradients in another summation order)."""
     names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt", "gdumb", "icarl", "simplecil",
              "der", "derpp", "er_ace", "ranpac", 'ranpac@{"adapt": "body"}',
              'ranpac@{"adapt": "film", "model": {"name": "resnet18_reduced"}}', "lucir",
-             'lucir@{"balanced_epochs": 1}',
+             'lucir@{"balanced_epochs": 1}', 'podnet@{"memory_size": 50, "proxies": 2, "balanced_epochs": 1}',
              'lwf@{"train": {"batch_size": 7}}']  # every shard pair uneven (4 + 3): extra terms weighted too
     script = str(Path(__file__).with_name("ddp_equivalence.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
