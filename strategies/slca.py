@@ -105,6 +105,9 @@ def logit_norm_loss(logits: torch.Tensor, y: torch.Tensor, tau: float) -> torch.
 
 class SLCAPlugin(Plugin):
     method = "slca"
+    # DDP: the slow learner trains through the sharded loop (its forward's gradients all-reduced by the loop); the
+    # class Gaussians come from full passes and the alignment from the shared generator, alike on every rank
+    supports_ddp = True
 
     def __init__(self, slow_factor: float, ca_epochs: int, ca_samples: int, ca_lr: float, ca_batch_size: int,
                  logit_tau: float, cov_ridge: float) -> None:
