@@ -91,6 +91,8 @@ def ce_with_kd(plugin: ExemplarPlugin, learner, batch: Batch, logits: torch.Tens
 # -- WA ------------------------------------------------------------------------------------------------------
 class WAPlugin(ExemplarPlugin):
     name = "wa"
+    # DDP: CE and KD are per-row means on the shard; clipping and aligning change the head alike on every rank
+    supports_ddp = True
 
     def __init__(self, memory_size: int, temperature: float, clip: bool, align: bool, head_bias: bool,
                  selection: str = "herding", mask_unseen: bool = True) -> None:
@@ -170,6 +172,9 @@ def wa(memory_size: PositiveInt = 500, temperature: Positive = 2.0, clip: bool =
 # -- BiC -----------------------------------------------------------------------------------------------------
 class BiCPlugin(ExemplarPlugin):
     name = "bic"
+    # DDP: stage 1 as WA's loss through the plugin's forward (gradients all-reduced by the loop); the validation
+    # split (shared generator) and the stage-2 bias fit (a full pass) alike on every rank
+    supports_ddp = True
 
     def __init__(self, memory_size: int, val_fraction: float, temperature: float, bias_steps: int,
                  selection: str = "herding", bias_l2: float = 0.01) -> None:

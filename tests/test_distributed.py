@@ -162,7 +162,8 @@ def test_strategies_under_ddp_match_one_process():
              "der", "derpp", "er_ace", "ranpac", 'ranpac@{"adapt": "body"}',
              'ranpac@{"adapt": "film", "model": {"name": "resnet18_reduced"}}', "lucir",
              'lucir@{"balanced_epochs": 1}', 'podnet@{"memory_size": 50, "proxies": 2, "balanced_epochs": 1}',
-             "slca", 'lwf@{"train": {"batch_size": 7}}']  # every shard pair uneven (4 + 3): extra terms weighted too
+             "slca", 'wa@{"memory_size": 60}', 'bic@{"memory_size": 60}',
+             'lwf@{"train": {"batch_size": 7}}']  # every shard pair uneven (4 + 3): extra terms weighted too
     script = str(Path(__file__).with_name("ddp_equivalence.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, check=True)
