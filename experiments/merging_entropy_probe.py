@@ -22,16 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from merging_check import embed
 from torch.func import functional_call
 
 from cltoolbox.models.lite0_tail import TailClassifier, split_lite0
 from cltoolbox.models.pretrained import efficientnet_lite0_imagenet
 from cltoolbox.runfolder import load_checkpoint
+from cltoolbox.strategies.merging import CosineNet
 
 GRID = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 
@@ -41,12 +42,11 @@ def entropy(z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(model: TailClassifier, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-          own: torch.Tensor, head_scale: float) -> dict[str, float]:
-    """ACC and entropies of the merged model ``params`` on inputs ``x`` (``own``: each input's experience's
-    classes as a boolean mask)."""
-    f = torch.cat([_features(model, params, x[s : s + 250]) for s in range(0, len(x), 250)])
-    logits = head_scale * F.normalize(f, dim=1) @ F.normalize(params["head.weight"], dim=1).T
+def score(net: CosineNet, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+          own: torch.Tensor) -> dict[str, float]:
+    """ACC and entropies of ``net`` with the merged ``params`` (named as in the plugin's CosineNet) on inputs ``x``
+    (``own``: each input's experience's classes as a boolean mask)."""
+    logits = torch.cat([functional_call(net, params, (x[s : s + 250],)) for s in range(0, len(x), 250)])
     task = logits.masked_fill(~own, float("-inf"))
     return {"class_il": float((logits.argmax(1) == y).float().mean()),
             "task_aware": float((task.argmax(1) == y).float().mean()),
@@ -54,18 +54,20 @@ def score(model: TailClassifier, params: dict[str, torch.Tensor], x: torch.Tenso
             "h_seen": float(entropy(logits).mean())}
 
 
-def _features(model: TailClassifier, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return functional_call(model.tail, {k[len("tail."):]: v for k, v in params.items() if k.startswith("tail.")},
-                           (x,))
-
-
 def merged(base: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]],
            coef) -> dict[str, torch.Tensor]:
-    """The model's state with every merged tensor k at theta_0[k] + sum_j coef(j, k) * tau_j[k]."""
+    """``base`` with every merged tensor k at theta_0[k] + sum_j coef(j, k) * tau_j[k] (names as in CosineNet)."""
     out = dict(base)
     for k in theta0:
         out[k] = theta0[k] + sum(coef(j, k) * t[k] for j, t in enumerate(taus))
     return out
+
+
+def _strategy_metrics(run: Path) -> dict:
+    try:
+        return json.loads((run / "metrics.json").read_text()).get("strategy", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def main() -> None:
@@ -76,11 +78,16 @@ def main() -> None:
     parser.add_argument("--resize", type=int, default=96)
     parser.add_argument("--head-scale", type=float, default=16.0)
     args = parser.parse_args()
+    for run in args.runs:  # checked before the minutes of embedding
+        if not (run / "DONE").exists() or "adamerging_coefficients" not in _strategy_metrics(run):
+            print(f"error: {run}: not the seed folder of a finished adamerging run; run experiments/merging_check.py "
+                  "--only adamerging --out DIR and pass DIR/merging_check/adamerging/*/seed_*", file=sys.stderr)
+            sys.exit(2)
     data = embed(args.tail_blocks, args.resize, args.cache)
     x, y = data.x_test, data.y_test
     _, tail = split_lite0(efficientnet_lite0_imagenet(True), args.tail_blocks)
     model = TailClassifier(None, tail, data.n_classes, tuple(x.shape[1:]), args.resize)
-    model.eval()
+    net = CosineNet(model, None, args.head_scale).eval()
     rows: dict[str, list[dict[str, float]]] = {}
     for run in args.runs:
         stream = json.loads((run / "stream.json").read_text())
@@ -91,19 +98,16 @@ def main() -> None:
         state = load_checkpoint(run / "checkpoint" / "state.pt")["learner"]
         model.load_state_dict(state["model"])
         plugin = state["plugins"][0]
-        theta0 = {k[len("model."):]: v for k, v in plugin["theta0"].items()}
-        taus = [{k[len("model."):]: v for k, v in t.items() if k in plugin["theta0"]} for t in plugin["taus"]]
-        base = dict(model.state_dict())
+        theta0, taus = plugin["theta0"], plugin["taus"]
+        base = dict(net.state_dict())  # the head rows and BatchNorm statistics of the run
         for lam in GRID:
             params = merged(base, theta0, taus, lambda j, k, lam=lam: lam)
-            rows.setdefault(f"task arithmetic, lambda {lam}", []).append(score(model, params, x, y, own,
-                                                                               args.head_scale))
-        coefs = json.loads((run / "metrics.json").read_text())["strategy"]["adamerging_coefficients"]
+            rows.setdefault(f"task arithmetic, lambda {lam}", []).append(score(net, params, x, y, own))
+        coefs = _strategy_metrics(run)["adamerging_coefficients"]
         last = max(r["merged_after"] for r in coefs)
         learned = {(r["task"], r["layer"]): r["coefficient"] for r in coefs if r["merged_after"] == last}
-        params = merged(base, theta0, taus, lambda j, k, c=learned: c.get((j, "model." + k), c.get((j, "all"))))
-        rows.setdefault("adamerging (learned coefficients)", []).append(score(model, params, x, y, own,
-                                                                              args.head_scale))
+        params = merged(base, theta0, taus, lambda j, k, c=learned: c.get((j, k), c.get((j, "all"))))
+        rows.setdefault("adamerging (learned coefficients)", []).append(score(net, params, x, y, own))
     print(f"Split-MNIST-5k test set, {len(args.runs)} run(s); mean over runs")
     print(f"{'merged model':<36} {'class-IL ACC':<13} {'task-aware ACC':<15} {'H task':<8} H seen")
     for name, scores in rows.items():

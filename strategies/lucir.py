@@ -50,8 +50,8 @@ def margin_ranking(cos: torch.Tensor, y: torch.Tensor, old: torch.Tensor, new: t
     max(0, margin - cos[gt] + cos[negative]); 0 when the batch holds no old-class sample. ``n_old``: the number of
     old-class rows the mean is over (default: those in ``y``; under DDP, those of the global batch)."""
     rows = torch.isin(y, old)
-    n_old = int(rows.sum()) if n_old is None else n_old
-    if not bool(rows.any()) or n_old == 0:
+    n_old = int(rows.sum()) if n_old is None else n_old  # the step's one host sync
+    if n_old == 0:
         return cos.new_zeros(())
     c = cos[rows]
     gt = c.gather(1, y[rows].unsqueeze(1))
@@ -135,7 +135,7 @@ class LUCIRPlugin(ExemplarPlugin):
             # a mean over the global batch's exemplar rows; under DDP the loop weights this shard's loss by
             # rows x world / n, which n / rows undoes (cltoolbox.distributed)
             whole = learner.global_batch if learner.global_batch is not None else batch
-            n_old = int(torch.isin(whole.y, self.old_classes.to(whole.y.device)).sum())
+            n_old = None if whole is batch else int(torch.isin(whole.y, self.old_classes.to(whole.y.device)).sum())
             out = out + margin_ranking(cos, batch.y, self.old_classes, self.current_classes, self.k, self.margin,
                                        n_old) * (len(whole) / max(len(batch), 1))
         return out

@@ -97,7 +97,7 @@ class Adapter(nn.Module):
         return f + self.up(F.relu(self.down(f)))
 
 
-class _Net(nn.Module):
+class CosineNet(nn.Module):
     """model.features -> optional adapter -> cosine logits over the head's rows (one module for functional
     calls with merged parameters)."""
 
@@ -155,7 +155,7 @@ class MergingPlugin(Plugin):
         self.head_scale = head_scale
         self.val_fraction = val_fraction
         self.adapter: Adapter | None = None
-        self.net: _Net | None = None
+        self.net: CosineNet | None = None
         self.theta0: Params = {}
         self.val_keys: list[torch.Tensor] = []
         self.val_y: list[torch.Tensor] = []
@@ -175,7 +175,7 @@ class MergingPlugin(Plugin):
         if self.adapter_dim > 0 and self.adapter is None:
             self.adapter = Adapter(model.head.in_features, self.adapter_dim).to(learner.device)
         model.head.requires_grad_(False)  # rows are set from class means, like the papers' fixed zero-shot heads
-        self.net = _Net(model, self.adapter, self.head_scale)
+        self.net = CosineNet(model, self.adapter, self.head_scale)
         if not self.theta0:
             self.theta0 = {k: v.detach().clone() for k, v in self._tuned().items()}
             self.seen = torch.zeros(stream.n_classes, dtype=torch.bool)
@@ -192,7 +192,7 @@ class MergingPlugin(Plugin):
         return [] if self.adapter is None else list(self.adapter.parameters())
 
     def _tuned(self) -> dict[str, nn.Parameter]:
-        """The fine-tuned tensors, by their name in ``_Net``: trainable model parameters and the adapter."""
+        """The fine-tuned tensors, by their name in ``CosineNet``: trainable model parameters and the adapter."""
         return {k: p for k, p in self.net.named_parameters() if p.requires_grad}
 
     def _body_names(self) -> list[str]:

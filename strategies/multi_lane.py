@@ -189,17 +189,6 @@ class MultiLanePlugin(Plugin):
                           kv[:, 1].reshape(L * B, self.prompt_length, d))
         return out
 
-    @staticmethod
-    def _summarise(sel: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """Summary tokens (L, B, k, d): per selector, a softmax(<ctx_n, s> / sqrt(d))-weighted sum of ``ctx``
-        (B, N, d); ``sel`` is (L, k, d) or per image (L, B, k, d)."""
-        d = ctx.shape[-1]
-        if sel.dim() == 3:
-            attn = torch.einsum("bnd,lkd->lbkn", ctx, sel)
-        else:
-            attn = torch.einsum("bnd,lbkd->lbkn", ctx, sel)
-        return torch.einsum("lbkn,bnd->lbkd", (attn / math.sqrt(d)).softmax(-1), ctx)
-
     def _run(self, model: ViTClassifier, x: torch.Tensor, lanes: list[int]) -> torch.Tensor:
         """Logits (len(lanes), batch, classes per lane) of lanes with equal class counts, in one pass."""
         L, B, start = len(lanes), x.shape[0], self.summarise_at
@@ -227,7 +216,7 @@ class MultiLanePlugin(Plugin):
                 seq = _lane_block(blocks[i], seq, m, ctx[i], prefixes.get(i))
             h = model.backbone.norm(seq[:, :m])
         else:
-            summary = self._summarise(sel, patches)
+            summary = _summarise(sel, patches)
             seq = torch.cat((tok[:, None].expand(L, B, m, d), summary), dim=2).reshape(L * B, -1, d)
             h = model.run_blocks(seq, prefixes, start=start)[:, :m]
         h = h.reshape(L, B, m, d)
@@ -267,6 +256,17 @@ class MultiLanePlugin(Plugin):
         self._pending = None
 
 
+def _summarise(sel: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Summary tokens (L, B, k, d): per selector, a softmax(<ctx_n, s> / sqrt(d))-weighted sum of ``ctx``
+    (B, N, d); ``sel`` is (L, k, d) or per image (L, B, k, d)."""
+    d = ctx.shape[-1]
+    if sel.dim() == 3:
+        attn = torch.einsum("bnd,lkd->lbkn", ctx, sel)
+    else:
+        attn = torch.einsum("bnd,lbkd->lbkn", ctx, sel)
+    return torch.einsum("lbkn,bnd->lbkd", (attn / math.sqrt(d)).softmax(-1), ctx)
+
+
 def _lane_block(blk: nn.Module, seq: torch.Tensor, m: int, ctx: torch.Tensor, prefix: Prefix | None) -> torch.Tensor:
     """One frozen block on a lane's sequence [m lane tokens; k selectors] (L*B, m + k, d) with "drop and replace"
     (the paper code's PreT_Attention): the normalised selectors summarise ``ctx`` (B, N, d, this block's
@@ -276,7 +276,7 @@ def _lane_block(blk: nn.Module, seq: torch.Tensor, m: int, ctx: torch.Tensor, pr
     LB, _, d = n.shape
     B = ctx.shape[0]
     sel = n[:, m:]
-    summary = MultiLanePlugin._summarise(sel.reshape(LB // B, B, -1, d), ctx).reshape(LB, -1, d)
+    summary = _summarise(sel.reshape(LB // B, B, -1, d), ctx).reshape(LB, -1, d)
     inp = torch.cat((n[:, :m], summary), dim=1)
     out = blk.attn(inp) if prefix is None else prefix_attention(blk.attn, inp, prefix)
     seq = seq + blk.drop_path1(blk.ls1(torch.cat((out[:, :m], sel), dim=1)))

@@ -155,7 +155,7 @@ def test_two_processes_write_only_rank0_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_strategies_under_ddp_match_one_process():
-    """~60 s: replay memories, Fisher/importance, GEM/A-GEM reference gradients and L2P's prompt selection counts
+    """~25 s: replay memories, Fisher/importance, GEM/A-GEM reference gradients and L2P's prompt selection counts
     end the same on both ranks (plugin state checksums equal) and as in one process (accuracies within 0.02,
     weights up to float rounding: DDP averages the shards' gradients in another summation order)."""
     names = ["er", "ewc", "si", "mas", "lwf", "agem", "gem", "l2p", "dualprompt", "gdumb", "icarl", "simplecil",
